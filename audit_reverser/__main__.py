@@ -1,0 +1,3 @@
+from audit_reverser.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,223 @@
+"""The ``audit-reverser`` command: ``serve`` (webhook receiver) and ``replay`` (audit logs).
+
+User mistakes end in one clear line per problem on stderr and a non-zero exit, never a
+traceback; a traceback means a bug in audit-reverser.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from aiohttp import web
+
+from audit_reverser import __version__
+from audit_reverser.config import Config, load_config, load_default_config
+from audit_reverser.errors import AuditReverserError, ConfigError
+from audit_reverser.ingest.logfiles import read_chunks, size_of
+from audit_reverser.ingest.server import DEFAULT_MAX_BODY_BYTES, make_app
+from audit_reverser.pipeline.filter import Skip
+from audit_reverser.runtime import Runtime, Settings
+
+log = logging.getLogger("audit_reverser")
+
+DEFAULT_LISTEN = "127.0.0.1:8080"
+DEFAULT_STATE_DIR = ".audit-reverser"
+
+
+def _listen_address(text: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdecimal() or not 0 <= int(port) <= 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} is not HOST:PORT")
+    return host.strip("[]") or "0.0.0.0", int(port)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="audit-reverser",
+        description="Kubernetes audit events in, attributed YAML commits in Git out.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument(
+        "--log-level",
+        default="info",
+        choices=["debug", "info", "warning", "error"],
+        help="default: info",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def common(sub: argparse.ArgumentParser) -> None:
+        sub.add_argument(
+            "--config",
+            action="append",
+            default=[],
+            metavar="PATH",
+            help="YAML file or folder with GitProvider, GitTarget, WatchRule, "
+            "ClusterWatchRule (and v1 Secret) documents; repeatable. "
+            "Without it: the embedded default (./audit-repo.git)",
+        )
+        sub.add_argument(
+            "--state-dir",
+            type=Path,
+            default=Path(DEFAULT_STATE_DIR),
+            metavar="DIR",
+            help=f"local mirrors and state (default: ./{DEFAULT_STATE_DIR})",
+        )
+
+    serve = commands.add_parser(
+        "serve", help="receive audit webhook batches", description="Run the audit webhook receiver."
+    )
+    common(serve)
+    serve.add_argument(
+        "--listen",
+        type=_listen_address,
+        default=_listen_address(DEFAULT_LISTEN),
+        metavar="HOST:PORT",
+        help=f"default: {DEFAULT_LISTEN}",
+    )
+    serve.add_argument(
+        "--max-body-bytes",
+        type=int,
+        default=DEFAULT_MAX_BODY_BYTES,
+        metavar="N",
+        help="larger requests get 413 (default: 16 MiB)",
+    )
+
+    replay = commands.add_parser(
+        "replay",
+        help="run audit log files through the pipeline",
+        description="Replay audit log files (JSON Lines or EventList "
+        "JSON; '-' for stdin), commit and push.",
+    )
+    common(replay)
+    replay.add_argument("--cluster", default="", help="cluster name for the Cluster: trailer")
+    replay.add_argument("files", nargs="+", metavar="FILE")
+    return parser
+
+
+def _config(paths: Sequence[str]) -> tuple[Config, bool]:
+    if paths:
+        return load_config(paths), False
+    return load_default_config(), True
+
+
+async def serve(args: argparse.Namespace) -> int:
+    config, default = _config(args.config)
+    settings = Settings(state_dir=args.state_dir, create_local_remotes=default)
+    runtime = Runtime(config, settings)
+    runner = web.AppRunner(
+        make_app(runtime, max_body_bytes=args.max_body_bytes), handle_signals=False, access_log=None
+    )
+    await runner.setup()
+    try:
+        host, port = args.listen
+        site = web.TCPSite(runner, host, port)
+        try:
+            await site.start()
+        except OSError as exc:
+            raise AuditReverserError(f"cannot listen on {host}:{port}: {exc.strerror}") from exc
+        for address in runner.addresses:
+            log.info("listening on http://%s:%s/audit-webhook", *address[:2])
+        if default:
+            log.info("embedded default config: every write goes to ./audit-repo.git")
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+        log.info("stopping: finishing accepted events and pushing")
+        runtime.accepting = False
+    finally:
+        await runner.cleanup()
+    return 0
+
+
+class _Progress:
+    """A one-line progress display on a terminal; silent otherwise."""
+
+    def __init__(self) -> None:
+        self.enabled = sys.stderr.isatty()
+        self._last = 0.0
+
+    def update(self, name: str, position: int, total: int | None, events: int) -> None:
+        now = time.monotonic()
+        if not self.enabled or now - self._last < 0.2:
+            return
+        self._last = now
+        share = f"{100 * position / total:5.1f}%" if total else f"{position >> 20} MiB"
+        sys.stderr.write(f"\r{name}: {share}  {events} events")
+        sys.stderr.flush()
+
+    def done(self) -> None:
+        if self.enabled:
+            sys.stderr.write("\r\x1b[K")
+
+
+async def replay(args: argparse.Namespace) -> int:
+    config, default = _config(args.config)
+    runtime = Runtime(config, Settings(state_dir=args.state_dir, create_local_remotes=default))
+    stats = runtime.stats
+    progress = _Progress()
+    await runtime.start()
+    try:
+        for name in args.files:
+            total = size_of(name)
+            chunks = read_chunks(name)
+            while (chunk := await asyncio.to_thread(next, chunks, None)) is not None:
+                if chunk.malformed:
+                    stats.received += chunk.malformed
+                    stats.skip(Skip.MALFORMED, chunk.malformed)
+                triage = runtime.intake.triage(chunk.items, cluster=args.cluster, source=name)
+                await runtime.intake.submit(triage.kept)
+                progress.update(name, chunk.position, total, stats.received)
+        failures = await runtime.flush()
+    finally:
+        progress.done()
+        await runtime.close()
+
+    writers = runtime.writers.values()
+    commits = sum(w.stats.commits for w in writers)
+    failed = sum(w.stats.failed for w in writers)
+    print(f"events read: {stats.received}")
+    print(f"kept: {stats.kept}")
+    print(f"skipped: {sum(stats.skipped.values())}")
+    for reason, count in sorted(stats.skipped.items()):
+        print(f"  {reason}: {count}")
+    print(
+        f"commits: {commits} (unchanged: {sum(w.stats.unchanged for w in writers)}, "
+        f"failed: {failed})"
+    )
+    print(
+        f"pushes: {sum(w.stats.pushes for w in writers)} "
+        f"({sum(w.stats.pushed_commits for w in writers)} commits)"
+    )
+    for failure in failures:
+        print(f"audit-reverser: error: {failure}", file=sys.stderr)
+    return 1 if failures or failed else 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    command = {"serve": serve, "replay": replay}[args.command]
+    try:
+        return asyncio.run(command(args))
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(f"audit-reverser: config error: {problem}", file=sys.stderr)
+        return 2
+    except AuditReverserError as exc:
+        print(f"audit-reverser: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130

@@ -1,0 +1,127 @@
+"""Settled configuration: the seed's ``configbutler.ai/v1alpha1`` kinds as frozen values.
+
+These are what the loader produces from YAML (and, later, from the cluster). They hold no
+behaviour beyond small lookups; routing lives in ``pipeline.routing``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Literal
+
+GROUP = "configbutler.ai"
+VERSION = "v1alpha1"
+API_VERSION = f"{GROUP}/{VERSION}"
+
+Operation = Literal["CREATE", "UPDATE", "DELETE"]
+ALL_OPERATIONS: frozenset[Operation] = frozenset({"CREATE", "UPDATE", "DELETE"})
+Scope = Literal["Cluster", "Namespaced"]
+
+DEFAULT_PUSH_INTERVAL_S = 60.0
+DEFAULT_PUSH_MAX_COMMITS = 20
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Key:
+    """Namespace and name of a configuration object (namespace '' for cluster-scoped)."""
+
+    namespace: str
+    name: str
+
+    def __str__(self) -> str:
+        return f"{self.namespace}/{self.name}" if self.namespace else self.name
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class PushPolicy:
+    interval_s: float = DEFAULT_PUSH_INTERVAL_S
+    max_commits: int = DEFAULT_PUSH_MAX_COMMITS
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class GitProvider:
+    key: Key
+    url: str
+    allowed_branches: tuple[str, ...]
+    secret_name: str | None = None
+    push: PushPolicy = field(default_factory=PushPolicy)
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class AgeRecipients:
+    public_keys: tuple[str, ...] = ()
+    extract_from_secret: bool = False
+    generate_when_missing: bool = False
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Encryption:
+    provider: Literal["sops"] = "sops"
+    age_enabled: bool = False
+    recipients: AgeRecipients = field(default_factory=AgeRecipients)
+    secret_name: str | None = None
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class GitTarget:
+    key: Key
+    provider_name: str
+    branch: str
+    path: str
+    encryption: Encryption | None = None
+
+    @property
+    def provider_key(self) -> Key:
+        # providerRef has no namespace field: the provider lives beside the target.
+        return Key(namespace=self.key.namespace, name=self.provider_name)
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class ResourceRule:
+    """One entry of a rule's ``rules``; empty tuples and ``*`` mean 'all'."""
+
+    operations: frozenset[Operation] = ALL_OPERATIONS
+    api_groups: tuple[str, ...] = ()
+    api_versions: tuple[str, ...] = ()
+    resources: tuple[str, ...] = ("*",)
+    scope: Scope | None = None  # None for WatchRule entries (always namespaced)
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class WatchRule:
+    """Selects namespaced objects in its own namespace, for a GitTarget in that namespace."""
+
+    key: Key
+    target_name: str
+    rules: tuple[ResourceRule, ...]
+
+    @property
+    def target_key(self) -> Key:
+        return Key(namespace=self.key.namespace, name=self.target_name)
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class ClusterWatchRule:
+    key: Key
+    target_key: Key
+    rules: tuple[ResourceRule, ...]
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class SecretData:
+    """A ``v1`` Secret from the config files, standing in for a cluster Secret."""
+
+    key: Key
+    data: Mapping[str, bytes]
+    annotations: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Config:
+    providers: Mapping[Key, GitProvider]
+    targets: Mapping[Key, GitTarget]
+    watch_rules: tuple[WatchRule, ...]
+    cluster_watch_rules: tuple[ClusterWatchRule, ...]
+    secrets: Mapping[Key, SecretData]
+    sources: tuple[str, ...] = ()

@@ -1,0 +1,232 @@
+"""Audit events as the kube-apiserver sends them, and the typed event the pipeline passes on.
+
+The ``TypedDict``s describe the wire format of ``audit.k8s.io/v1`` (and the v1beta1 log
+format). :func:`parse_event` checks one decoded item once and turns it into an immutable
+:class:`AuditEvent`; nothing past this module touches the raw dictionaries.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, NewType, TypedDict
+from urllib.parse import parse_qs
+
+from audit_reverser.errors import EventError
+
+AuditID = NewType("AuditID", str)
+
+AUDIT_API_VERSIONS = frozenset({"audit.k8s.io/v1", "audit.k8s.io/v1beta1"})
+
+
+class UserInfoDict(TypedDict, total=False):
+    username: str
+    uid: str
+    groups: list[str]
+    extra: dict[str, list[str]]
+
+
+class ObjectReferenceDict(TypedDict, total=False):
+    resource: str
+    namespace: str
+    name: str
+    uid: str
+    apiGroup: str
+    apiVersion: str
+    resourceVersion: str
+    subresource: str
+
+
+class ResponseStatusDict(TypedDict, total=False):
+    code: int
+    status: str
+    message: str
+    reason: str
+
+
+class EventDict(TypedDict, total=False):
+    kind: str
+    apiVersion: str
+    level: str
+    auditID: str
+    stage: str
+    requestURI: str
+    verb: str
+    user: UserInfoDict
+    impersonatedUser: UserInfoDict | None
+    sourceIPs: list[str]
+    userAgent: str
+    objectRef: ObjectReferenceDict
+    responseStatus: ResponseStatusDict
+    requestObject: Any
+    responseObject: Any
+    requestReceivedTimestamp: str
+    stageTimestamp: str
+    timestamp: str
+    annotations: dict[str, str]
+
+
+class EventListDict(TypedDict):
+    kind: str
+    apiVersion: str
+    items: list[EventDict]
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class User:
+    username: str
+    groups: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class ObjectRef:
+    """What the request addressed. Empty strings stand for 'not given'."""
+
+    resource: str
+    api_group: str = ""
+    api_version: str = ""
+    namespace: str = ""
+    name: str = ""
+    subresource: str = ""
+    resource_version: str = ""
+
+    @property
+    def group_version(self) -> str:
+        """``apps/v1`` or, for the core group, ``v1``."""
+        return f"{self.api_group}/{self.api_version}" if self.api_group else self.api_version
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class AuditEvent:
+    audit_id: AuditID
+    verb: str
+    stage: str
+    level: str
+    request_uri: str
+    user: User
+    impersonated_user: User | None
+    source_ips: tuple[str, ...]
+    user_agent: str
+    object_ref: ObjectRef | None
+    status_code: int | None
+    response_object: Mapping[str, Any] | None
+    time: datetime | None
+    cluster: str = ""
+
+    @property
+    def effective_user(self) -> User:
+        """The user the change is attributed to: the impersonated one when present."""
+        return self.impersonated_user or self.user
+
+
+def is_dry_run(request_uri: str) -> bool:
+    """True when the request asked the apiserver not to persist anything."""
+    if "dryRun" not in request_uri:  # cheap test first: almost no request is a dry run
+        return False
+    _, _, query = request_uri.partition("?")
+    return any(v for v in parse_qs(query).get("dryRun", ()))
+
+
+def parse_time(value: object) -> datetime | None:
+    """RFC 3339 with optional fraction, as the apiserver writes MicroTime; None when absent."""
+    if not isinstance(value, str) or not value:
+        return None
+    try:
+        parsed = datetime.fromisoformat(value)
+    except ValueError:
+        return None
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+
+
+def _text(raw: Mapping[str, Any], key: str, where: str) -> str:
+    value = raw.get(key)
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise EventError(f"{where}: field {key!r} must be a string, got {type(value).__name__}")
+    return value
+
+
+def _user(raw: object, where: str) -> User:
+    if not isinstance(raw, Mapping):
+        raise EventError(f"{where}: must be an object")
+    username = _text(raw, "username", where)
+    groups = raw.get("groups") or ()
+    if not isinstance(groups, list | tuple) or not all(isinstance(g, str) for g in groups):
+        raise EventError(f"{where}: field 'groups' must be a list of strings")
+    return User(username=username, groups=tuple(groups))
+
+
+def _object_ref(raw: object, where: str) -> ObjectRef | None:
+    if raw is None:
+        return None
+    if not isinstance(raw, Mapping):
+        raise EventError(f"{where}: must be an object")
+    resource = _text(raw, "resource", where)
+    if not resource:
+        return None
+    return ObjectRef(
+        resource=resource,
+        api_group=_text(raw, "apiGroup", where),
+        api_version=_text(raw, "apiVersion", where),
+        namespace=_text(raw, "namespace", where),
+        name=_text(raw, "name", where),
+        subresource=_text(raw, "subresource", where),
+        resource_version=_text(raw, "resourceVersion", where),
+    )
+
+
+def parse_event(raw: object, *, cluster: str = "") -> AuditEvent:
+    """Check one decoded audit event and make it immutable.
+
+    Raises :class:`EventError` naming the auditID and field when the item is not an event.
+    """
+    if not isinstance(raw, Mapping):
+        raise EventError(f"event must be a JSON object, got {type(raw).__name__}")
+    audit_id = raw.get("auditID")
+    if not isinstance(audit_id, str) or not audit_id:
+        raise EventError("event has no auditID")
+    where = f"event {audit_id}"
+    api_version = raw.get("apiVersion")
+    if api_version is not None and api_version not in AUDIT_API_VERSIONS:
+        raise EventError(f"{where}: unsupported apiVersion {api_version!r}")
+    kind = raw.get("kind")
+    if kind is not None and kind != "Event":
+        raise EventError(f"{where}: kind must be 'Event', got {kind!r}")
+    verb = _text(raw, "verb", where)
+    stage = _text(raw, "stage", where)
+    if not verb or not stage:
+        raise EventError(f"{where}: 'verb' and 'stage' are required")
+    status = raw.get("responseStatus")
+    code = status.get("code") if isinstance(status, Mapping) else None
+    if code is not None and (not isinstance(code, int) or isinstance(code, bool)):
+        raise EventError(f"{where}: responseStatus.code must be an integer")
+    impersonated = raw.get("impersonatedUser")
+    source_ips = raw.get("sourceIPs") or ()
+    if not isinstance(source_ips, list | tuple) or not all(isinstance(i, str) for i in source_ips):
+        raise EventError(f"{where}: field 'sourceIPs' must be a list of strings")
+    response_object = raw.get("responseObject")
+    time = (
+        parse_time(raw.get("stageTimestamp"))
+        or parse_time(raw.get("requestReceivedTimestamp"))
+        or parse_time(raw.get("timestamp"))
+    )
+    return AuditEvent(
+        audit_id=AuditID(audit_id),
+        verb=verb,
+        stage=stage,
+        level=_text(raw, "level", where),
+        request_uri=_text(raw, "requestURI", where),
+        user=_user(raw.get("user"), f"{where}: user"),
+        impersonated_user=(
+            _user(impersonated, f"{where}: impersonatedUser") if impersonated else None
+        ),
+        source_ips=tuple(source_ips),
+        user_agent=_text(raw, "userAgent", where),
+        object_ref=_object_ref(raw.get("objectRef"), f"{where}: objectRef"),
+        status_code=code,
+        response_object=response_object if isinstance(response_object, Mapping) else None,
+        time=time,
+        cluster=cluster,
+    )

@@ -1,0 +1,215 @@
+"""One ordered writer per (remote, branch): commits in a worker thread, pushes in batches.
+
+Changes for a repository branch are committed strictly in the order they were submitted,
+whichever GitTargets or GitProviders they came from. A push happens when ``max_commits``
+are waiting or ``interval`` has passed since the first unpushed commit; a failed push is
+retried with capped exponential back-off while commits keep accumulating locally.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TypeVar
+
+from audit_reverser.errors import AuditReverserError, TemporaryError
+from audit_reverser.gitstore.repository import Mirror
+from audit_reverser.gitstore.types import CommitOutcome, FileChange
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+BATCH_LIMIT = 256
+RETRY_MIN_S = 1.0
+RETRY_MAX_S = 60.0
+
+
+@dataclass(kw_only=True, slots=True)
+class WriterStats:
+    commits: int = 0
+    unchanged: int = 0
+    failed: int = 0
+    pushes: int = 0
+    pushed_commits: int = 0
+    push_failures: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class _Flush:
+    done: asyncio.Future[int]
+
+
+@dataclass(frozen=True, slots=True)
+class _Change:
+    change: FileChange
+    done: asyncio.Future[CommitOutcome]
+
+
+class BranchWriter:
+    def __init__(
+        self,
+        mirror: Mirror,
+        *,
+        push_interval_s: float,
+        push_max_commits: int,
+        queue_size: int = 10_000,
+    ) -> None:
+        self.mirror = mirror
+        self.name = f"{mirror.transport.display}#{mirror.branch}"
+        self.push_interval_s = push_interval_s
+        self.push_max_commits = push_max_commits
+        self.stats = WriterStats()
+        self.last_push_error: str | None = None
+        self._queue: asyncio.Queue[_Change | _Flush | None] = asyncio.Queue(queue_size)
+        self._task: asyncio.Task[None] | None = None
+        self._push_deadline: float | None = None
+        self._retry_s = RETRY_MIN_S
+
+    async def _blocking(self, call: Callable[[], T]) -> T:
+        return await asyncio.get_running_loop().run_in_executor(None, call)
+
+    async def start(self) -> None:
+        await self._blocking(self.mirror.open)
+        if self.mirror.unpushed:
+            log.info(
+                "%s: %d commits from an earlier run wait to be pushed",
+                self.name,
+                self.mirror.unpushed,
+            )
+            self._push_deadline = asyncio.get_running_loop().time()
+        self._task = asyncio.create_task(self._run(), name=f"git-writer {self.name}")
+        self._task.add_done_callback(self._crashed)
+
+    def _crashed(self, task: asyncio.Task[None]) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            log.critical("%s: writer stopped unexpectedly", self.name, exc_info=task.exception())
+
+    @property
+    def running(self) -> bool:
+        return self._task is not None and not self._task.done()
+
+    async def submit(self, change: FileChange) -> asyncio.Future[CommitOutcome]:
+        """Queue a change; the future resolves once it is committed in the local mirror."""
+        if not self.running:
+            raise TemporaryError(f"{self.name}: writer is not running")
+        done: asyncio.Future[CommitOutcome] = asyncio.get_running_loop().create_future()
+        await self._queue.put(_Change(change, done))
+        return done
+
+    async def flush(self) -> int:
+        """Commit everything queued so far and push it; returns the commits pushed."""
+        if not self.running:
+            raise TemporaryError(f"{self.name}: writer is not running")
+        done: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        await self._queue.put(_Flush(done))
+        return await done
+
+    async def close(self) -> None:
+        """Commit what is queued, push once, and stop; unpushed commits stay in the mirror."""
+        if self.running:
+            await self._queue.put(None)
+            assert self._task is not None
+            await self._task
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            timeout = None
+            if self._push_deadline is not None:
+                timeout = max(0.0, self._push_deadline - loop.time())
+            try:
+                item = await asyncio.wait_for(self._queue.get(), timeout)
+            except TimeoutError:
+                await self._try_push()
+                continue
+            # Take what is already waiting (up to a limit) into one trip to the worker thread.
+            batch: list[_Change] = []
+            while isinstance(item, _Change):
+                batch.append(item)
+                if len(batch) >= BATCH_LIMIT or self._queue.empty():
+                    break
+                item = self._queue.get_nowait()
+            if batch:
+                await self._commit(batch)
+            if isinstance(item, _Flush):
+                try:
+                    item.done.set_result(await self._push())
+                except AuditReverserError as exc:
+                    item.done.set_exception(exc)
+            elif item is None:
+                await self._try_push(final=True)
+                return
+
+    async def _commit(self, batch: list[_Change]) -> None:
+        def commit_all() -> list[CommitOutcome | BaseException]:
+            results: list[CommitOutcome | BaseException] = []
+            for entry in batch:
+                try:
+                    results.append(CommitOutcome(commit_id=self.mirror.commit(entry.change)))
+                except Exception as exc:  # one bad change must not stop the others
+                    results.append(exc)
+            return results
+
+        for entry, result in zip(batch, await self._blocking(commit_all), strict=True):
+            if isinstance(result, BaseException):
+                self.stats.failed += 1
+                log.error("%s: commit of %s failed: %s", self.name, entry.change.path, result)
+                entry.done.set_exception(result)
+                continue
+            if result.commit_id is None:
+                self.stats.unchanged += 1
+            else:
+                self.stats.commits += 1
+            entry.done.set_result(result)
+        if self.mirror.unpushed >= self.push_max_commits:
+            await self._try_push()
+        elif self.mirror.unpushed and self._push_deadline is None:
+            self._push_deadline = asyncio.get_running_loop().time() + self.push_interval_s
+
+    async def _push(self) -> int:
+        if not self.mirror.unpushed:
+            self._push_deadline = None
+            return 0
+        try:
+            pushed = await self._blocking(self.mirror.push)
+        except AuditReverserError as exc:
+            self.stats.push_failures += 1
+            self.last_push_error = str(exc)
+            raise
+        self.stats.pushes += 1
+        self.stats.pushed_commits += pushed
+        self.last_push_error = None
+        self._push_deadline = None
+        self._retry_s = RETRY_MIN_S
+        log.info("%s: pushed %d commits", self.name, pushed)
+        return pushed
+
+    async def _try_push(self, *, final: bool = False) -> None:
+        """Push, and on failure schedule a retry with back-off instead of raising."""
+        with contextlib.suppress(AuditReverserError):
+            await self._push()
+            return
+        if final:
+            log.warning(
+                "%s: %s; %d commits stay in %s for the next start",
+                self.name,
+                self.last_push_error,
+                self.mirror.unpushed,
+                self.mirror.path,
+            )
+            return
+        delay = self._retry_s * random.uniform(0.5, 1.0)
+        self._retry_s = min(self._retry_s * 2, RETRY_MAX_S)
+        log.warning(
+            "%s: %s; %d commits kept locally, next try in %.1fs",
+            self.name,
+            self.last_push_error,
+            self.mirror.unpushed,
+            delay,
+        )
+        self._push_deadline = asyncio.get_running_loop().time() + delay

@@ -1,0 +1,1 @@
+"""Where events come in: the webhook receiver (HTTP) and audit log files (replay)."""

@@ -1,0 +1,61 @@
+"""Where an object lives in Git: ``{path}/{group}/{version}/{resource}/{namespace}/{name}.yaml``.
+
+Every component is checked against what Kubernetes itself allows, so a forged objectRef
+(``..``, ``/``, NUL) can never place a file outside the GitTarget's folder.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from audit_reverser.errors import PermanentError
+
+_DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$")
+_DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
+_VERSION = re.compile(r"^[a-z0-9]{1,63}$")
+# Object names: Kubernetes' path-segment rule (RBAC names such as system:controller:x are
+# legal), plus no control characters or leading dot, which would make hidden files.
+_OBJECT_NAME = re.compile(r"^[^/%\x00-\x1f\x7f.][^/%\x00-\x1f\x7f]{0,252}$")
+
+
+class InvalidName(PermanentError):
+    """A name in the event cannot be a Kubernetes name; nothing is written for it."""
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class ObjectPath:
+    """The file of one object, relative to the repository root, and its commit subject."""
+
+    file: str
+    subject: str  # relative to the target path, without the .yaml suffix
+
+
+def _check(pattern: re.Pattern[str], value: str, what: str) -> str:
+    if not pattern.match(value):
+        raise InvalidName(f"{what} {value!r} is not a valid Kubernetes {what}")
+    return value
+
+
+def object_path(
+    *,
+    target_path: str,
+    api_group: str,
+    api_version: str,
+    resource: str,
+    namespace: str,
+    name: str,
+    secret: bool = False,
+) -> ObjectPath:
+    parts = []
+    if api_group:
+        parts.append(_check(_DNS_SUBDOMAIN, api_group, "API group"))
+    parts.append(_check(_VERSION, api_version, "API version"))
+    parts.append(_check(_DNS_SUBDOMAIN, resource, "resource"))
+    if namespace:
+        parts.append(_check(_DNS_LABEL, namespace, "namespace"))
+    parts.append(_check(_OBJECT_NAME, name, "name"))
+    relative = "/".join(parts)
+    suffix = ".sops.yaml" if secret else ".yaml"
+    file = f"{target_path}/{relative}{suffix}" if target_path else f"{relative}{suffix}"
+    return ObjectPath(file=file, subject=relative)

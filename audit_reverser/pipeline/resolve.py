@@ -1,0 +1,92 @@
+"""What an event did to which objects, from the event alone.
+
+The object is the ``responseObject`` (never the ``requestObject``: for a patch that is the
+patch). Deletions follow the apiserver: an object held by finalizers (or a graceful period)
+still exists; the update that removes the last finalizer of a deleted object makes it gone.
+When the event does not say enough (Metadata level, subresource writes, a delete without a
+body), :class:`NeedsApi` is raised: the object must be read from the cluster, never guessed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from audit_reverser.events import AuditEvent, ObjectRef
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class ObjectChange:
+    """The state of one object after the event: its body, or None when it is gone."""
+
+    namespace: str
+    name: str
+    body: Mapping[str, Any] | None
+    resource_version: str
+
+
+class NeedsApi(Exception):
+    """The event alone cannot tell the object's new state; the reason says why."""
+
+
+def _metadata(obj: Mapping[str, Any]) -> Mapping[str, Any]:
+    metadata = obj.get("metadata")
+    return metadata if isinstance(metadata, Mapping) else {}
+
+
+def _is_object(obj: object) -> bool:
+    if not isinstance(obj, Mapping) or obj.get("kind") == "Status":
+        return False
+    name = _metadata(obj).get("name")
+    return isinstance(name, str) and bool(name)
+
+
+def _held(obj: Mapping[str, Any]) -> bool:
+    """True when a deleted object still exists: finalizers or a graceful deletion pending."""
+    metadata = _metadata(obj)
+    grace = metadata.get("deletionGracePeriodSeconds")
+    return bool(metadata.get("finalizers")) or (isinstance(grace, int) and grace > 0)
+
+
+def _change(ref: ObjectRef, obj: Mapping[str, Any], *, gone: bool) -> ObjectChange:
+    metadata = _metadata(obj)
+    namespace = metadata.get("namespace")
+    rv = metadata.get("resourceVersion")
+    return ObjectChange(
+        namespace=namespace if isinstance(namespace, str) and namespace else ref.namespace,
+        name=str(metadata["name"]),
+        body=None if gone else obj,
+        resource_version=rv if isinstance(rv, str) else "",
+    )
+
+
+def resolve_offline(event: AuditEvent) -> list[ObjectChange]:
+    ref = event.object_ref
+    if ref is None:
+        raise NeedsApi("the event names no object")
+    if ref.subresource:
+        raise NeedsApi(
+            f"a write to the {ref.subresource!r} subresource: the parent object "
+            "must be read from the API"
+        )
+    body = event.response_object
+    if event.verb == "deletecollection":
+        items = body.get("items") if body is not None else None
+        if not isinstance(items, list):
+            raise NeedsApi("deletecollection without the list of deleted objects")
+        return [_change(ref, item, gone=not _held(item)) for item in items if _is_object(item)]
+    if body is None:
+        raise NeedsApi(f"no responseObject (audit level {event.level or 'unknown'})")
+    if event.verb == "delete":
+        if body.get("kind") == "Status" and body.get("status") == "Success" and ref.name:
+            return [
+                ObjectChange(namespace=ref.namespace, name=ref.name, body=None, resource_version="")
+            ]
+        if _is_object(body):
+            return [_change(ref, body, gone=not _held(body))]
+        raise NeedsApi("delete whose response is neither the object nor a success Status")
+    if not _is_object(body) or not body.get("apiVersion") or not body.get("kind"):
+        raise NeedsApi("the responseObject is not a complete object")
+    gone = bool(_metadata(body).get("deletionTimestamp")) and not _held(body)
+    return [_change(ref, body, gone=gone)]

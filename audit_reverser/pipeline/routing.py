@@ -1,0 +1,106 @@
+"""Which GitTargets an event goes to, by the WatchRules and ClusterWatchRules.
+
+The matching follows the seed's CRD documentation (admission-webhook style): empty lists and
+``*`` match all; resources are case-insensitive plural names, ``name/*`` (all subresources
+of ``name``), ``*/sub`` and ``name/sub``, or a group-qualified ``plural.group`` for custom
+resources. A WatchRule selects namespaced objects in its own namespace only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from audit_reverser.config.model import Config, GitTarget, Operation, ResourceRule, Scope
+from audit_reverser.events import ObjectRef
+
+VERB_OPERATIONS: dict[str, Operation] = {
+    "create": "CREATE",
+    "update": "UPDATE",
+    "patch": "UPDATE",
+    "delete": "DELETE",
+    "deletecollection": "DELETE",
+}
+
+# Writes through these subresources change the parent object's own spec, so a rule that
+# selects the parent selects them too (``kubectl scale`` must show up in a deployments rule).
+PARENT_WRITING_SUBRESOURCES = frozenset({"scale", "ephemeralcontainers", "resize"})
+
+
+def is_cluster_scoped(ref: ObjectRef) -> bool:
+    # The apiserver puts a Namespace's own name into objectRef.namespace for
+    # /api/v1/namespaces/{name}, so namespaces are recognised by resource, not by that field.
+    return not ref.namespace or (ref.api_group == "" and ref.resource == "namespaces")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Route:
+    target: GitTarget
+    explicit: bool  # False when only a wildcard resource pattern selected the event
+
+
+def _matches_list(values: tuple[str, ...], value: str) -> bool:
+    return not values or "*" in values or value in values
+
+
+def _resource_match(pattern: str, ref: ObjectRef, via_parent: bool) -> bool:
+    resource, sub = ref.resource.lower(), ref.subresource.lower()
+    name, _, pattern_sub = pattern.partition("/")
+    if pattern_sub:
+        return (name in ("*", resource)) and pattern_sub in ("*", sub) and bool(sub)
+    if sub and not via_parent:
+        return False
+    return name in ("*", resource, f"{resource}.{ref.api_group}")
+
+
+def _rule_matches(rule: ResourceRule, ref: ObjectRef, operation: Operation) -> bool | None:
+    """None when the rule does not match; else whether it named the resource explicitly."""
+    if operation not in rule.operations:
+        return None
+    if not _matches_list(rule.api_groups, ref.api_group):
+        return None
+    if not _matches_list(rule.api_versions, ref.api_version):
+        return None
+    via_parent = ref.subresource.lower() in PARENT_WRITING_SUBRESOURCES
+    explicit: bool | None = None
+    for pattern in rule.resources:
+        if _resource_match(pattern, ref, via_parent):
+            named = not pattern.startswith("*")
+            explicit = named if explicit is None else explicit or named
+    return explicit
+
+
+class Router:
+    """Answers 'which targets, and was it asked for by name?' for one object reference."""
+
+    def __init__(self, config: Config) -> None:
+        self._namespaced: dict[str, list[tuple[tuple[ResourceRule, ...], GitTarget]]] = {}
+        self._cluster: list[tuple[ResourceRule, GitTarget]] = []
+        for rule in config.watch_rules:
+            target = config.targets[rule.target_key]
+            self._namespaced.setdefault(rule.key.namespace, []).append((rule.rules, target))
+        for cluster_rule in config.cluster_watch_rules:
+            target = config.targets[cluster_rule.target_key]
+            self._cluster.extend((r, target) for r in cluster_rule.rules)
+
+    def routes(self, ref: ObjectRef, verb: str) -> list[Route]:
+        operation = VERB_OPERATIONS.get(verb)
+        if operation is None:
+            return []
+        cluster_scoped = is_cluster_scoped(ref)
+        scope: Scope = "Cluster" if cluster_scoped else "Namespaced"
+        candidates: Iterable[tuple[ResourceRule, GitTarget]] = (
+            (r, t) for r, t in self._cluster if r.scope == scope
+        )
+        if not cluster_scoped:
+            namespaced = self._namespaced.get(ref.namespace, ())
+            candidates = [*candidates, *((r, t) for rules, t in namespaced for r in rules)]
+        found: dict[object, Route] = {}
+        for rule, target in candidates:
+            explicit = _rule_matches(rule, ref, operation)
+            if explicit is None:
+                continue
+            previous = found.get(target.key)
+            if previous is None or (explicit and not previous.explicit):
+                found[target.key] = Route(target=target, explicit=explicit)
+        return list(found.values())
