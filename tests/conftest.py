@@ -1,0 +1,242 @@
+"""Shared test kit: real-shaped audit events, real bare remotes, and plain-git readers.
+
+Everything a test asserts on is read back with the ``git`` command line from the bare
+remote, as a user would, never through our own Git code.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import subprocess
+from collections.abc import AsyncIterator, Iterable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from audit_reverser.config import load_config
+from audit_reverser.runtime import Runtime, Settings
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+CORPUS = REPO_ROOT.parent / "shared" / "corpus" / "audit"
+SEED = REPO_ROOT.parent / "shared" / "reference" / "seed-crds"
+if not CORPUS.is_dir():  # a checkout with shared/ inside it
+    CORPUS = REPO_ROOT / "shared" / "corpus" / "audit"
+    SEED = REPO_ROOT / "shared" / "reference" / "seed-crds"
+
+_ids = itertools.count(1)
+
+
+def configmap(
+    name: str = "demo",
+    namespace: str = "default",
+    data: dict[str, str] | None = None,
+    rv: str = "100",
+    **metadata: Any,
+) -> dict[str, Any]:
+    """A ConfigMap as the apiserver returns it, server-owned fields included."""
+    return {
+        "kind": "ConfigMap",
+        "apiVersion": "v1",
+        "metadata": {
+            "name": name,
+            "namespace": namespace,
+            "uid": "7d1c7c5e-8f1e-4a4b-9a49-2f2c1f0b6a11",
+            "resourceVersion": rv,
+            "creationTimestamp": "2026-01-02T03:04:05Z",
+            "managedFields": [
+                {
+                    "manager": "kubectl-create",
+                    "operation": "Update",
+                    "apiVersion": "v1",
+                    "fieldsType": "FieldsV1",
+                    "fieldsV1": {},
+                }
+            ],
+            **metadata,
+        },
+        "data": data if data is not None else {"greeting": "hello"},
+    }
+
+
+def event(
+    verb: str = "create",
+    *,
+    resource: str = "configmaps",
+    namespace: str | None = "default",
+    name: str | None = "demo",
+    group: str = "",
+    version: str = "v1",
+    subresource: str | None = None,
+    body: dict[str, Any] | None = None,
+    request: Any = None,
+    code: int | None = None,
+    stage: str = "ResponseComplete",
+    user: str = "alice@example.com",
+    groups: Iterable[str] = ("system:authenticated",),
+    impersonated: str | None = None,
+    audit_id: str | None = None,
+    query: str = "",
+    time: str = "2026-01-02T03:04:05.123456Z",
+    level: str = "RequestResponse",
+) -> dict[str, Any]:
+    """One webhook EventList item: like the apiserver's, with no kind/apiVersion of its own."""
+    prefix = f"/apis/{group}/{version}" if group else f"/api/{version}"
+    uri = prefix + (f"/namespaces/{namespace}" if namespace else "") + f"/{resource}"
+    if name and verb not in ("create", "deletecollection"):
+        uri += f"/{name}"
+    if subresource:
+        uri += f"/{subresource}"
+    ref: dict[str, Any] = {"resource": resource, "apiVersion": version}
+    if group:
+        ref["apiGroup"] = group
+    if namespace:
+        ref["namespace"] = namespace
+    if name:
+        ref["name"] = name
+    if subresource:
+        ref["subresource"] = subresource
+    item: dict[str, Any] = {
+        "level": level,
+        "auditID": audit_id or f"00000000-0000-4000-8000-{next(_ids):012d}",
+        "stage": stage,
+        "requestURI": uri + (f"?{query}" if query else ""),
+        "verb": verb,
+        "user": {"username": user, "groups": list(groups)},
+        "sourceIPs": ["10.0.0.7"],
+        "userAgent": "kubectl/v1.31.0 (linux/amd64) kubernetes/abc1234",
+        "objectRef": ref,
+        "responseStatus": {"metadata": {}, "code": code or (201 if verb == "create" else 200)},
+        "requestReceivedTimestamp": time,
+        "stageTimestamp": time,
+    }
+    if impersonated:
+        item["impersonatedUser"] = {"username": impersonated, "groups": ["team"]}
+    if request is not None:
+        item["requestObject"] = request
+    if body is not None:
+        item["responseObject"] = body
+    return item
+
+
+def event_list(*items: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "kind": "EventList",
+        "apiVersion": "audit.k8s.io/v1",
+        "metadata": {},
+        "items": list(items),
+    }
+
+
+# -- git, as a user runs it ------------------------------------------------------------------
+
+
+def git(repo: Path, *args: str) -> str:
+    return subprocess.run(
+        ["git", "-C", str(repo), *args], check=True, capture_output=True, text=True
+    ).stdout
+
+
+def git_files(repo: Path, ref: str = "main") -> list[str]:
+    try:
+        return git(repo, "ls-tree", "-r", "--name-only", ref).split()
+    except subprocess.CalledProcessError:
+        return []
+
+
+def git_show(repo: Path, path: str, ref: str = "main") -> str:
+    return git(repo, "show", f"{ref}:{path}")
+
+
+def git_subjects(repo: Path, ref: str = "main") -> list[str]:
+    """Commit subjects, oldest first."""
+    try:
+        return git(repo, "log", "--reverse", "--format=%s", ref).splitlines()
+    except subprocess.CalledProcessError:
+        return []
+
+
+def bare_repo(path: Path) -> Path:
+    subprocess.run(["git", "init", "-q", "--bare", "-b", "main", str(path)], check=True)
+    return path
+
+
+def write_config(
+    path: Path,
+    remote: Path,
+    *,
+    target_path: str = "live",
+    max_commits: int = 1000,
+    interval: str = "1h",
+) -> Path:
+    path.write_text(f"""\
+apiVersion: configbutler.ai/v1alpha1
+kind: GitProvider
+metadata: {{name: origin, namespace: team}}
+spec:
+  url: file://{remote}
+  allowedBranches: ["main"]
+  push: {{interval: "{interval}", maxCommits: {max_commits}}}
+---
+apiVersion: configbutler.ai/v1alpha1
+kind: GitTarget
+metadata: {{name: live, namespace: team}}
+spec:
+  providerRef: {{name: origin}}
+  branch: main
+  path: {target_path}
+---
+apiVersion: configbutler.ai/v1alpha1
+kind: ClusterWatchRule
+metadata: {{name: all}}
+spec:
+  targetRef: {{name: live, namespace: team}}
+  rules:
+    - scope: Namespaced
+      resources: ["*"]
+    - scope: Cluster
+      resources: ["*"]
+""")
+    return path
+
+
+class Harness:
+    """A running pipeline writing to a real bare remote, fed like the webhook feeds it."""
+
+    def __init__(self, runtime: Runtime, remote: Path) -> None:
+        self.runtime = runtime
+        self.remote = remote
+
+    async def send(self, *items: dict[str, Any]) -> None:
+        triage = self.runtime.intake.triage(items)
+        await self.runtime.intake.submit(triage.kept)
+
+    async def sync(self) -> None:
+        """Commit and push everything sent so far."""
+        assert await self.runtime.flush() == []
+
+    async def files(self) -> list[str]:
+        return await asyncio.to_thread(git_files, self.remote)
+
+    async def show(self, path: str) -> str:
+        return await asyncio.to_thread(git_show, self.remote, path)
+
+    async def subjects(self) -> list[str]:
+        return await asyncio.to_thread(git_subjects, self.remote)
+
+    async def log(self, fmt: str) -> list[str]:
+        out = await asyncio.to_thread(
+            git, self.remote, "log", "--reverse", f"--format={fmt}", "-z", "main"
+        )
+        return [entry for entry in out.split("\0") if entry]
+
+
+@pytest.fixture
+async def harness(tmp_path: Path) -> AsyncIterator[Harness]:
+    remote = bare_repo(tmp_path / "remote.git")
+    config = load_config([write_config(tmp_path / "config.yaml", remote)])
+    runtime = Runtime(config, Settings(state_dir=tmp_path / "state"))
+    await runtime.start()
+    yield Harness(runtime, remote)
+    await runtime.close()

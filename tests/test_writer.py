@@ -1,0 +1,85 @@
+"""The branch writer: pushes by maxCommits and interval, keeps commits while the remote is away."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+
+import pytest
+
+from audit_reverser.config import load_config
+from audit_reverser.runtime import Runtime, Settings
+from tests.conftest import Harness, bare_repo, configmap, event, git_subjects, write_config
+
+
+@pytest.fixture
+async def eager(tmp_path: Path) -> AsyncIterator[Harness]:
+    """A pipeline whose provider pushes every 3 commits, or after 0.2 s."""
+    remote = bare_repo(tmp_path / "remote.git")
+    config = load_config(
+        [write_config(tmp_path / "c.yaml", remote, max_commits=3, interval="200ms")]
+    )
+    runtime = Runtime(config, Settings(state_dir=tmp_path / "state"))
+    await runtime.start()
+    yield Harness(runtime, remote)
+    await runtime.close()
+
+
+async def _wait_for(predicate: Callable[[], Awaitable[bool]]) -> None:
+    """Poll what a user would poll (the remote's state); bounded so a bug cannot hang CI."""
+    async with asyncio.timeout(10):
+        while not await predicate():  # noqa: ASYNC110 - the state lives in another thread
+            await asyncio.sleep(0.02)
+
+
+async def test_max_commits_and_interval_trigger_pushes(eager: Harness) -> None:
+    [writer] = eager.runtime.writers.values()
+    await eager.send(*(event("create", name=f"cm{i}", body=configmap(f"cm{i}")) for i in range(3)))
+
+    async def pushed(n: int) -> bool:
+        return writer.stats.pushed_commits == n
+
+    await _wait_for(lambda: pushed(3))  # maxCommits reached: pushed at once
+    assert writer.stats.pushes == 1
+    await eager.send(event("create", name="cm3", body=configmap("cm3")))
+    await _wait_for(lambda: pushed(4))  # one waiting commit: pushed once the interval passed
+    assert writer.stats.pushes == 2
+    assert len(await eager.subjects()) == 4
+
+
+async def test_commits_wait_locally_while_the_remote_is_away(
+    eager: Harness, tmp_path: Path
+) -> None:
+    [writer] = eager.runtime.writers.values()
+    eager.remote.rename(tmp_path / "away.git")
+    await eager.send(*(event("create", name=f"cm{i}", body=configmap(f"cm{i}")) for i in range(5)))
+    failures = await eager.runtime.flush()
+    assert len(failures) == 1 and "5 commits kept in" in failures[0]
+    assert writer.stats.commits == 5 and writer.stats.push_failures >= 1
+
+    (tmp_path / "away.git").rename(eager.remote)
+    assert await eager.runtime.flush() == []
+    assert await asyncio.to_thread(git_subjects, eager.remote) == [
+        f"[CREATE] v1/configmaps/default/cm{i}" for i in range(5)
+    ]
+
+
+async def test_targets_on_one_repository_branch_share_one_writer(tmp_path: Path) -> None:
+    remote = bare_repo(tmp_path / "remote.git")
+    file = write_config(tmp_path / "c.yaml", remote)
+    text = file.read_text()
+    second = (
+        text.split("---")[0]
+        .replace("name: origin", "name: again")
+        .replace(f"file://{remote}", f"{remote}/")
+    )
+    target = (
+        text.split("---")[1]
+        .replace("name: live", "name: other")
+        .replace("name: origin", "name: again")
+        .replace("path: live", "path: other")
+    )
+    file.write_text(text + "---" + second + "---" + target)
+    runtime = Runtime(load_config([file]), Settings(state_dir=tmp_path / "state"))
+    assert len(runtime.writers) == 1
