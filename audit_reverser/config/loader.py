@@ -139,26 +139,22 @@ class _Document:
             self.fail(f"{path}.{name}", "unknown field (check the spelling against the CRD)")
 
 
+_TYPE_NAMES: dict[type, str] = {
+    str: "a string",
+    int: "an integer",
+    bool: "true or false",
+    list: "a list",
+    dict: "an object",
+    float: "a number",
+}
+
+
 def _kind_name(kind: type) -> str:
-    return {
-        str: "a string",
-        int: "an integer",
-        bool: "true or false",
-        list: "a list",
-        dict: "an object",
-        float: "a number",
-    }[kind]
+    return _TYPE_NAMES[kind]
 
 
 def _describe(value: object) -> str:
-    return {
-        str: "a string",
-        int: "an integer",
-        bool: "a boolean",
-        list: "a list",
-        dict: "an object",
-        float: "a number",
-    }.get(type(value), type(value).__name__)
+    return _TYPE_NAMES.get(type(value), type(value).__name__)
 
 
 def _read_provider(doc: _Document) -> GitProvider | None:
