@@ -18,7 +18,7 @@ from pathlib import Path
 from aiohttp import web
 
 from audit_reverser import __version__
-from audit_reverser.config import Config, load_config, load_default_config
+from audit_reverser.config import load_config, load_default_config
 from audit_reverser.errors import AuditReverserError, ConfigError
 from audit_reverser.ingest.logfiles import read_chunks, size_of
 from audit_reverser.ingest.server import DEFAULT_MAX_BODY_BYTES, make_app
@@ -101,16 +101,17 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _config(paths: Sequence[str]) -> tuple[Config, bool]:
-    if paths:
-        return load_config(paths), False
-    return load_default_config(), True
+def _runtime(args: argparse.Namespace) -> Runtime:
+    """Load the config and build the runtime; file access, so it runs off the event loop."""
+    if args.config:
+        return Runtime(load_config(args.config), Settings(state_dir=args.state_dir))
+    settings = Settings(state_dir=args.state_dir, create_local_remotes=True)
+    return Runtime(load_default_config(), settings)
 
 
 async def serve(args: argparse.Namespace) -> int:
-    config, default = _config(args.config)
-    settings = Settings(state_dir=args.state_dir, create_local_remotes=default)
-    runtime = Runtime(config, settings)
+    runtime = await asyncio.to_thread(_runtime, args)
+    default = not args.config
     runner = web.AppRunner(
         make_app(runtime, max_body_bytes=args.max_body_bytes), handle_signals=False, access_log=None
     )
@@ -160,8 +161,7 @@ class _Progress:
 
 
 async def replay(args: argparse.Namespace) -> int:
-    config, default = _config(args.config)
-    runtime = Runtime(config, Settings(state_dir=args.state_dir, create_local_remotes=default))
+    runtime = await asyncio.to_thread(_runtime, args)
     stats = runtime.stats
     progress = _Progress()
     await runtime.start()

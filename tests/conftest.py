@@ -9,11 +9,12 @@ from __future__ import annotations
 import asyncio
 import itertools
 import subprocess
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from blockbuster import blockbuster_ctx
 
 from audit_reverser.config import load_config
 from audit_reverser.runtime import Runtime, Settings
@@ -232,11 +233,31 @@ class Harness:
         return [entry for entry in out.split("\0") if entry]
 
 
+async def start_harness(tmp_path: Path, **options: Any) -> Harness:
+    """A started pipeline on a fresh bare remote; the set-up runs off the event loop."""
+
+    def prepare() -> Harness:
+        remote = bare_repo(tmp_path / "remote.git")
+        config = load_config([write_config(tmp_path / "config.yaml", remote, **options)])
+        return Harness(Runtime(config, Settings(state_dir=tmp_path / "state")), remote)
+
+    harness = await asyncio.to_thread(prepare)
+    await harness.runtime.start()
+    return harness
+
+
 @pytest.fixture
 async def harness(tmp_path: Path) -> AsyncIterator[Harness]:
-    remote = bare_repo(tmp_path / "remote.git")
-    config = load_config([write_config(tmp_path / "config.yaml", remote)])
-    runtime = Runtime(config, Settings(state_dir=tmp_path / "state"))
-    await runtime.start()
-    yield Harness(runtime, remote)
-    await runtime.close()
+    started = await start_harness(tmp_path)
+    yield started
+    await started.runtime.close()
+
+
+@pytest.fixture(autouse=True)
+def loop_never_blocks(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Async tests fail when anything blocks the event loop (file I/O, sleeps, sockets)."""
+    if not asyncio.iscoroutinefunction(request.function):
+        yield
+        return
+    with blockbuster_ctx():
+        yield

@@ -10,20 +10,23 @@ import pytest
 
 from audit_reverser.config import load_config
 from audit_reverser.runtime import Runtime, Settings
-from tests.conftest import Harness, bare_repo, configmap, event, git_subjects, write_config
+from tests.conftest import (
+    Harness,
+    bare_repo,
+    configmap,
+    event,
+    git_subjects,
+    start_harness,
+    write_config,
+)
 
 
 @pytest.fixture
 async def eager(tmp_path: Path) -> AsyncIterator[Harness]:
     """A pipeline whose provider pushes every 3 commits, or after 0.2 s."""
-    remote = bare_repo(tmp_path / "remote.git")
-    config = load_config(
-        [write_config(tmp_path / "c.yaml", remote, max_commits=3, interval="200ms")]
-    )
-    runtime = Runtime(config, Settings(state_dir=tmp_path / "state"))
-    await runtime.start()
-    yield Harness(runtime, remote)
-    await runtime.close()
+    started = await start_harness(tmp_path, max_commits=3, interval="200ms")
+    yield started
+    await started.runtime.close()
 
 
 async def _wait_for(predicate: Callable[[], Awaitable[bool]]) -> None:
@@ -52,20 +55,20 @@ async def test_commits_wait_locally_while_the_remote_is_away(
     eager: Harness, tmp_path: Path
 ) -> None:
     [writer] = eager.runtime.writers.values()
-    eager.remote.rename(tmp_path / "away.git")
+    await asyncio.to_thread(eager.remote.rename, tmp_path / "away.git")
     await eager.send(*(event("create", name=f"cm{i}", body=configmap(f"cm{i}")) for i in range(5)))
     failures = await eager.runtime.flush()
     assert len(failures) == 1 and "5 commits kept in" in failures[0]
     assert writer.stats.commits == 5 and writer.stats.push_failures >= 1
 
-    (tmp_path / "away.git").rename(eager.remote)
+    await asyncio.to_thread((tmp_path / "away.git").rename, eager.remote)
     assert await eager.runtime.flush() == []
     assert await asyncio.to_thread(git_subjects, eager.remote) == [
         f"[CREATE] v1/configmaps/default/cm{i}" for i in range(5)
     ]
 
 
-async def test_targets_on_one_repository_branch_share_one_writer(tmp_path: Path) -> None:
+def test_targets_on_one_repository_branch_share_one_writer(tmp_path: Path) -> None:
     remote = bare_repo(tmp_path / "remote.git")
     file = write_config(tmp_path / "c.yaml", remote)
     text = file.read_text()
