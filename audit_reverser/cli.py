@@ -111,7 +111,6 @@ def _runtime(args: argparse.Namespace) -> Runtime:
 
 async def serve(args: argparse.Namespace) -> int:
     runtime = await asyncio.to_thread(_runtime, args)
-    default = not args.config
     runner = web.AppRunner(
         make_app(runtime, max_body_bytes=args.max_body_bytes), handle_signals=False, access_log=None
     )
@@ -125,7 +124,7 @@ async def serve(args: argparse.Namespace) -> int:
             raise AuditReverserError(f"cannot listen on {host}:{port}: {exc.strerror}") from exc
         for address in runner.addresses:
             log.info("listening on http://%s:%s/audit-webhook", *address[:2])
-        if default:
+        if runtime.settings.create_local_remotes:
             log.info("embedded default config: every write goes to ./audit-repo.git")
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()

@@ -142,7 +142,7 @@ class _Document:
 _TYPE_NAMES: dict[type, str] = {
     str: "a string",
     int: "an integer",
-    bool: "true or false",
+    bool: "a boolean",
     list: "a list",
     dict: "an object",
     float: "a number",
@@ -150,7 +150,7 @@ _TYPE_NAMES: dict[type, str] = {
 
 
 def _kind_name(kind: type) -> str:
-    return _TYPE_NAMES[kind]
+    return "true or false" if kind is bool else _TYPE_NAMES[kind]
 
 
 def _describe(value: object) -> str:
