@@ -8,22 +8,27 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import ipaddress
 import logging
 import signal
+import ssl
 import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from aiohttp import web
 
 from audit_reverser import __version__
 from audit_reverser.config import load_config, load_default_config
-from audit_reverser.errors import AuditReverserError, ConfigError
+from audit_reverser.errors import AuditReverserError, ConfigError, PermanentError
+from audit_reverser.ingest import auth
+from audit_reverser.ingest.intake import DEFAULT_MAX_BACKLOG
 from audit_reverser.ingest.logfiles import read_chunks, size_of
 from audit_reverser.ingest.server import DEFAULT_MAX_BODY_BYTES, make_app
 from audit_reverser.pipeline.filter import Skip
-from audit_reverser.runtime import Runtime, Settings
+from audit_reverser.runtime import DEFAULT_SHUTDOWN_TIMEOUT_S, Runtime, Settings
 
 log = logging.getLogger("audit_reverser")
 
@@ -83,10 +88,60 @@ def _parser() -> argparse.ArgumentParser:
     )
     serve.add_argument(
         "--max-body-bytes",
-        type=int,
+        type=_positive,
         default=DEFAULT_MAX_BODY_BYTES,
         metavar="N",
-        help="larger requests get 413 (default: 16 MiB)",
+        help="larger requests get 413 (default: 16 MiB, above the apiserver's 10 MiB batches)",
+    )
+    serve.add_argument(
+        "--max-backlog",
+        type=_positive,
+        default=DEFAULT_MAX_BACKLOG,
+        metavar="N",
+        help="accepted events not yet committed above which batches get 429 "
+        f"(default: {DEFAULT_MAX_BACKLOG})",
+    )
+    serve.add_argument(
+        "--shutdown-timeout",
+        type=float,
+        default=DEFAULT_SHUTDOWN_TIMEOUT_S,
+        metavar="SECONDS",
+        help="time to commit and push on SIGTERM; the rest stays in the journal (default: 20)",
+    )
+    security = serve.add_argument_group("sender authentication")
+    security.add_argument(
+        "--tls-cert",
+        type=Path,
+        metavar="FILE",
+        help="serve HTTPS with this certificate (PEM, chain)",
+    )
+    security.add_argument(
+        "--tls-key", type=Path, metavar="FILE", help="private key of --tls-cert (PEM)"
+    )
+    security.add_argument(
+        "--client-ca",
+        type=Path,
+        metavar="FILE",
+        help="require a client certificate signed by this CA (mutual TLS) on /audit-webhook",
+    )
+    security.add_argument(
+        "--client-name",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="with --client-ca: accept only certificates with this CN or subjectAltName; "
+        "repeatable",
+    )
+    security.add_argument(
+        "--auth-token-file",
+        type=Path,
+        metavar="FILE",
+        help="require 'Authorization: Bearer <token>' with the token in this file",
+    )
+    security.add_argument(
+        "--insecure",
+        action="store_true",
+        help="allow listening on a non-loopback address with neither TLS nor a token",
     )
 
     replay = commands.add_parser(
@@ -101,29 +156,84 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _runtime(args: argparse.Namespace) -> Runtime:
+def _positive(text: str) -> int:
+    if not text.isdecimal() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive whole number")
+    return int(text)
+
+
+def _runtime(args: argparse.Namespace, **options: Any) -> Runtime:
     """Load the config and build the runtime; file access, so it runs off the event loop."""
     if args.config:
-        return Runtime(load_config(args.config), Settings(state_dir=args.state_dir))
-    settings = Settings(state_dir=args.state_dir, create_local_remotes=True)
-    return Runtime(load_default_config(), settings)
+        config = load_config(args.config)
+    else:
+        config = load_default_config()
+        # Only the embedded default creates its missing local remote; see Settings.
+        options["create_local_remotes"] = True
+    return Runtime(config, Settings(state_dir=args.state_dir, **options))
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _senders(args: argparse.Namespace) -> tuple[auth.SenderPolicy, ssl.SSLContext | None]:
+    """The sender policy and TLS context the flags ask for; refuses unsafe combinations."""
+    if (args.tls_cert is None) != (args.tls_key is None):
+        raise PermanentError("--tls-cert and --tls-key go together")
+    if args.client_ca is not None and args.tls_cert is None:
+        raise PermanentError("--client-ca needs --tls-cert and --tls-key")
+    if args.client_name and args.client_ca is None:
+        raise PermanentError("--client-name needs --client-ca")
+    context = None
+    if args.tls_cert is not None:
+        context = auth.server_context(args.tls_cert, args.tls_key, args.client_ca)
+    senders = auth.policy(
+        token_file=args.auth_token_file, client_ca=args.client_ca, client_names=args.client_name
+    )
+    host = args.listen[0]
+    if not _is_loopback(host):
+        if context is None and not senders.authenticates:
+            if not args.insecure:
+                raise PermanentError(
+                    f"refusing to accept unauthenticated audit events on {host}: use "
+                    "--tls-cert/--tls-key with --client-ca, or --auth-token-file "
+                    "(or --insecure to accept anyone who can connect)"
+                )
+            log.warning("--insecure: anyone who can reach %s may send audit events", host)
+        elif context is None:
+            log.warning("the bearer token travels in clear text; add --tls-cert/--tls-key")
+    return senders, context
 
 
 async def serve(args: argparse.Namespace) -> int:
-    runtime = await asyncio.to_thread(_runtime, args)
-    runner = web.AppRunner(
-        make_app(runtime, max_body_bytes=args.max_body_bytes), handle_signals=False, access_log=None
+    senders, context = await asyncio.to_thread(_senders, args)
+    runtime = await asyncio.to_thread(
+        _runtime,
+        args,
+        journal=True,
+        max_backlog=args.max_backlog,
+        shutdown_timeout_s=args.shutdown_timeout,
     )
+    app = make_app(runtime, max_body_bytes=args.max_body_bytes, senders=senders)
+    # In-flight requests get a few seconds to finish; the rest is the apiserver's to retry.
+    runner = web.AppRunner(app, handle_signals=False, access_log=None, shutdown_timeout=5)
     await runner.setup()
     try:
         host, port = args.listen
-        site = web.TCPSite(runner, host, port)
+        site = web.TCPSite(runner, host, port, ssl_context=context)
         try:
             await site.start()
         except OSError as exc:
             raise AuditReverserError(f"cannot listen on {host}:{port}: {exc.strerror}") from exc
+        scheme = "https" if context is not None else "http"
         for address in runner.addresses:
-            log.info("listening on http://%s:%s/audit-webhook", *address[:2])
+            log.info("listening on %s://%s:%s/audit-webhook", scheme, *address[:2])
         if runtime.settings.create_local_remotes:
             log.info("embedded default config: every write goes to ./audit-repo.git")
         stop = asyncio.Event()
@@ -173,7 +283,7 @@ async def replay(args: argparse.Namespace) -> int:
                     stats.received += chunk.malformed
                     stats.skip(Skip.MALFORMED, chunk.malformed)
                 triage = runtime.intake.triage(chunk.items, cluster=args.cluster, source=name)
-                await runtime.intake.submit(triage.kept)
+                await runtime.intake.accept(triage, cluster=args.cluster)
                 progress.update(name, chunk.position, total, stats.received)
         failures = await runtime.flush()
     finally:

@@ -42,3 +42,7 @@ class RemoteUnavailable(TemporaryError, GitStoreError):
 
 class RepositoryError(PermanentError, GitStoreError):
     """The local mirror or the remote is not usable as configured."""
+
+
+class MirrorWriteFailed(TemporaryError, GitStoreError):
+    """Writing to the local mirror failed (disk full, a lock); the event stays in the journal."""

@@ -2,28 +2,41 @@
 
 Targets that point at the same repository branch (by normalized URL) share one writer, so
 their commits form one ordered history; its push policy is the most eager of its providers.
+
+With a journal (``serve``), start-up recovers first: records the last run accepted but did
+not commit are queued again before anything new is accepted, each writer learns which of
+their commits it already made (see :meth:`BranchWriter.recover`), and the processor learns
+the auditIDs already handled and the newest resourceVersions committed.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import fcntl
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from audit_reverser.config.model import Config, Key, PushPolicy
 from audit_reverser.errors import AuditReverserError
+from audit_reverser.events import AuditID
 from audit_reverser.gitstore.repository import Mirror
 from audit_reverser.gitstore.transport import mirror_name, remote_key, transport_for
 from audit_reverser.gitstore.types import Identity
 from audit_reverser.gitstore.writer import BranchWriter
-from audit_reverser.ingest.intake import Intake
+from audit_reverser.ingest.intake import DEFAULT_MAX_BACKLOG, Intake
+from audit_reverser.journal import DEFAULT_MIN_FREE_BYTES, Journal
 from audit_reverser.pipeline.processor import Processor
 from audit_reverser.pipeline.stats import PipelineStats
 
 log = logging.getLogger(__name__)
 
 DEFAULT_COMMITTER = Identity(name="audit-reverser", email="audit-reverser@audit-reverser.invalid")
+
+
+DEFAULT_SHUTDOWN_TIMEOUT_S = 20.0
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -34,6 +47,16 @@ class Settings:
     # missing repository is far more likely a typo than a wish.
     create_local_remotes: bool = False
     queue_size: int = 10_000
+    # serve journals what it acknowledges; replay reads files that are their own record.
+    journal: bool = False
+    max_backlog: int = DEFAULT_MAX_BACKLOG
+    journal_min_free_bytes: int = DEFAULT_MIN_FREE_BYTES
+    # How long close() may spend committing and pushing before it leaves the rest to the
+    # journal; below Kubernetes' default 30 s grace period.
+    shutdown_timeout_s: float = DEFAULT_SHUTDOWN_TIMEOUT_S
+
+
+CHECKPOINT_INTERVAL_S = 0.2
 
 
 class Runtime:
@@ -64,23 +87,88 @@ class Runtime:
             writer.push_max_commits = min(p.max_commits for p in policies[key])
         self.stats = PipelineStats()
         self.processor = Processor(config, sinks, self.stats)
-        self.intake = Intake(self.processor, queue_size=settings.queue_size)
+        self.journal = (
+            Journal(settings.state_dir / "journal", min_free_bytes=settings.journal_min_free_bytes)
+            if settings.journal
+            else None
+        )
+        self.intake = Intake(
+            self.processor,
+            journal=self.journal,
+            queue_size=settings.queue_size,
+            max_backlog=settings.max_backlog,
+        )
         self.accepting = False
+        self._lock: int | None = None
+        self._checkpoints: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
+        await asyncio.to_thread(self._lock_state_dir)
         results = await asyncio.gather(
             *(w.start() for w in self.writers.values()), return_exceptions=True
         )
         errors = [r for r in results if isinstance(r, BaseException)]
         if errors:
             await asyncio.gather(*(w.close() for w in self.writers.values()))
+            self._unlock_state_dir()
             raise errors[0]
+        if self.journal is not None:
+            await self._recover(self.journal)
+            self._checkpoints = asyncio.create_task(
+                self._checkpoint_loop(self.journal), name="journal-checkpoints"
+            )
         self.intake.start()
         self.accepting = True
 
+    async def _recover(self, journal: Journal) -> None:
+        recovery = await asyncio.to_thread(journal.recover)
+        self.processor.remember(AuditID(i) for i in recovery.handled)
+        if recovery.pending:
+            for writer in self.writers.values():
+                if writer.key in recovery.tips:
+                    found = await writer.recover(recovery.tips[writer.key])
+                    self.processor.recall_versions(writer, found)
+        # A writer the checkpoint does not know holds no commit of a pending record; from
+        # here on, commits on it are found from its present tip.
+        journal.set_tips(
+            {w.key: w.tip for w in self.writers.values() if w.key not in recovery.tips}
+        )
+        await journal.checkpoint()
+        self.intake.resume(recovery.pending)
+
+    async def _checkpoint_loop(self, journal: Journal) -> None:
+        while True:
+            await asyncio.sleep(CHECKPOINT_INTERVAL_S)
+            try:
+                await journal.checkpoint()
+            except OSError as exc:  # progress is saved on the next round; the records stay
+                log.error("journal checkpoint failed: %s", exc)
+
+    def _lock_state_dir(self) -> None:
+        """One process per state directory: two would interleave journals and mirrors."""
+        directory = self.settings.state_dir
+        directory.mkdir(parents=True, exist_ok=True)
+        fd = os.open(directory / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise AuditReverserError(
+                f"state directory {directory} is in use by another audit-reverser process"
+            ) from None
+        self._lock = fd
+
+    def _unlock_state_dir(self) -> None:
+        if self._lock is not None:
+            os.close(self._lock)  # closing releases the lock
+            self._lock = None
+
     def ready(self) -> bool:
         return (
-            self.accepting and self.intake.running and all(w.running for w in self.writers.values())
+            self.accepting
+            and self.intake.running
+            and all(w.running for w in self.writers.values())
+            and (self.journal is None or self.journal.broken is None)
         )
 
     async def flush(self) -> list[str]:
@@ -97,7 +185,26 @@ class Runtime:
         return failures
 
     async def close(self) -> None:
-        """Stop accepting, commit what was accepted, push once, stop."""
+        """Stop accepting, commit what was accepted and push once, within the shut-down time;
+        what is left then stays in the journal (and unpushed commits in the mirrors)."""
         self.accepting = False
+        try:
+            await asyncio.wait_for(self._finish(), self.settings.shutdown_timeout_s)
+        except TimeoutError:
+            log.warning(
+                "shut-down time (%.0fs) is over: %d events stay in the journal for the next start",
+                self.settings.shutdown_timeout_s,
+                self.journal.backlog if self.journal is not None else 0,
+            )
+            await self.intake.stop()
+        if self._checkpoints is not None:
+            self._checkpoints.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._checkpoints
+        if self.journal is not None:
+            await self.journal.close()
+        self._unlock_state_dir()
+
+    async def _finish(self) -> None:
         await self.intake.close()
         await asyncio.gather(*(w.close() for w in self.writers.values()))

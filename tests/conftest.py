@@ -211,7 +211,7 @@ class Harness:
 
     async def send(self, *items: dict[str, Any]) -> None:
         triage = self.runtime.intake.triage(items)
-        await self.runtime.intake.submit(triage.kept)
+        await self.runtime.intake.accept(triage)
 
     async def sync(self) -> None:
         """Commit and push everything sent so far."""

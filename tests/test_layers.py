@@ -9,7 +9,17 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parent.parent / "audit_reverser"
 
 # Lowest first; a module may import its own layer and the layers before it.
-LAYERS = ["errors", "events", "config", "gitstore", "pipeline", "ingest", "runtime", "cli"]
+LAYERS = [
+    "errors",
+    "events",
+    "config",
+    "gitstore",
+    "journal",
+    "pipeline",
+    "ingest",
+    "runtime",
+    "cli",
+]
 ADAPTERS = {"pygit2": "gitstore"}
 
 

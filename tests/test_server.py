@@ -76,7 +76,7 @@ async def test_bad_requests_get_a_clear_4xx_and_the_server_stays_up(
 ) -> None:
     response = await client.post("/audit-webhook", data=body, headers=headers)
     assert response.status == status
-    assert message in (await response.json())["error"]
+    assert message in (await response.json())["message"]
     assert (await client.get("/healthz")).status == 200
 
 

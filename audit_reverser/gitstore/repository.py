@@ -12,9 +12,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import pygit2
-from pygit2.enums import FileMode
+from pygit2.enums import FileMode, SortMode
 
-from audit_reverser.errors import RemoteUnavailable, RepositoryError
+from audit_reverser.errors import MirrorWriteFailed, RemoteUnavailable, RepositoryError
 from audit_reverser.gitstore.transport import LocalTransport, Transport
 from audit_reverser.gitstore.types import FileChange, Identity
 
@@ -137,8 +137,38 @@ class Mirror:
         blob = self.repo[entry.id]
         return blob.data if isinstance(blob, pygit2.Blob) else None
 
+    def changes_since(self, since: str | None) -> list[tuple[str, str, list[str]]]:
+        """``(commit id, message, changed paths)`` of the commits after ``since``, oldest first.
+
+        Walks the whole history when ``since`` is None or not in it (a mirror made anew).
+        """
+        tip = self._target(self._local_ref)
+        if tip is None:
+            return []
+        walker = self.repo.walk(tip, SortMode.TOPOLOGICAL | SortMode.REVERSE)
+        if since is not None:
+            try:
+                walker.hide(pygit2.Oid(hex=since))
+            except (ValueError, KeyError, pygit2.GitError):
+                log.warning("%s: commit %s is gone; scanning the whole history", self.path, since)
+        found = []
+        for commit in walker:
+            if commit.parents:
+                diff = commit.tree.diff_to_tree(commit.parents[0].tree, swap=True)
+            else:
+                diff = commit.tree.diff_to_tree(swap=True)
+            paths = [delta.new_file.path for delta in diff.deltas]
+            found.append((str(commit.id), commit.message, paths))
+        return found
+
     def commit(self, change: FileChange) -> str | None:
         """Commit one change on the branch tip; None when it would change nothing."""
+        try:
+            return self._commit(change)
+        except (pygit2.GitError, OSError) as exc:
+            raise MirrorWriteFailed(f"cannot commit {change.path} in {self.path}: {exc}") from exc
+
+    def _commit(self, change: FileChange) -> str | None:
         repo = self.repo
         tip = self._target(self._local_ref)
         root = repo[tip].peel(pygit2.Tree) if tip is not None else None

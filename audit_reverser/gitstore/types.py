@@ -25,6 +25,7 @@ class FileChange:
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class CommitOutcome:
-    """The commit id made for a change, or None when the change altered nothing."""
+    """The commit id made for a change (None when it altered nothing), and by which writer."""
 
     commit_id: str | None
+    writer: str = ""

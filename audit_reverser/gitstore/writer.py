@@ -4,6 +4,10 @@ Changes for a repository branch are committed strictly in the order they were su
 whichever GitTargets or GitProviders they came from. A push happens when ``max_commits``
 are waiting or ``interval`` has passed since the first unpushed commit; a failed push is
 retried with capped exponential back-off while commits keep accumulating locally.
+
+After a crash, :meth:`BranchWriter.recover` reads the commits made since the journal's last
+checkpoint; a change processed again whose commit is among them (same message, so same
+auditID, and same path) is answered with that commit instead of being committed twice.
 """
 
 from __future__ import annotations
@@ -34,9 +38,15 @@ class WriterStats:
     commits: int = 0
     unchanged: int = 0
     failed: int = 0
+    recovered: int = 0
     pushes: int = 0
     pushed_commits: int = 0
     push_failures: int = 0
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class _Recovered(CommitOutcome):
+    """A change whose commit an earlier run made before it could record so."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,6 +71,8 @@ class BranchWriter:
     ) -> None:
         self.mirror = mirror
         self.name = f"{mirror.transport.display}#{mirror.branch}"
+        # Stable across runs and unique per repository branch: the journal's name for us.
+        self.key = mirror.path.name
         self.push_interval_s = push_interval_s
         self.push_max_commits = push_max_commits
         self.stats = WriterStats()
@@ -69,6 +81,7 @@ class BranchWriter:
         self._task: asyncio.Task[None] | None = None
         self._push_deadline: float | None = None
         self._retry_s = RETRY_MIN_S
+        self._recovered: dict[tuple[str, str], str] = {}
 
     async def _blocking(self, call: Callable[[], T]) -> T:
         return await asyncio.get_running_loop().run_in_executor(None, call)
@@ -84,6 +97,24 @@ class BranchWriter:
             self._push_deadline = asyncio.get_running_loop().time()
         self._task = asyncio.create_task(self._run(), name=f"git-writer {self.name}")
         self._task.add_done_callback(self._crashed)
+
+    async def recover(self, since: str | None) -> list[tuple[str, str]]:
+        """Remember the commits made after ``since``; returns their ``(path, message)``s."""
+        changes = await self._blocking(lambda: self.mirror.changes_since(since))
+        found = []
+        for commit_id, message, paths in changes:
+            for path in paths:
+                self._recovered[(message, path)] = commit_id
+                found.append((path, message))
+        if changes:
+            log.info(
+                "%s: %d commits made after the last journal checkpoint", self.name, len(changes)
+            )
+        return found
+
+    @property
+    def tip(self) -> str | None:
+        return self.mirror.tip
 
     def _crashed(self, task: asyncio.Task[None]) -> None:
         if not task.cancelled() and task.exception() is not None:
@@ -149,10 +180,17 @@ class BranchWriter:
         def commit_all() -> list[CommitOutcome | BaseException]:
             results: list[CommitOutcome | BaseException] = []
             for entry in batch:
+                change = entry.change
+                made = self._recovered.pop((change.message, change.path), None)
+                if made is not None:
+                    results.append(_Recovered(commit_id=made, writer=self.key))
+                    continue
                 try:
-                    results.append(CommitOutcome(commit_id=self.mirror.commit(entry.change)))
+                    commit_id = self.mirror.commit(change)
                 except Exception as exc:  # one bad change must not stop the others
                     results.append(exc)
+                else:
+                    results.append(CommitOutcome(commit_id=commit_id, writer=self.key))
             return results
 
         for entry, result in zip(batch, await self._blocking(commit_all), strict=True):
@@ -161,7 +199,9 @@ class BranchWriter:
                 log.error("%s: commit of %s failed: %s", self.name, entry.change.path, result)
                 entry.done.set_exception(result)
                 continue
-            if result.commit_id is None:
+            if isinstance(result, _Recovered):
+                self.stats.recovered += 1
+            elif result.commit_id is None:
                 self.stats.unchanged += 1
             else:
                 self.stats.commits += 1

@@ -1,8 +1,10 @@
 """The audit webhook receiver: ``POST /audit-webhook[/{cluster}]``, ``/healthz``, ``/readyz``.
 
-Handlers stay thin: check the request, decode with orjson, triage, queue, answer. A bad
-request gets a 4xx with a JSON ``error`` that says what is wrong; the server stays up.
-Background work (writers, the intake worker) starts and stops through ``cleanup_ctx``.
+Handlers stay thin: check the sender and the request, decode with orjson, triage, journal,
+answer. Every refusal is a Kubernetes ``Status`` object (the apiserver's webhook client
+reads its message into its own log) with the matching code; 429 and 503 carry
+``Retry-After``, which makes the apiserver retry the batch instead of dropping it. Background
+work (journal, writers, the intake worker) starts and stops through ``cleanup_ctx``.
 """
 
 from __future__ import annotations
@@ -16,7 +18,9 @@ import orjson
 from aiohttp import web
 
 from audit_reverser.events import AUDIT_API_VERSIONS
-from audit_reverser.ingest.intake import Intake
+from audit_reverser.ingest.auth import SenderPolicy, SenderRefused
+from audit_reverser.ingest.intake import Intake, Overloaded
+from audit_reverser.journal import JournalUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -39,46 +43,106 @@ class Receiver(Protocol):
 
 
 RECEIVER = web.AppKey("receiver", Receiver)
+SENDERS = web.AppKey("senders", SenderPolicy)
+MAX_BODY_BYTES = web.AppKey("max_body_bytes", int)
+
+# Seconds the apiserver should wait: a backlog drains in about a second; a full disk or a
+# restart takes longer.
+RETRY_AFTER_BUSY = 1
+RETRY_AFTER_UNAVAILABLE = 10
+
+_REASONS = {
+    400: "BadRequest",
+    401: "Unauthorized",
+    403: "Forbidden",
+    413: "RequestEntityTooLarge",
+    415: "UnsupportedMediaType",
+    429: "TooManyRequests",
+    503: "ServiceUnavailable",
+}
 
 
-def _error(status: type[web.HTTPException], message: str) -> web.HTTPException:
-    return status(text=orjson.dumps({"error": message}).decode(), content_type="application/json")
+def refusal(code: int, message: str, *, retry_after: int | None = None) -> web.HTTPException:
+    """A ``metav1.Status`` failure response, as Kubernetes clients expect to read one."""
+    status: dict[str, object] = {
+        "kind": "Status",
+        "apiVersion": "v1",
+        "metadata": {},
+        "status": "Failure",
+        "message": message,
+        "reason": _REASONS[code],
+        "code": code,
+    }
+    headers = {}
+    if retry_after is not None:
+        status["details"] = {"retryAfterSeconds": retry_after}
+        headers["Retry-After"] = str(retry_after)
+    if code == 401:
+        headers["WWW-Authenticate"] = "Bearer"
+    response = web.HTTPException(
+        text=orjson.dumps(status).decode(), content_type="application/json", headers=headers
+    )
+    response.set_status(code)
+    return response
 
 
 async def audit_webhook(request: web.Request) -> web.Response:
+    try:
+        request.app[SENDERS].check(
+            request.headers.get("Authorization"),
+            request.transport.get_extra_info("peercert") if request.transport else None,
+        )
+    except SenderRefused as exc:
+        log.warning("refused audit events from %s: %s", request.remote, exc)
+        raise refusal(exc.status, str(exc)) from None
     cluster = request.match_info.get("cluster", "")
     if cluster and not _CLUSTER_NAME.match(cluster):
-        raise _error(web.HTTPBadRequest, f"invalid cluster name {cluster!r}")
+        raise refusal(400, f"invalid cluster name {cluster!r}")
     if request.content_type != "application/json":
-        raise _error(
-            web.HTTPUnsupportedMediaType,
-            f"Content-Type must be application/json, got {request.content_type!r}",
-        )
+        raise refusal(415, f"Content-Type must be application/json, got {request.content_type!r}")
     receiver = request.app[RECEIVER]
     if not receiver.ready():
-        raise web.HTTPServiceUnavailable(headers={"Retry-After": "5"}, text="not ready")
-    body = await request.read()
+        raise refusal(503, "not ready", retry_after=RETRY_AFTER_UNAVAILABLE)
+    intake = receiver.intake
+    if intake.overloaded():
+        raise refusal(429, "too many events wait for Git", retry_after=RETRY_AFTER_BUSY)
+    try:
+        body = await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        raise refusal(
+            413, f"body is larger than the limit of {request.app[MAX_BODY_BYTES]} bytes"
+        ) from None
     try:
         document = orjson.loads(body)
     except orjson.JSONDecodeError as exc:
-        raise _error(web.HTTPBadRequest, f"body is not valid JSON: {exc}") from exc
+        raise refusal(400, f"body is not valid JSON: {exc}") from exc
     if not isinstance(document, Mapping):
-        raise _error(web.HTTPBadRequest, "body must be a JSON object (an audit EventList)")
+        raise refusal(400, "body must be a JSON object (an audit EventList)")
     if document.get("kind") != "EventList" or document.get("apiVersion") not in AUDIT_API_VERSIONS:
-        raise _error(
-            web.HTTPBadRequest,
+        raise refusal(
+            400,
             "body must be an EventList of apiVersion audit.k8s.io/v1, got "
-            f"kind={document.get('kind')!r} apiVersion={document.get('apiVersion')!r}",
+            f"kind={_short(document.get('kind'))} apiVersion={_short(document.get('apiVersion'))}",
         )
     items = document.get("items")
     if items is None:
         items = []
     if not isinstance(items, list):
-        raise _error(web.HTTPBadRequest, "EventList.items must be a list")
-    intake = receiver.intake
+        raise refusal(400, "EventList.items must be a list")
     triage = intake.triage(items, cluster=cluster, source=request.remote or "")
-    await intake.submit(triage.kept)
+    try:
+        await intake.accept(triage, cluster=cluster)
+    except Overloaded as exc:
+        raise refusal(429, str(exc), retry_after=RETRY_AFTER_BUSY) from None
+    except JournalUnavailable as exc:
+        log.error("refused a batch of %d events: %s", len(triage.kept), exc)
+        raise refusal(503, str(exc), retry_after=RETRY_AFTER_UNAVAILABLE) from None
     return web.json_response(triage.as_json())
+
+
+def _short(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -92,10 +156,15 @@ async def readyz(request: web.Request) -> web.Response:
 
 
 def make_app(
-    receiver: Receiver, *, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    receiver: Receiver,
+    *,
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+    senders: SenderPolicy | None = None,
 ) -> web.Application:
     app = web.Application(client_max_size=max_body_bytes)
     app[RECEIVER] = receiver
+    app[SENDERS] = senders or SenderPolicy()
+    app[MAX_BODY_BYTES] = max_body_bytes
 
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
         await receiver.start()

@@ -52,3 +52,12 @@ def commit_message(
         trailers.append(("Resource-Version", resource_version))
     body = "\n".join(f"{key}: {_one_line(value)}" for key, value in trailers if _one_line(value))
     return f"[{action}] {subject_path}\n\n{body}\n"
+
+
+def trailer(message: str, key: str) -> str | None:
+    """The value of trailer ``key`` in a commit message made by :func:`commit_message`."""
+    prefix = f"{key}: "
+    for line in reversed(message.splitlines()):
+        if line.startswith(prefix):
+            return line[len(prefix) :]
+    return None

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime
 from typing import Protocol
 
@@ -20,7 +20,7 @@ from audit_reverser.config.model import Config, GitTarget, Key
 from audit_reverser.events import AuditEvent, AuditID
 from audit_reverser.gitstore.types import CommitOutcome, FileChange
 from audit_reverser.pipeline import canonical
-from audit_reverser.pipeline.commits import Action, author_for, commit_message
+from audit_reverser.pipeline.commits import Action, author_for, commit_message, trailer
 from audit_reverser.pipeline.filter import Skip
 from audit_reverser.pipeline.layout import InvalidName, object_path
 from audit_reverser.pipeline.resolve import NeedsApi, ObjectChange, resolve_offline
@@ -73,6 +73,20 @@ class Processor:
         self.stats = stats
         self._handled: OrderedDict[AuditID, None] = OrderedDict()
         self._versions: dict[tuple[int, str], int] = {}
+
+    def remember(self, audit_ids: Iterable[AuditID]) -> None:
+        """AuditIDs an earlier run handled: the same event sent again makes no commit."""
+        for audit_id in audit_ids:
+            self._remember(audit_id)
+
+    def recall_versions(self, sink: CommitSink, commits: Iterable[tuple[str, str]]) -> None:
+        """Newest resourceVersions of files committed by ``(path, message)`` before a crash,
+        so that events processed again never regress a file a later event already wrote."""
+        for path, message in commits:
+            version = _rv_number(trailer(message, "Resource-Version") or "")
+            key = (id(sink), path)
+            if version is not None and version > self._versions.get(key, -1):
+                self._versions[key] = version
 
     def routes(self, event: AuditEvent) -> list[Route] | Skip:
         """Targets for the event, or why it goes nowhere. Cheap: no object is touched."""
