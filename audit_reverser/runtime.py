@@ -16,6 +16,7 @@ import contextlib
 import fcntl
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,7 +28,7 @@ from audit_reverser.gitstore.transport import mirror_name, remote_key, transport
 from audit_reverser.gitstore.types import Identity
 from audit_reverser.gitstore.writer import BranchWriter
 from audit_reverser.ingest.intake import DEFAULT_MAX_BACKLOG, Intake
-from audit_reverser.journal import DEFAULT_MIN_FREE_BYTES, Journal
+from audit_reverser.journal import DEFAULT_MIN_FREE_BYTES, Journal, SegmentFile
 from audit_reverser.pipeline.processor import Processor
 from audit_reverser.pipeline.stats import PipelineStats
 
@@ -51,6 +52,8 @@ class Settings:
     journal: bool = False
     max_backlog: int = DEFAULT_MAX_BACKLOG
     journal_min_free_bytes: int = DEFAULT_MIN_FREE_BYTES
+    # The journal's disk access; tests put a file here that fails like a full disk.
+    journal_file: Callable[[Path], SegmentFile] = SegmentFile
     # How long close() may spend committing and pushing before it leaves the rest to the
     # journal; below Kubernetes' default 30 s grace period.
     shutdown_timeout_s: float = DEFAULT_SHUTDOWN_TIMEOUT_S
@@ -88,7 +91,11 @@ class Runtime:
         self.stats = PipelineStats()
         self.processor = Processor(config, sinks, self.stats)
         self.journal = (
-            Journal(settings.state_dir / "journal", min_free_bytes=settings.journal_min_free_bytes)
+            Journal(
+                settings.state_dir / "journal",
+                open_segment=settings.journal_file,
+                min_free_bytes=settings.journal_min_free_bytes,
+            )
             if settings.journal
             else None
         )

@@ -14,9 +14,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from aiohttp.test_utils import TestClient, TestServer
 from blockbuster import blockbuster_ctx
 
 from audit_reverser.config import load_config
+from audit_reverser.ingest.server import make_app
 from audit_reverser.runtime import Runtime, Settings
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -233,17 +235,43 @@ class Harness:
         return [entry for entry in out.split("\0") if entry]
 
 
-async def start_harness(tmp_path: Path, **options: Any) -> Harness:
-    """A started pipeline on a fresh bare remote; the set-up runs off the event loop."""
+async def start_harness(
+    tmp_path: Path, settings: dict[str, Any] | None = None, **options: Any
+) -> Harness:
+    """A started pipeline on a bare remote (made when missing); ``options`` go to the config
+    and ``settings`` to the runtime. The set-up runs off the event loop."""
 
     def prepare() -> Harness:
-        remote = bare_repo(tmp_path / "remote.git")
+        remote = tmp_path / "remote.git"
+        if not remote.exists():
+            bare_repo(remote)
         config = load_config([write_config(tmp_path / "config.yaml", remote, **options)])
-        return Harness(Runtime(config, Settings(state_dir=tmp_path / "state")), remote)
+        runtime = Runtime(config, Settings(state_dir=tmp_path / "state", **(settings or {})))
+        return Harness(runtime, remote)
 
     harness = await asyncio.to_thread(prepare)
     await harness.runtime.start()
     return harness
+
+
+class _Borrowed:
+    """The harness's runtime as the app's receiver; the harness owns its start and close."""
+
+    def __init__(self, harness: Harness) -> None:
+        self.intake = harness.runtime.intake
+        self._runtime = harness.runtime
+
+    def ready(self) -> bool:
+        return self._runtime.ready()
+
+    async def start(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+
+def http_client(harness: Harness, **app_options: Any) -> TestClient:
+    """An HTTP client for the receiver app over the harness's pipeline (real sockets)."""
+    return TestClient(TestServer(make_app(_Borrowed(harness), **app_options)))
 
 
 @pytest.fixture

@@ -7,26 +7,14 @@ from collections.abc import AsyncIterator
 
 import orjson
 import pytest
-from aiohttp.test_utils import TestClient, TestServer
+from aiohttp.test_utils import TestClient
 
-from audit_reverser.ingest.server import make_app
-from tests.conftest import CORPUS, Harness, configmap, event, event_list
+from tests.conftest import CORPUS, Harness, configmap, event, event_list, http_client
 
 
 @pytest.fixture
 async def client(harness: Harness) -> AsyncIterator[TestClient]:
-    # The harness owns the runtime's life; the app gets a receiver whose start/close are no-ops.
-    class Borrowed:
-        intake = harness.runtime.intake
-
-        def ready(self) -> bool:
-            return harness.runtime.ready()
-
-        async def start(self) -> None: ...
-
-        async def close(self) -> None: ...
-
-    async with TestClient(TestServer(make_app(Borrowed(), max_body_bytes=64 * 1024))) as c:
+    async with http_client(harness, max_body_bytes=64 * 1024) as c:
         yield c
 
 
