@@ -8,7 +8,11 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import socket
 import subprocess
+import sys
+import time
+import urllib.request
 from collections.abc import AsyncIterator, Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -202,6 +206,47 @@ spec:
       resources: ["*"]
 """)
     return path
+
+
+# -- a real `audit-reverser serve` process ------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def start_serve(
+    cwd: Path, *args: str, port: int | None = None
+) -> tuple[subprocess.Popen[str], int]:
+    """``audit-reverser serve ARGS`` on a free loopback port, once it answers /readyz."""
+    port = port or free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "audit_reverser", "serve", "--listen", f"127.0.0.1:{port}", *args],
+        cwd=cwd,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=1)
+            return server, port
+        except OSError:
+            if server.poll() is not None:
+                raise AssertionError(
+                    server.stderr.read() if server.stderr else "serve exited"
+                ) from None
+            assert time.monotonic() < deadline, "serve did not become ready"
+            time.sleep(0.05)
+
+
+def stop_serve(server: subprocess.Popen[str]) -> str:
+    """SIGTERM, as Kubernetes stops a pod; returns what it logged."""
+    server.terminate()
+    _, stderr = server.communicate(timeout=60)
+    return stderr
 
 
 class Harness:
