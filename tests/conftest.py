@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -218,10 +219,14 @@ def free_port() -> int:
 
 
 def start_serve(
-    cwd: Path, *args: str, port: int | None = None
+    cwd: Path, *args: str, port: int | None = None, ca: Path | None = None
 ) -> tuple[subprocess.Popen[str], int]:
-    """``audit-reverser serve ARGS`` on a free loopback port, once it answers /readyz."""
+    """``audit-reverser serve ARGS`` on a free loopback port, once it answers /readyz (over
+    HTTPS, trusting ``ca``, when given)."""
     port = port or free_port()
+    scheme, context = "http", None
+    if ca is not None:
+        scheme, context = "https", ssl.create_default_context(cafile=ca)
     server = subprocess.Popen(
         [sys.executable, "-m", "audit_reverser", "serve", "--listen", f"127.0.0.1:{port}", *args],
         cwd=cwd,
@@ -231,7 +236,9 @@ def start_serve(
     deadline = time.monotonic() + 30
     while True:
         try:
-            urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=1)
+            urllib.request.urlopen(
+                f"{scheme}://127.0.0.1:{port}/readyz", timeout=1, context=context
+            )
             return server, port
         except OSError:
             if server.poll() is not None:

@@ -19,6 +19,7 @@ from tests.conftest import (
     configmap,
     event,
     event_list,
+    free_port,
     git,
     git_files,
     git_subjects,
@@ -142,17 +143,11 @@ def test_user_mistakes_give_one_line_and_no_traceback(tmp_path: Path) -> None:
     assert missing_log.stderr.strip() == "audit-reverser: error: absent.log: no such file"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def test_serve_with_no_arguments_commits_a_posted_event_list(tmp_path: Path) -> None:
     # Exactly the README's first command, except where port 8080 is taken on this machine.
     with socket.socket() as probe:
         free = probe.connect_ex(("127.0.0.1", 8080)) != 0
-    port = 8080 if free else _free_port()
+    port = 8080 if free else free_port()
     args = [] if free else ["--listen", f"127.0.0.1:{port}"]
     server = subprocess.Popen(
         [sys.executable, "-m", "audit_reverser", "serve", *args],

@@ -1,0 +1,168 @@
+"""Only allowed senders get events in: mutual TLS, bearer tokens, and no open port by accident.
+
+Real ``serve`` processes, real TLS handshakes, certificates made in the test.
+"""
+
+from __future__ import annotations
+
+import http.client
+import ssl
+import subprocess
+import sys
+from pathlib import Path
+
+import orjson
+import pytest
+
+from tests.conftest import (
+    bare_repo,
+    configmap,
+    event,
+    event_list,
+    free_port,
+    git_subjects,
+    start_serve,
+    stop_serve,
+    write_config,
+)
+from tests.pki import Authority, Issued
+
+BATCH = orjson.dumps(event_list(event("create", body=configmap())))
+
+
+def _post(
+    port: int,
+    *,
+    context: ssl.SSLContext | None = None,
+    headers: dict[str, str] | None = None,
+    path: str = "/audit-webhook",
+) -> tuple[int, dict[str, object]]:
+    if context is None:
+        connection: http.client.HTTPConnection = http.client.HTTPConnection("127.0.0.1", port)
+    else:
+        connection = http.client.HTTPSConnection("127.0.0.1", port, context=context)
+    try:
+        method, body = ("POST", BATCH) if path == "/audit-webhook" else ("GET", None)
+        connection.request(
+            method, path, body=body, headers={"Content-Type": "application/json", **(headers or {})}
+        )
+        response = connection.getresponse()
+        data = response.read()
+        return response.status, orjson.loads(data) if data.startswith(b"{") else {}
+    finally:
+        connection.close()
+
+
+def _client(ca: Authority, identity: Issued | None = None) -> ssl.SSLContext:
+    context = ssl.create_default_context(cafile=ca.cert)
+    if identity is not None:
+        context.load_cert_chain(identity.cert, identity.key)
+    return context
+
+
+@pytest.fixture
+def setup(tmp_path: Path) -> tuple[Path, list[str]]:
+    remote = bare_repo(tmp_path / "remote.git")
+    config = write_config(tmp_path / "c.yaml", remote)
+    return remote, ["--config", str(config), "--state-dir", str(tmp_path / "state")]
+
+
+def test_mutual_tls_admits_only_the_named_client_of_the_right_ca(
+    tmp_path: Path, setup: tuple[Path, list[str]]
+) -> None:
+    remote, args = setup
+    ca, other_ca = Authority(tmp_path, "cluster-ca"), Authority(tmp_path, "other-ca")
+    server_cert = ca.issue("audit-reverser", server=True)
+    apiserver = ca.issue("kube-apiserver")
+    server, port = start_serve(
+        tmp_path,
+        *args,
+        "--tls-cert",
+        str(server_cert.cert),
+        "--tls-key",
+        str(server_cert.key),
+        "--client-ca",
+        str(ca.cert),
+        "--client-name",
+        "kube-apiserver",
+        ca=ca.cert,
+    )
+    try:
+        assert _post(port, context=_client(ca, apiserver))[0] == 200
+        status, body = _post(port, context=_client(ca))
+        assert (status, body["reason"]) == (401, "Unauthorized")
+        status, body = _post(port, context=_client(ca, ca.issue("someone-else")))
+        assert status == 403 and "someone-else" in str(body["message"])
+        for refused in (other_ca.issue("kube-apiserver"), ca.issue("kube-apiserver", expired=True)):
+            with pytest.raises((ssl.SSLError, ConnectionError)):
+                _post(port, context=_client(ca, refused))
+        with pytest.raises(ssl.SSLError):  # nor does a client that does not trust our CA
+            _post(port, context=_client(other_ca, apiserver))
+        # Probes have no client certificate and still get an answer.
+        assert _post(port, context=_client(ca), path="/healthz")[0] == 200
+        assert _post(port, context=_client(ca), path="/readyz")[0] == 200
+    finally:
+        stderr = stop_serve(server)
+    assert server.returncode == 0, stderr
+    assert git_subjects(remote) == ["[CREATE] v1/configmaps/default/demo"]
+
+
+def test_bearer_token_is_checked_and_never_logged(
+    tmp_path: Path, setup: tuple[Path, list[str]]
+) -> None:
+    remote, args = setup
+    token = "s3cr3t-token-0123456789"
+    token_file = tmp_path / "token"
+    token_file.write_text(token + "\n")
+    server, port = start_serve(tmp_path, *args, "--auth-token-file", str(token_file))
+    try:
+        assert _post(port)[0] == 401
+        assert _post(port, headers={"Authorization": "Basic " + token})[0] == 401
+        assert _post(port, headers={"Authorization": "Bearer wrong"})[0] == 403
+        assert _post(port, headers={"Authorization": f"Bearer {token}"})[0] == 200
+        assert _post(port, path="/readyz")[0] == 200
+    finally:
+        stderr = stop_serve(server)
+    assert server.returncode == 0, stderr
+    assert "refused audit events" in stderr and token not in stderr
+    assert git_subjects(remote) == ["[CREATE] v1/configmaps/default/demo"]
+
+
+def _serve_fails(cwd: Path, *args: str) -> str:
+    result = subprocess.run(
+        [sys.executable, "-m", "audit_reverser", "serve", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    return result.stderr
+
+
+def test_unsafe_or_incomplete_flags_are_refused_with_one_line(
+    tmp_path: Path, setup: tuple[Path, list[str]]
+) -> None:
+    _, args = setup
+    open_port = f"0.0.0.0:{free_port()}"
+    assert "--insecure" in _serve_fails(tmp_path, *args, "--listen", open_port)
+    assert "go together" in _serve_fails(tmp_path, *args, "--tls-cert", "x.crt")
+    missing = _serve_fails(tmp_path, *args, "--tls-cert", "x.crt", "--tls-key", "x.key")
+    assert "x.crt" in missing
+    assert "needs --client-ca" in _serve_fails(tmp_path, *args, "--client-name", "a")
+    empty = tmp_path / "empty-token"
+    empty.write_text("\n")
+    assert "one token" in _serve_fails(tmp_path, *args, "--auth-token-file", str(empty))
+
+
+def test_insecure_listens_on_every_address_with_a_warning(
+    tmp_path: Path, setup: tuple[Path, list[str]]
+) -> None:
+    _, args = setup
+    port = free_port()
+    server, _ = start_serve(tmp_path, *args, "--listen", f"0.0.0.0:{port}", "--insecure", port=port)
+    stderr = stop_serve(server)
+    assert server.returncode == 0
+    assert "--insecure: anyone who can reach 0.0.0.0 may send audit events" in stderr
