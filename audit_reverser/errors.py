@@ -8,6 +8,13 @@ Lower libraries' exceptions are mapped to these at one boundary each, with ``rai
 from __future__ import annotations
 
 
+def shown(value: object, limit: int = 80) -> str:
+    """``repr(value)`` cut to ``limit`` characters: hostile input can hold megabyte strings,
+    and messages end up in logs and HTTP answers."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 class AuditReverserError(Exception):
     """Base of every error this project raises on purpose; its text is meant for users."""
 

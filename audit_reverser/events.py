@@ -7,17 +7,23 @@ format). :func:`parse_event` checks one decoded item once and turns it into an i
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, NewType, TypedDict
 from urllib.parse import parse_qs
 
-from audit_reverser.errors import EventError
+from audit_reverser.errors import EventError, shown
 
 AuditID = NewType("AuditID", str)
+# The apiserver makes UUIDs, or takes a client's Audit-ID header; either way one short
+# printable token. Anything else is refused before it reaches logs or the journal.
+_AUDIT_ID = re.compile(r"^[\x21-\x7e]{1,128}$")
 
-AUDIT_API_VERSIONS = frozenset({"audit.k8s.io/v1", "audit.k8s.io/v1beta1"})
+# A tuple, not a set: membership of any decoded JSON value (a list, a dict) is then a plain
+# comparison instead of a TypeError for an unhashable value.
+AUDIT_API_VERSIONS = ("audit.k8s.io/v1", "audit.k8s.io/v1beta1")
 
 
 class UserInfoDict(TypedDict, total=False):
@@ -185,15 +191,15 @@ def parse_event(raw: object, *, cluster: str = "") -> AuditEvent:
     if not isinstance(raw, Mapping):
         raise EventError(f"event must be a JSON object, got {type(raw).__name__}")
     audit_id = raw.get("auditID")
-    if not isinstance(audit_id, str) or not audit_id:
-        raise EventError("event has no auditID")
+    if not isinstance(audit_id, str) or not _AUDIT_ID.match(audit_id):
+        raise EventError(f"event has no valid auditID: {shown(audit_id)}")
     where = f"event {audit_id}"
     api_version = raw.get("apiVersion")
     if api_version is not None and api_version not in AUDIT_API_VERSIONS:
-        raise EventError(f"{where}: unsupported apiVersion {api_version!r}")
+        raise EventError(f"{where}: unsupported apiVersion {shown(api_version)}")
     kind = raw.get("kind")
     if kind is not None and kind != "Event":
-        raise EventError(f"{where}: kind must be 'Event', got {kind!r}")
+        raise EventError(f"{where}: kind must be 'Event', got {shown(kind)}")
     verb = _text(raw, "verb", where)
     stage = _text(raw, "stage", where)
     if not verb or not stage:

@@ -15,6 +15,7 @@ import sys
 import time
 import urllib.request
 from collections.abc import AsyncIterator, Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -218,42 +219,62 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def start_serve(
-    cwd: Path, *args: str, port: int | None = None, ca: Path | None = None
-) -> tuple[subprocess.Popen[str], int]:
+@dataclass
+class Served:
+    """A running ``audit-reverser serve``; its log goes to a file, so that a chatty server
+    can never block on a full pipe that nobody reads."""
+
+    process: subprocess.Popen[bytes]
+    port: int
+    log: Path
+
+    def stop(self) -> str:
+        """SIGTERM, as Kubernetes stops a pod; returns everything it logged."""
+        self.process.terminate()
+        self.process.wait(timeout=60)
+        return self.log.read_text()
+
+    def kill(self) -> None:
+        """SIGKILL: no clean-up of any kind."""
+        self.process.kill()
+        self.process.wait(timeout=60)
+
+
+def start_serve(cwd: Path, *args: str, port: int | None = None, ca: Path | None = None) -> Served:
     """``audit-reverser serve ARGS`` on a free loopback port, once it answers /readyz (over
     HTTPS, trusting ``ca``, when given)."""
     port = port or free_port()
     scheme, context = "http", None
     if ca is not None:
         scheme, context = "https", ssl.create_default_context(cafile=ca)
-    server = subprocess.Popen(
-        [sys.executable, "-m", "audit_reverser", "serve", "--listen", f"127.0.0.1:{port}", *args],
-        cwd=cwd,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    log = cwd / f"serve-{port}.log"
+    with log.open("ab") as sink:
+        process = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "audit_reverser",
+                "serve",
+                "--listen",
+                f"127.0.0.1:{port}",
+                *args,
+            ],
+            cwd=cwd,
+            stderr=sink,
+        )
+    served = Served(process, port, log)
     deadline = time.monotonic() + 30
     while True:
         try:
             urllib.request.urlopen(
                 f"{scheme}://127.0.0.1:{port}/readyz", timeout=1, context=context
             )
-            return server, port
+            return served
         except OSError:
-            if server.poll() is not None:
-                raise AssertionError(
-                    server.stderr.read() if server.stderr else "serve exited"
-                ) from None
+            if process.poll() is not None:
+                raise AssertionError(log.read_text()) from None
             assert time.monotonic() < deadline, "serve did not become ready"
             time.sleep(0.05)
-
-
-def stop_serve(server: subprocess.Popen[str]) -> str:
-    """SIGTERM, as Kubernetes stops a pod; returns what it logged."""
-    server.terminate()
-    _, stderr = server.communicate(timeout=60)
-    return stderr
 
 
 class Harness:

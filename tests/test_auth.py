@@ -22,7 +22,6 @@ from tests.conftest import (
     free_port,
     git_subjects,
     start_serve,
-    stop_serve,
     write_config,
 )
 from tests.pki import Authority, Issued
@@ -74,7 +73,7 @@ def test_mutual_tls_admits_only_the_named_client_of_the_right_ca(
     ca, other_ca = Authority(tmp_path, "cluster-ca"), Authority(tmp_path, "other-ca")
     server_cert = ca.issue("audit-reverser", server=True)
     apiserver = ca.issue("kube-apiserver")
-    server, port = start_serve(
+    server = start_serve(
         tmp_path,
         *args,
         "--tls-cert",
@@ -87,6 +86,7 @@ def test_mutual_tls_admits_only_the_named_client_of_the_right_ca(
         "kube-apiserver",
         ca=ca.cert,
     )
+    port = server.port
     try:
         assert _post(port, context=_client(ca, apiserver))[0] == 200
         status, body = _post(port, context=_client(ca))
@@ -102,8 +102,8 @@ def test_mutual_tls_admits_only_the_named_client_of_the_right_ca(
         assert _post(port, context=_client(ca), path="/healthz")[0] == 200
         assert _post(port, context=_client(ca), path="/readyz")[0] == 200
     finally:
-        stderr = stop_serve(server)
-    assert server.returncode == 0, stderr
+        log = server.stop()
+    assert server.process.returncode == 0, log
     assert git_subjects(remote) == ["[CREATE] v1/configmaps/default/demo"]
 
 
@@ -114,7 +114,8 @@ def test_bearer_token_is_checked_and_never_logged(
     token = "s3cr3t-token-0123456789"
     token_file = tmp_path / "token"
     token_file.write_text(token + "\n")
-    server, port = start_serve(tmp_path, *args, "--auth-token-file", str(token_file))
+    server = start_serve(tmp_path, *args, "--auth-token-file", str(token_file))
+    port = server.port
     try:
         assert _post(port)[0] == 401
         assert _post(port, headers={"Authorization": "Basic " + token})[0] == 401
@@ -122,9 +123,9 @@ def test_bearer_token_is_checked_and_never_logged(
         assert _post(port, headers={"Authorization": f"Bearer {token}"})[0] == 200
         assert _post(port, path="/readyz")[0] == 200
     finally:
-        stderr = stop_serve(server)
-    assert server.returncode == 0, stderr
-    assert "refused audit events" in stderr and token not in stderr
+        log = server.stop()
+    assert server.process.returncode == 0, log
+    assert "refused audit events" in log and token not in log
     assert git_subjects(remote) == ["[CREATE] v1/configmaps/default/demo"]
 
 
@@ -162,7 +163,7 @@ def test_insecure_listens_on_every_address_with_a_warning(
 ) -> None:
     _, args = setup
     port = free_port()
-    server, _ = start_serve(tmp_path, *args, "--listen", f"0.0.0.0:{port}", "--insecure", port=port)
-    stderr = stop_serve(server)
-    assert server.returncode == 0
-    assert "--insecure: anyone who can reach 0.0.0.0 may send audit events" in stderr
+    server = start_serve(tmp_path, *args, "--listen", f"0.0.0.0:{port}", "--insecure", port=port)
+    log = server.stop()
+    assert server.process.returncode == 0, log
+    assert "--insecure: anyone who can reach 0.0.0.0 may send audit events" in log

@@ -25,7 +25,6 @@ from tests.conftest import (
     git,
     git_files,
     start_serve,
-    stop_serve,
     write_config,
 )
 
@@ -74,24 +73,24 @@ def test_kill_9_mid_stream_loses_nothing_and_duplicates_nothing(tmp_path: Path) 
     config = write_config(tmp_path / "c.yaml", remote, max_commits=7, interval="100ms")
     args = ["--config", str(config), "--state-dir", str(tmp_path / "state")]
 
-    server, port = start_serve(tmp_path, *args)
+    server = start_serve(tmp_path, *args)
     acked: list[int] = []
     reached = threading.Event()
-    sender = threading.Thread(target=_post_all, args=(port, list(range(BATCHES)), acked, reached))
+    numbers = list(range(BATCHES))
+    sender = threading.Thread(target=_post_all, args=(server.port, numbers, acked, reached))
     sender.start()
     assert reached.wait(timeout=120), "the sender never got 60 answers"
-    server.kill()  # SIGKILL: no clean-up of any kind
-    server.communicate(timeout=30)
+    server.kill()
     sender.join(timeout=60)
     first_run = list(acked)
     assert first_run == list(range(len(first_run))) and 60 <= len(first_run) < BATCHES
 
-    server, port = start_serve(tmp_path, *args)
+    server = start_serve(tmp_path, *args)
     resend = [first_run[-1], *range(len(first_run), BATCHES)]
     acked_again: list[int] = []
-    _post_all(port, resend, acked_again)
-    stderr = stop_serve(server)
-    assert server.returncode == 0, stderr
+    _post_all(server.port, resend, acked_again)
+    log = server.stop()
+    assert server.process.returncode == 0, log
     assert acked_again == resend
 
     ids = Counter(re.findall(r"^Audit-ID: (\S+)$", git(remote, "log", "--format=%B", "main"), re.M))

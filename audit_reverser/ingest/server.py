@@ -17,6 +17,7 @@ from typing import Protocol
 import orjson
 from aiohttp import web
 
+from audit_reverser.errors import shown
 from audit_reverser.events import AUDIT_API_VERSIONS
 from audit_reverser.ingest.auth import SenderPolicy, SenderRefused
 from audit_reverser.ingest.intake import Intake, Overloaded
@@ -97,9 +98,11 @@ async def audit_webhook(request: web.Request) -> web.Response:
         raise refusal(exc.status, str(exc)) from None
     cluster = request.match_info.get("cluster", "")
     if cluster and not _CLUSTER_NAME.match(cluster):
-        raise refusal(400, f"invalid cluster name {cluster!r}")
+        raise refusal(400, f"invalid cluster name {shown(cluster)}")
     if request.content_type != "application/json":
-        raise refusal(415, f"Content-Type must be application/json, got {request.content_type!r}")
+        raise refusal(
+            415, f"Content-Type must be application/json, got {shown(request.content_type)}"
+        )
     receiver = request.app[RECEIVER]
     if not receiver.ready():
         raise refusal(503, "not ready", retry_after=RETRY_AFTER_UNAVAILABLE)
@@ -122,7 +125,7 @@ async def audit_webhook(request: web.Request) -> web.Response:
         raise refusal(
             400,
             "body must be an EventList of apiVersion audit.k8s.io/v1, got "
-            f"kind={_short(document.get('kind'))} apiVersion={_short(document.get('apiVersion'))}",
+            f"kind={shown(document.get('kind'))} apiVersion={shown(document.get('apiVersion'))}",
         )
     items = document.get("items")
     if items is None:
@@ -138,11 +141,6 @@ async def audit_webhook(request: web.Request) -> web.Response:
         log.error("refused a batch of %d events: %s", len(triage.kept), exc)
         raise refusal(503, str(exc), retry_after=RETRY_AFTER_UNAVAILABLE) from None
     return web.json_response(triage.as_json())
-
-
-def _short(value: object) -> str:
-    text = repr(value)
-    return text if len(text) <= 80 else text[:77] + "..."
 
 
 async def healthz(request: web.Request) -> web.Response:

@@ -55,11 +55,16 @@ class Skip(StrEnum):
 
 
 def classify_raw(event: Mapping[str, Any]) -> Skip | None:
-    """Skip reason for a decoded event, or None when it may be a change to a stored object."""
+    """Skip reason for a decoded event, or None when it may be a change to a stored object.
+
+    Any JSON may arrive here: a field of the wrong type is never looked up in a set (lists
+    are unhashable) but ends up as the skip it would be, or as malformed in parse_event.
+    """
     if event.get("stage") != "ResponseComplete":
         return Skip.NOT_COMPLETE
-    if event.get("verb") not in WRITE_VERBS:
-        return Skip.READ
+    verb = event.get("verb")
+    if not isinstance(verb, str) or verb not in WRITE_VERBS:
+        return Skip.READ if isinstance(verb, str) else Skip.MALFORMED
     status = event.get("responseStatus")
     code = status.get("code") if isinstance(status, Mapping) else None
     if not isinstance(code, int) or not 200 <= code < 300:
@@ -70,11 +75,13 @@ def classify_raw(event: Mapping[str, Any]) -> Skip | None:
     ref = event.get("objectRef")
     if not isinstance(ref, Mapping) or not ref.get("resource"):
         return Skip.NO_OBJECT
-    subresource = ref.get("subresource")
+    subresource, group, resource = ref.get("subresource"), ref.get("apiGroup"), ref.get("resource")
+    if not all(isinstance(v, str) for v in (subresource or "", group or "", resource)):
+        return Skip.MALFORMED
     if subresource == "status":
         return Skip.STATUS
     if subresource in EPHEMERAL_SUBRESOURCES:
         return Skip.EPHEMERAL
-    if (ref.get("apiGroup") or "", ref.get("resource")) in EPHEMERAL_RESOURCES:
+    if (group or "", resource) in EPHEMERAL_RESOURCES:
         return Skip.EPHEMERAL
     return None

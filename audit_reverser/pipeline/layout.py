@@ -33,8 +33,25 @@ class ObjectPath:
 
 def _check(pattern: re.Pattern[str], value: str, what: str) -> str:
     if not pattern.match(value):
-        raise InvalidName(f"{what} {value!r} is not a valid Kubernetes {what}")
+        shown = repr(value) if len(value) <= 80 else repr(value[:77]) + "..."
+        raise InvalidName(f"{what} {shown} is not a valid Kubernetes {what}")
     return value
+
+
+def check_reference(
+    *, api_group: str, api_version: str, resource: str, namespace: str, name: str
+) -> list[str]:
+    """The checked path parts of an object reference (the name may still be unknown)."""
+    parts = []
+    if api_group:
+        parts.append(_check(_DNS_SUBDOMAIN, api_group, "API group"))
+    parts.append(_check(_VERSION, api_version, "API version"))
+    parts.append(_check(_DNS_SUBDOMAIN, resource, "resource"))
+    if namespace:
+        parts.append(_check(_DNS_LABEL, namespace, "namespace"))
+    if name:
+        parts.append(_check(_OBJECT_NAME, name, "name"))
+    return parts
 
 
 def object_path(
@@ -47,14 +64,15 @@ def object_path(
     name: str,
     secret: bool = False,
 ) -> ObjectPath:
-    parts = []
-    if api_group:
-        parts.append(_check(_DNS_SUBDOMAIN, api_group, "API group"))
-    parts.append(_check(_VERSION, api_version, "API version"))
-    parts.append(_check(_DNS_SUBDOMAIN, resource, "resource"))
-    if namespace:
-        parts.append(_check(_DNS_LABEL, namespace, "namespace"))
-    parts.append(_check(_OBJECT_NAME, name, "name"))
+    if not name:
+        raise InvalidName("the object has no name")
+    parts = check_reference(
+        api_group=api_group,
+        api_version=api_version,
+        resource=resource,
+        namespace=namespace,
+        name=name,
+    )
     relative = "/".join(parts)
     suffix = ".sops.yaml" if secret else ".yaml"
     file = f"{target_path}/{relative}{suffix}" if target_path else f"{relative}{suffix}"

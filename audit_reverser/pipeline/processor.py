@@ -22,7 +22,7 @@ from audit_reverser.gitstore.types import CommitOutcome, FileChange
 from audit_reverser.pipeline import canonical
 from audit_reverser.pipeline.commits import Action, author_for, commit_message, trailer
 from audit_reverser.pipeline.filter import Skip
-from audit_reverser.pipeline.layout import InvalidName, object_path
+from audit_reverser.pipeline.layout import InvalidName, check_reference, object_path
 from audit_reverser.pipeline.resolve import NeedsApi, ObjectChange, resolve_offline
 from audit_reverser.pipeline.routing import Route, Router, is_cluster_scoped
 from audit_reverser.pipeline.sanitize import sanitize
@@ -100,6 +100,17 @@ class Processor:
             routes = [r for r in routes if r.explicit]
             if not routes:
                 return Skip.NOISE
+        try:  # refuse forged references before they are journaled
+            check_reference(
+                api_group=ref.api_group,
+                api_version=ref.api_version,
+                resource=ref.resource,
+                namespace=ref.namespace,
+                name=ref.name,
+            )
+        except InvalidName as exc:
+            log.warning("event %s refused: %s", event.audit_id, exc)
+            return Skip.INVALID_NAME
         return routes
 
     async def process(self, event: AuditEvent) -> list[asyncio.Future[CommitOutcome]]:
@@ -165,16 +176,19 @@ class Processor:
                 version,
             )
             return Skip.STALE
-        if version is not None:
-            self._versions[version_key] = version
-
         action: Action
         if change.body is None:
             action, content = "DELETE", None
         else:
             action = "CREATE" if event.verb == "create" else "UPDATE"
-            clean = sanitize(change.body, api_group=ref.api_group, resource=ref.resource)
-            content = canonical.dump(clean)
+            try:
+                clean = sanitize(change.body, api_group=ref.api_group, resource=ref.resource)
+                content = canonical.dump(clean)
+            except RecursionError:  # only forged objects nest this deep
+                log.warning("event %s refused: the object is nested too deeply", event.audit_id)
+                return Skip.MALFORMED
+        if version is not None:
+            self._versions[version_key] = version
         file_change = FileChange(
             path=path.file,
             content=content,
