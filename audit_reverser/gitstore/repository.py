@@ -22,6 +22,10 @@ log = logging.getLogger(__name__)
 
 REMOTE_NAME = "origin"
 
+# libgit2 caches parsed objects up to 256 MiB by default; a long-running writer only ever
+# needs the trees on the paths it changes.
+pygit2.settings.cache_max_size(32 * 1024 * 1024)
+
 
 def _signature(identity: Identity, change: FileChange) -> pygit2.Signature:
     offset = change.time.utcoffset()
@@ -50,6 +54,11 @@ class Mirror:
         self._tracking_ref = f"refs/remotes/{REMOTE_NAME}/{branch}"
         self._repo: pygit2.Repository | None = None
         self.unpushed = 0
+        # The branch tip lives here between saves: a batch of commits moves the branch
+        # reference once (save()), not once per commit, which would cost a file write each.
+        self._head: pygit2.Oid | None = None
+        self._saved: pygit2.Oid | None = None
+        self._unsaved = 0
 
     @property
     def repo(self) -> pygit2.Repository:
@@ -116,17 +125,18 @@ class Mirror:
             if behind:
                 self.repo.references.create(self._local_ref, remote, force=True)
             self.unpushed = ahead
+        self._head = self._saved = self._target(self._local_ref)
+        self._unsaved = 0
 
     # -- commits ----------------------------------------------------------------------------
 
     @property
     def tip(self) -> str | None:
-        target = self._target(self._local_ref)
-        return str(target) if target is not None else None
+        return str(self._head) if self._head is not None else None
 
     def read(self, path: str) -> bytes | None:
         """The content of ``path`` at the branch tip, or None."""
-        tip = self._target(self._local_ref)
+        tip = self._head
         if tip is None:
             return None
         tree = self.repo[tip].peel(pygit2.Tree)
@@ -142,7 +152,7 @@ class Mirror:
 
         Walks the whole history when ``since`` is None or not in it (a mirror made anew).
         """
-        tip = self._target(self._local_ref)
+        tip = self._head
         if tip is None:
             return []
         walker = self.repo.walk(tip, SortMode.TOPOLOGICAL | SortMode.REVERSE)
@@ -170,7 +180,7 @@ class Mirror:
 
     def _commit(self, change: FileChange) -> str | None:
         repo = self.repo
-        tip = self._target(self._local_ref)
+        tip = self._head
         root = repo[tip].peel(pygit2.Tree) if tip is not None else None
         try:
             current = root[change.path].id if root is not None else None
@@ -196,15 +206,35 @@ class Mirror:
             tree,
             [tip] if tip is not None else [],
         )
-        repo.references.create(self._local_ref, commit, force=True)
+        self._head = commit
+        self._unsaved += 1
         self.unpushed += 1
         return str(commit)
+
+    def save(self) -> None:
+        """Move the branch to the commits made since the last save. On failure they are
+        dropped from the branch (their events stay in the journal) and the error raised."""
+        if self._head == self._saved:
+            return
+        assert self._head is not None
+        try:
+            self.repo.references.create(self._local_ref, self._head, force=True)
+        except (pygit2.GitError, OSError) as exc:
+            self._head = self._saved
+            self.unpushed -= self._unsaved
+            self._unsaved = 0
+            raise MirrorWriteFailed(
+                f"cannot update branch {self.branch} in {self.path}: {exc}"
+            ) from exc
+        self._saved = self._head
+        self._unsaved = 0
 
     # -- push -------------------------------------------------------------------------------
 
     def push(self) -> int:
         """Push the branch (never forced); returns how many commits it carried."""
-        tip = self._target(self._local_ref)
+        self.save()
+        tip = self._head
         if tip is None or not self.unpushed:
             return 0
         callbacks = self.transport.callbacks()

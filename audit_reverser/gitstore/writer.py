@@ -20,7 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TypeVar
 
-from audit_reverser.errors import AuditReverserError, TemporaryError
+from audit_reverser.errors import AuditReverserError, MirrorWriteFailed, TemporaryError
 from audit_reverser.gitstore.repository import Mirror
 from audit_reverser.gitstore.types import CommitOutcome, FileChange
 
@@ -191,6 +191,17 @@ class BranchWriter:
                     results.append(exc)
                 else:
                     results.append(CommitOutcome(commit_id=commit_id, writer=self.key))
+            try:
+                self.mirror.save()
+            except MirrorWriteFailed as exc:  # none of this batch's commits is on the branch
+                return [
+                    exc
+                    if isinstance(r, CommitOutcome)
+                    and r.commit_id
+                    and not isinstance(r, _Recovered)
+                    else r
+                    for r in results
+                ]
             return results
 
         for entry, result in zip(batch, await self._blocking(commit_all), strict=True):
