@@ -36,7 +36,7 @@ from pathlib import Path
 
 import orjson
 
-from audit_reverser.errors import TemporaryError
+from audit_reverser.errors import PermanentError, TemporaryError
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +68,8 @@ class Recovery:
     """What a previous run left: records to process again, and auditIDs already handled."""
 
     done_seq: int = 0
-    tips: dict[str, str | None] = field(default_factory=dict)
+    # None when there was no checkpoint to read: then no writer position is known.
+    tips: dict[str, str | None] | None = None
     pending: list[Record] = field(default_factory=list)
     handled: list[str] = field(default_factory=list)
 
@@ -175,9 +176,15 @@ class Journal:
         recovery = Recovery()
         checkpoint = self.directory / CHECKPOINT
         if checkpoint.exists():
-            saved = orjson.loads(checkpoint.read_bytes())
-            recovery.done_seq = int(saved["done"])
-            recovery.tips = dict(saved["tips"])
+            try:
+                saved = orjson.loads(checkpoint.read_bytes())
+                recovery.done_seq = int(saved["done"])
+                recovery.tips = dict(saved["tips"])
+            except (ValueError, KeyError, TypeError) as exc:
+                raise PermanentError(
+                    f"journal checkpoint {checkpoint} is unreadable ({exc}); moving it away "
+                    "processes the whole journal again, without duplicate commits"
+                ) from exc
         last_seq = recovery.done_seq
         for path in sorted(self.directory.glob(f"*{SEGMENT_SUFFIX}")):
             records, clean = read_segment(path)
@@ -194,8 +201,8 @@ class Journal:
             last_seq = max(last_seq, last)
         self._next_seq = last_seq + 1
         self._done_seq = recovery.done_seq
-        self._tips = dict(recovery.tips)
-        self._saved = (recovery.done_seq, dict(recovery.tips))
+        self._tips = dict(recovery.tips or {})
+        self._saved = (recovery.done_seq, dict(self._tips))
         # Seqs that never reached the disk (a failed write, a torn tail) are gaps: done.
         pending = {record.seq for record in recovery.pending}
         for seq in range(recovery.done_seq + 1, self._next_seq):

@@ -130,15 +130,25 @@ class Runtime:
     async def _recover(self, journal: Journal) -> None:
         recovery = await asyncio.to_thread(journal.recover)
         self.processor.remember(AuditID(i) for i in recovery.handled)
+        known = recovery.tips
         if recovery.pending:
             for writer in self.writers.values():
-                if writer.key in recovery.tips:
-                    found = await writer.recover(recovery.tips[writer.key])
+                if known is None or writer.key in known:
+                    # No checkpoint at all (lost or damaged): read each whole history.
+                    since = known[writer.key] if known is not None else None
+                    found = await writer.recover(since)
                     self.processor.recall_versions(writer, found)
         # A writer the checkpoint does not know holds no commit of a pending record; from
-        # here on, commits on it are found from its present tip.
+        # here on, commits on it are found from its present tip. Without any checkpoint
+        # but with pending records, only a whole-history scan (None) stays correct until
+        # the records are done.
+        whole_history = known is None and bool(recovery.pending)
         journal.set_tips(
-            {w.key: w.tip for w in self.writers.values() if w.key not in recovery.tips}
+            {
+                w.key: None if whole_history else w.tip
+                for w in self.writers.values()
+                if known is None or w.key not in known
+            }
         )
         await journal.checkpoint()
         self.intake.resume(recovery.pending)

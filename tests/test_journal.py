@@ -11,7 +11,7 @@ from pathlib import Path
 import orjson
 import pytest
 
-from audit_reverser.errors import AuditReverserError
+from audit_reverser.errors import AuditReverserError, PermanentError
 from audit_reverser.journal import Journal, Recovery, SegmentFile, read_segment
 from tests.conftest import configmap, event, event_list, http_client, start_harness
 
@@ -225,3 +225,34 @@ async def test_two_processes_cannot_share_a_state_directory(tmp_path: Path) -> N
             await start_harness(tmp_path, settings={"journal": True})
     finally:
         await first.runtime.close()
+
+
+async def test_a_lost_checkpoint_means_a_full_scan_and_still_no_duplicate(tmp_path: Path) -> None:
+    settings = {"journal": True}
+    first = await start_harness(tmp_path, settings=settings)
+    async with http_client(first) as client:
+        batch = event_list(
+            event("create", body=configmap(rv="100")),
+            event("update", body=configmap(rv="300", data={"greeting": "bye"})),
+        )
+        assert (await client.post("/audit-webhook", json=batch)).status == 200
+    await first.sync()
+    await first.runtime.close()
+    await asyncio.to_thread((tmp_path / "state" / "journal" / "checkpoint.json").unlink)
+
+    for _ in range(2):  # and once more: the first recovery must not forget what it found
+        again = await start_harness(tmp_path, settings=settings)
+        await again.sync()
+        await again.runtime.close()
+    assert await again.subjects() == [
+        "[CREATE] v1/configmaps/default/demo",
+        "[UPDATE] v1/configmaps/default/demo",
+    ]
+
+
+async def test_a_damaged_checkpoint_is_a_clear_error(tmp_path: Path) -> None:
+    directory = tmp_path / "journal"
+    await asyncio.to_thread(directory.mkdir)
+    await asyncio.to_thread((directory / "checkpoint.json").write_bytes, b"{not json")
+    with pytest.raises(PermanentError, match="checkpoint.json is unreadable"):
+        await _recovered(directory)
