@@ -104,7 +104,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     serve.add_argument(
         "--shutdown-timeout",
-        type=float,
+        type=_seconds,
         default=DEFAULT_SHUTDOWN_TIMEOUT_S,
         metavar="SECONDS",
         help="time to commit and push on SIGTERM; the rest stays in the journal (default: 20)",
@@ -161,6 +161,16 @@ def _positive(text: str) -> int:
     if not text.isdecimal() or int(text) < 1:
         raise argparse.ArgumentTypeError(f"{text!r} is not a positive whole number")
     return int(text)
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 < value < 3600:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds (0 < s < 3600)")
+    return value
 
 
 def _runtime(args: argparse.Namespace, **options: Any) -> Runtime:
