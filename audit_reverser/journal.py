@@ -217,9 +217,6 @@ class Journal:
         return recovery
 
     def _open_new_segment(self, first_seq: int) -> None:
-        if self._file is not None:
-            self._file.close()
-            self._segments[-1].closed_at = time.time()
         path = self.directory / f"{first_seq:020d}{SEGMENT_SUFFIX}"
         self._file = self._open_segment(path)
         self._segments.append(_Segment(path, first_seq, first_seq - 1))
@@ -293,7 +290,21 @@ class Journal:
             raise
         self._segments[-1].last_seq = last_seq
         if self._file.size >= self.segment_bytes:
-            self._open_new_segment(last_seq + 1)
+            # The records are stored: a failure here must not fail their request.
+            try:
+                self._rotate(last_seq + 1)
+            except OSError as exc:
+                log.error("journal: cannot start a new segment (%s); appending on", exc.strerror)
+
+    def _rotate(self, first_seq: int) -> None:
+        path = self.directory / f"{first_seq:020d}{SEGMENT_SUFFIX}"
+        new = self._open_segment(path)
+        assert self._file is not None
+        self._file.close()
+        self._segments[-1].closed_at = time.time()
+        self._file = new
+        self._segments.append(_Segment(path, first_seq, first_seq - 1))
+        _sync_directory(self.directory)
 
     # -- progress ----------------------------------------------------------------------------
 

@@ -256,3 +256,15 @@ async def test_a_damaged_checkpoint_is_a_clear_error(tmp_path: Path) -> None:
     await asyncio.to_thread((directory / "checkpoint.json").write_bytes, b"{not json")
     with pytest.raises(PermanentError, match="checkpoint.json is unreadable"):
         await _recovered(directory)
+
+
+async def test_segments_rotate_and_every_record_survives(tmp_path: Path) -> None:
+    journal, _ = await _recovered(tmp_path, segment_bytes=200)
+    for n in range(10):
+        _, stored = journal.append([(f"id-{n}", "", b'{"padding": "' + b"x" * 100 + b'"}')])
+        await stored
+    await journal.close()
+    assert len(await asyncio.to_thread(_segments, tmp_path)) == 5  # two records each
+    again, recovery = await _recovered(tmp_path)
+    assert [r.audit_id for r in recovery.pending] == [f"id-{n}" for n in range(10)]
+    await again.close()
