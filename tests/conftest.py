@@ -7,6 +7,7 @@ remote, as a user would, never through our own Git code.
 from __future__ import annotations
 
 import asyncio
+import http.client
 import itertools
 import socket
 import ssl
@@ -217,6 +218,30 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def request(
+    port: int,
+    method: str,
+    path: str,
+    body: bytes | None = None,
+    *,
+    headers: dict[str, str] | None = None,
+    context: ssl.SSLContext | None = None,
+) -> tuple[int, bytes]:
+    """One request on a fresh connection to a local server (HTTPS with ``context``);
+    returns the status and the body."""
+    if context is None:
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    else:
+        connection = http.client.HTTPSConnection("127.0.0.1", port, timeout=30, context=context)
+    try:
+        all_headers = {"Content-Type": "application/json", **(headers or {})}
+        connection.request(method, path, body=body, headers=all_headers)
+        response = connection.getresponse()
+        return response.status, response.read()
+    finally:
+        connection.close()
 
 
 @dataclass

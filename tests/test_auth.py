@@ -5,7 +5,6 @@ Real ``serve`` processes, real TLS handshakes, certificates made in the test.
 
 from __future__ import annotations
 
-import http.client
 import ssl
 import subprocess
 import sys
@@ -21,6 +20,7 @@ from tests.conftest import (
     event_list,
     free_port,
     git_subjects,
+    request,
     start_serve,
     write_config,
 )
@@ -36,20 +36,9 @@ def _post(
     headers: dict[str, str] | None = None,
     path: str = "/audit-webhook",
 ) -> tuple[int, dict[str, object]]:
-    if context is None:
-        connection: http.client.HTTPConnection = http.client.HTTPConnection("127.0.0.1", port)
-    else:
-        connection = http.client.HTTPSConnection("127.0.0.1", port, context=context)
-    try:
-        method, body = ("POST", BATCH) if path == "/audit-webhook" else ("GET", None)
-        connection.request(
-            method, path, body=body, headers={"Content-Type": "application/json", **(headers or {})}
-        )
-        response = connection.getresponse()
-        data = response.read()
-        return response.status, orjson.loads(data) if data.startswith(b"{") else {}
-    finally:
-        connection.close()
+    method, body = ("POST", BATCH) if path == "/audit-webhook" else ("GET", None)
+    status, data = request(port, method, path, body, headers=headers, context=context)
+    return status, orjson.loads(data) if data.startswith(b"{") else {}
 
 
 def _client(ca: Authority, identity: Issued | None = None) -> ssl.SSLContext:

@@ -7,7 +7,6 @@ process, and check after each example that it still answers.
 
 from __future__ import annotations
 
-import http.client
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -26,6 +25,7 @@ from tests.conftest import (
     event_list,
     git_files,
     http_client,
+    request,
     start_serve,
     write_config,
 )
@@ -182,15 +182,8 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[int, Path
     assert all(path.startswith("live/") for path in git_files(remote))
 
 
-def _request(port: int, method: str, path: str, body: bytes = b"") -> int:
-    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
-    try:
-        connection.request(method, path, body=body or None, headers=WEBHOOK_HEADERS)
-        response = connection.getresponse()
-        response.read()
-        return response.status
-    finally:
-        connection.close()
+def _request(port: int, method: str, path: str, body: bytes | None = None) -> int:
+    return request(port, method, path, body)[0]
 
 
 _fuzz = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
