@@ -20,11 +20,18 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from audit_reverser.config.model import Config, Key, PushPolicy
-from audit_reverser.errors import AuditReverserError
+from audit_reverser.config.model import Config, GitProvider, Key, PushPolicy
+from audit_reverser.errors import AuditReverserError, ConfigError, RepositoryError
 from audit_reverser.events import AuditID
 from audit_reverser.gitstore.repository import Mirror
-from audit_reverser.gitstore.transport import mirror_name, remote_key, transport_for
+from audit_reverser.gitstore.transport import (
+    LocalTransport,
+    NetworkTransport,
+    mirror_name,
+    remote_key,
+    transport_for,
+    trust_host_keys,
+)
 from audit_reverser.gitstore.types import Identity
 from audit_reverser.gitstore.writer import BranchWriter
 from audit_reverser.ingest.intake import DEFAULT_MAX_BACKLOG, Intake
@@ -62,6 +69,24 @@ class Settings:
 CHECKPOINT_INTERVAL_S = 0.2
 
 
+def provider_transport(config: Config, provider: GitProvider) -> LocalTransport | NetworkTransport:
+    """The transport of a provider, with the credentials of its ``secretRef`` Secret."""
+    if provider.secret_name is None:
+        secret, source = None, "no Secret (GitProvider spec.secretRef is not set)"
+    else:
+        key = Key(namespace=provider.key.namespace, name=provider.secret_name)
+        found = config.secrets.get(key)
+        if found is None:
+            raise ConfigError(
+                [f"GitProvider {provider.key}: spec.secretRef.name: Secret {key} not found"]
+            )
+        secret, source = found.data, f"Secret {key}"
+    try:
+        return transport_for(provider.url, secret, source)
+    except RepositoryError as exc:
+        raise ConfigError([f"GitProvider {provider.key}: {exc}"]) from None
+
+
 class Runtime:
     def __init__(self, config: Config, settings: Settings) -> None:
         self.config = config
@@ -76,7 +101,7 @@ class Runtime:
             if key not in self.writers:
                 mirror = Mirror(
                     settings.state_dir / "mirrors" / mirror_name(provider.url, target.branch),
-                    transport_for(provider.url),
+                    provider_transport(config, provider),
                     target.branch,
                     settings.committer,
                     create_local_remote=settings.create_local_remotes,
@@ -111,6 +136,11 @@ class Runtime:
 
     async def start(self) -> None:
         await asyncio.to_thread(self._lock_state_dir)
+        await asyncio.to_thread(
+            trust_host_keys,
+            self.settings.state_dir / "ssh",
+            (w.mirror.transport for w in self.writers.values()),
+        )
         results = await asyncio.gather(
             *(w.start() for w in self.writers.values()), return_exceptions=True
         )

@@ -1,36 +1,60 @@
 """The pygit2 adapter: a bare local mirror of one remote branch that commits without a work tree.
 
 All methods are blocking; the async writer calls them from a worker thread, one at a time.
-Each commit rewrites only the trees on the path of the changed file, so its cost does not
-grow with the number of files elsewhere in the repository.
+Commits are built in memory (:mod:`.trees`, :mod:`.packing`) and reach the mirror as one
+pack per batch when :meth:`Mirror.save` moves the branch; libgit2 reads, fetches and pushes.
+
+When the remote branch moved since our last push (someone else pushed), our unpushed commits
+are replayed on top of the new tip: each sets the files it changed to the content it gave
+them, with its author, committer, dates and message unchanged. Files outside those paths
+keep whatever the remote has; nothing is ever force-pushed.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from datetime import datetime
 from pathlib import Path
 
 import pygit2
-from pygit2.enums import FileMode, SortMode
+from pygit2.enums import DeltaStatus, SortMode
 
 from audit_reverser.errors import MirrorWriteFailed, RemoteUnavailable, RepositoryError
+from audit_reverser.gitstore.packing import BLOB, COMMIT, NewObjects, object_id
 from audit_reverser.gitstore.transport import LocalTransport, Transport
+from audit_reverser.gitstore.trees import WorkingTree
 from audit_reverser.gitstore.types import FileChange, Identity
 
 log = logging.getLogger(__name__)
 
 REMOTE_NAME = "origin"
+# Pushes that find the remote moved again, in a row, before we give up until the next try.
+MAX_REPLAYS = 5
+# More packs than this (one is written per batch) are merged into one after a push.
+MAX_PACKS = 16
 
 # libgit2 caches parsed objects up to 256 MiB by default; a long-running writer only ever
 # needs the trees on the paths it changes.
 pygit2.settings.cache_max_size(32 * 1024 * 1024)
 
 
-def _signature(identity: Identity, change: FileChange) -> pygit2.Signature:
-    offset = change.time.utcoffset()
+def _signature(identity: Identity, when: datetime) -> bytes:
+    offset = when.utcoffset()
     minutes = int(offset.total_seconds() // 60) if offset is not None else 0
-    return pygit2.Signature(identity.name, identity.email, int(change.time.timestamp()), minutes)
+    sign = "-" if minutes < 0 else "+"
+    hours, minutes = divmod(abs(minutes), 60)
+    # Names and emails come sanitized from the pipeline; a stray '<', '>' or newline would
+    # still corrupt the header, so they never get through.
+    name = " ".join(identity.name.translate(_HEADER_UNSAFE).split())
+    email = identity.email.translate(_HEADER_UNSAFE).strip()
+    return (f"{name} <{email}> {int(when.timestamp())} {sign}{hours:02d}{minutes:02d}").encode()
+
+
+_HEADER_UNSAFE = str.maketrans({"<": None, ">": None, "\n": " ", "\0": None})
+
+
+def _oid(raw: bytes) -> pygit2.Oid:
+    return pygit2.Oid(raw=raw)
 
 
 class Mirror:
@@ -54,17 +78,24 @@ class Mirror:
         self._tracking_ref = f"refs/remotes/{REMOTE_NAME}/{branch}"
         self._repo: pygit2.Repository | None = None
         self.unpushed = 0
+        self.replays = 0  # times our commits were replayed onto a moved remote branch
+        self._objects = NewObjects(self._read_stored)
         # The branch tip lives here between saves: a batch of commits moves the branch
-        # reference once (save()), not once per commit, which would cost a file write each.
-        self._head: pygit2.Oid | None = None
-        self._saved: pygit2.Oid | None = None
+        # reference once (save()), not once per commit.
+        self._head: bytes | None = None
+        self._saved: bytes | None = None
         self._unsaved = 0
+        self._tree = WorkingTree(self._objects, None)
 
     @property
     def repo(self) -> pygit2.Repository:
         if self._repo is None:
             raise RepositoryError(f"mirror {self.path} is not open")
         return self._repo
+
+    def _read_stored(self, oid: bytes) -> tuple[int, bytes]:
+        kind, data = self.repo.odb.read(_oid(oid))
+        return int(kind), data
 
     # -- start-up ---------------------------------------------------------------------------
 
@@ -83,146 +114,145 @@ class Mirror:
                 self._repo = pygit2.init_repository(str(self.path), bare=True)
         except pygit2.GitError as exc:
             raise RepositoryError(f"cannot open mirror {self.path}: {exc}") from exc
+        # A pack whose writing a crash interrupted; its commits were never on the branch.
+        for leftover in (self.path / "objects" / "pack").glob("tmp_pack-*"):
+            leftover.unlink(missing_ok=True)
         remotes = self.repo.remotes
         if REMOTE_NAME in remotes.names():
             remotes.set_url(REMOTE_NAME, self.transport.url)
         else:
             remotes.create(REMOTE_NAME, self.transport.url)
-        self.fetch()
-
-    def fetch(self) -> None:
-        remote = self.repo.remotes[REMOTE_NAME]
-        refspec = f"+refs/heads/{self.branch}:{self._tracking_ref}"
-        try:
-            remote.fetch([refspec], callbacks=self.transport.callbacks())
-        except pygit2.GitError as exc:
-            raise RemoteUnavailable(f"fetch from {self.transport.display} failed: {exc}") from exc
+        self._fetch()
         self._choose_base()
 
-    def _target(self, ref: str) -> pygit2.Oid | None:
+    def _fetch(self) -> bytes | None:
+        """Fetch the remote branch into the tracking reference; its tip, None when empty."""
+        remote = self.repo.remotes[REMOTE_NAME]
+        refspec = f"+refs/heads/{self.branch}:{self._tracking_ref}"
+        callbacks = self.transport.callbacks()
+        try:
+            remote.fetch([refspec], callbacks=callbacks)
+        except pygit2.GitError as exc:
+            raise RemoteUnavailable(
+                f"fetch from {self.transport.display} failed: {callbacks.explain(exc)}"
+            ) from exc
+        return self._target(self._tracking_ref)
+
+    def _target(self, ref: str) -> bytes | None:
         reference = self.repo.references.get(ref)
         if reference is None:
             return None
         target = reference.target
-        return target if isinstance(target, pygit2.Oid) else None
+        return target.raw if isinstance(target, pygit2.Oid) else None
 
     def _choose_base(self) -> None:
         local, remote = self._target(self._local_ref), self._target(self._tracking_ref)
         if remote is None:
             # Empty remote branch: everything local (if anything) is still to be pushed.
-            self.unpushed = sum(1 for _ in self.repo.walk(local)) if local is not None else 0
+            self.unpushed = sum(1 for _ in self.repo.walk(_oid(local))) if local else 0
         elif local is None or local == remote:
-            self.repo.references.create(self._local_ref, remote, force=True)
+            self.repo.references.create(self._local_ref, _oid(remote), force=True)
             self.unpushed = 0
         else:
-            ahead, behind = self.repo.ahead_behind(local, remote)
+            ahead, behind = self.repo.ahead_behind(_oid(local), _oid(remote))
             if behind and ahead:
-                raise RemoteUnavailable(
-                    f"branch {self.branch} of {self.transport.display} has commits that the "
-                    f"mirror {self.path} does not ({ahead} of ours are not pushed); refusing to "
-                    "overwrite them"
-                )
-            if behind:
-                self.repo.references.create(self._local_ref, remote, force=True)
+                self._moved_to(local)
+                self._replay_onto(remote)
+                ahead = self.unpushed
+            elif behind:
+                self.repo.references.create(self._local_ref, _oid(remote), force=True)
             self.unpushed = ahead
-        self._head = self._saved = self._target(self._local_ref)
+        self._moved_to(self._target(self._local_ref))
+
+    def _moved_to(self, head: bytes | None) -> None:
+        """Start building on ``head`` (the saved branch tip), forgetting anything unsaved."""
+        self._objects.discard()
+        self._head = self._saved = head
         self._unsaved = 0
+        self._tree = WorkingTree(self._objects, self._tree_of(head) if head else None)
+
+    def _tree_of(self, commit: bytes) -> bytes:
+        kind, data = self._objects.read(commit)
+        if kind != COMMIT or not data.startswith(b"tree "):
+            raise RepositoryError(f"{self.path}: object {commit.hex()} is not a commit")
+        return bytes.fromhex(data[5:45].decode())
 
     # -- commits ----------------------------------------------------------------------------
 
     @property
     def tip(self) -> str | None:
-        return str(self._head) if self._head is not None else None
+        return self._head.hex() if self._head is not None else None
 
     def read(self, path: str) -> bytes | None:
         """The content of ``path`` at the branch tip, or None."""
-        tip = self._head
-        if tip is None:
+        blob = self._tree.get(path)
+        if blob is None:
             return None
-        tree = self.repo[tip].peel(pygit2.Tree)
-        try:
-            entry = tree[path]
-        except KeyError:
-            return None
-        blob = self.repo[entry.id]
-        return blob.data if isinstance(blob, pygit2.Blob) else None
+        kind, data = self._objects.read(blob)
+        return data if kind == BLOB else None
 
     def changes_since(self, since: str | None) -> list[tuple[str, str, list[str]]]:
         """``(commit id, message, changed paths)`` of the commits after ``since``, oldest first.
 
         Walks the whole history when ``since`` is None or not in it (a mirror made anew).
         """
-        tip = self._head
-        if tip is None:
+        self.save()
+        if self._head is None:
             return []
-        walker = self.repo.walk(tip, SortMode.TOPOLOGICAL | SortMode.REVERSE)
+        walker = self.repo.walk(_oid(self._head), SortMode.TOPOLOGICAL | SortMode.REVERSE)
         if since is not None:
             try:
                 walker.hide(pygit2.Oid(hex=since))
             except (ValueError, KeyError, pygit2.GitError):
                 log.warning("%s: commit %s is gone; scanning the whole history", self.path, since)
-        found = []
-        for commit in walker:
-            if commit.parents:
-                diff = commit.tree.diff_to_tree(commit.parents[0].tree, swap=True)
-            else:
-                diff = commit.tree.diff_to_tree(swap=True)
-            paths = [delta.new_file.path for delta in diff.deltas]
-            found.append((str(commit.id), commit.message, paths))
-        return found
+        return [
+            (str(commit.id), commit.message, [path for path, _ in _changes(commit)])
+            for commit in walker
+        ]
 
     def commit(self, change: FileChange) -> str | None:
         """Commit one change on the branch tip; None when it would change nothing."""
         try:
             return self._commit(change)
-        except (pygit2.GitError, OSError) as exc:
+        except (pygit2.GitError, OSError, ValueError) as exc:
             raise MirrorWriteFailed(f"cannot commit {change.path} in {self.path}: {exc}") from exc
 
     def _commit(self, change: FileChange) -> str | None:
-        repo = self.repo
-        tip = self._head
-        root = repo[tip].peel(pygit2.Tree) if tip is not None else None
-        try:
-            current = root[change.path].id if root is not None else None
-        except KeyError:
-            current = None
+        current = self._tree.get(change.path)
         if change.content is None:
             if current is None:
                 return None
             blob = None
         else:
-            blob = pygit2.hash(change.content)
+            blob = object_id(BLOB, change.content)
             if blob == current:
                 return None
-            repo.create_blob(change.content)
-        tree = _write_tree(repo, root, change.path.split("/"), blob) or _empty_tree(repo)
-        if root is not None and tree == root.id:
-            return None
-        commit = repo.create_commit(
-            None,
-            _signature(change.author, change),
-            _signature(self.committer, change),
-            change.message,
-            tree,
-            [tip] if tip is not None else [],
-        )
-        self._head = commit
+            self._objects.add(BLOB, change.content)
+        self._tree.set(change.path, blob)
+        tree = self._tree.write()
+        headers = [b"tree " + tree.hex().encode()]
+        if self._head is not None:
+            headers.append(b"parent " + self._head.hex().encode())
+        headers.append(b"author " + _signature(change.author, change.time))
+        headers.append(b"committer " + _signature(self.committer, change.time))
+        data = b"\n".join(headers) + b"\n\n" + change.message.encode()
+        self._head = self._objects.add(COMMIT, data)
         self._unsaved += 1
         self.unpushed += 1
-        return str(commit)
+        return self._head.hex()
 
     def save(self) -> None:
-        """Move the branch to the commits made since the last save. On failure they are
-        dropped from the branch (their events stay in the journal) and the error raised."""
+        """Write the commits made since the last save (one pack) and move the branch to them.
+        On failure they are dropped (their events stay in the journal) and the error raised."""
         if self._head == self._saved:
             return
         assert self._head is not None
         try:
-            self.repo.references.create(self._local_ref, self._head, force=True)
+            self._objects.write_pack(self.path / "objects" / "pack")
+            self.repo.references.create(self._local_ref, _oid(self._head), force=True)
         except (pygit2.GitError, OSError) as exc:
-            self._head = self._saved
             self.unpushed -= self._unsaved
-            self._unsaved = 0
+            self._moved_to(self._saved)
             raise MirrorWriteFailed(
                 f"cannot update branch {self.branch} in {self.path}: {exc}"
             ) from exc
@@ -232,49 +262,125 @@ class Mirror:
     # -- push -------------------------------------------------------------------------------
 
     def push(self) -> int:
-        """Push the branch (never forced); returns how many commits it carried."""
+        """Push the branch (never forced); returns how many commits it carried.
+
+        When the remote branch moved, our commits are replayed onto its new tip and pushed
+        again; a transport failure is raised as :class:`RemoteUnavailable`.
+        """
         self.save()
-        tip = self._head
-        if tip is None or not self.unpushed:
-            return 0
+        for _ in range(MAX_REPLAYS):
+            if self._head is None or not self.unpushed:
+                return 0
+            try:
+                self._push_once()
+            except RemoteUnavailable:
+                remote = self._fetch()
+                if remote is None or self._contains(self._head, remote):
+                    raise  # the remote did not move: a transport or permission problem
+                self._replay_onto(remote)
+                continue
+            pushed, self.unpushed = self.unpushed, 0
+            self._consolidate()
+            return pushed
+        raise RemoteUnavailable(
+            f"branch {self.branch} of {self.transport.display} moved {MAX_REPLAYS} times while "
+            "we pushed; trying again later"
+        )
+
+    def _push_once(self) -> None:
+        assert self._head is not None
         callbacks = self.transport.callbacks()
         refspec = f"{self._local_ref}:{self._local_ref}"
         try:
             self.repo.remotes[REMOTE_NAME].push([refspec], callbacks=callbacks)
         except pygit2.GitError as exc:
-            raise RemoteUnavailable(f"push to {self.transport.display} failed: {exc}") from exc
-        rejected: dict[str, str] = getattr(callbacks, "rejected", {})
-        if rejected:
-            reason = "; ".join(f"{ref}: {msg}" for ref, msg in rejected.items())
+            raise RemoteUnavailable(
+                f"push to {self.transport.display} failed: {callbacks.explain(exc)}"
+            ) from exc
+        if callbacks.rejected:
+            reason = "; ".join(f"{ref}: {msg}" for ref, msg in callbacks.rejected.items())
             raise RemoteUnavailable(f"push to {self.transport.display} was rejected: {reason}")
-        self.repo.references.create(self._tracking_ref, tip, force=True)
-        pushed, self.unpushed = self.unpushed, 0
-        return pushed
+        self.repo.references.create(self._tracking_ref, _oid(self._head), force=True)
+
+    def _contains(self, commit: bytes, ancestor: bytes) -> bool:
+        return commit == ancestor or self.repo.descendant_of(_oid(commit), _oid(ancestor))
+
+    def _replay_onto(self, remote: bytes) -> None:
+        """Rewrite our commits that the remote lacks on top of ``remote`` and save them."""
+        assert self._head is not None
+        walker = self.repo.walk(_oid(self._head), SortMode.TOPOLOGICAL | SortMode.REVERSE)
+        walker.hide(_oid(remote))
+        ours = list(walker)
+        self._moved_to(remote)
+        self.unpushed = 0
+        for commit in ours:
+            for path, blob in _changes(commit):
+                self._tree.set(path, blob)
+            tree = self._tree.write()
+            kind, data = self.repo.odb.read(commit.id)
+            self._head = self._objects.add(COMMIT, _rebased(data, tree, self._head))
+            self._unsaved += 1
+            self.unpushed += 1
+        self.replays += 1
+        log.warning(
+            "%s: branch %s of %s moved; replayed our %d unpushed commits on top of %s",
+            self.path,
+            self.branch,
+            self.transport.display,
+            len(ours),
+            remote.hex()[:12],
+        )
+        self.save()
+
+    def _consolidate(self) -> None:
+        """Merge the packs into one when there are many (each batch writes one)."""
+        pack_dir = self.path / "objects" / "pack"
+        indexes = sorted(pack_dir.glob("pack-*.idx"), key=lambda p: p.stat().st_size)
+        if len(indexes) <= MAX_PACKS:
+            return
+        # All but the largest: what the last merge made stays, so work does not grow with
+        # the age of the mirror.
+        merged = indexes[:-1]
+        builder = pygit2.PackBuilder(self.repo)
+        for index in merged:
+            for oid in _index_ids(index.read_bytes()):
+                builder.add(_oid(oid))
+        builder.write(str(pack_dir))
+        for index in merged:
+            for suffix in (".pack", ".idx", ".rev"):
+                index.with_suffix(suffix).unlink(missing_ok=True)
+        # libgit2 keeps the removed packs open until the repository is opened again.
+        self._repo = pygit2.Repository(str(self.path))
+        log.info("%s: merged %d packs into one", self.path, len(merged))
 
 
-def _empty_tree(repo: pygit2.Repository) -> pygit2.Oid:
-    return repo.TreeBuilder().write()
-
-
-def _write_tree(
-    repo: pygit2.Repository, tree: pygit2.Tree | None, parts: Sequence[str], blob: pygit2.Oid | None
-) -> pygit2.Oid | None:
-    """The id of ``tree`` with ``parts`` set to ``blob`` (removed when None); None if empty."""
-    builder = repo.TreeBuilder(tree) if tree is not None else repo.TreeBuilder()
-    head, rest = parts[0], parts[1:]
-    existing = builder.get(head)
-    if rest:
-        subtree = None
-        if existing is not None and existing.filemode == FileMode.TREE:
-            subtree = repo[existing.id].peel(pygit2.Tree)
-        child = _write_tree(repo, subtree, rest, blob)
+def _changes(commit: pygit2.Commit) -> list[tuple[str, bytes | None]]:
+    """The files ``commit`` changed against its first parent: ``(path, blob id or None)``."""
+    if commit.parents:
+        diff = commit.tree.diff_to_tree(commit.parents[0].tree, swap=True)
     else:
-        child = blob
-    if child is None:
-        if existing is not None:
-            builder.remove(head)
-    else:
-        builder.insert(head, child, FileMode.TREE if rest else FileMode.BLOB)
-    if len(builder) == 0:
-        return None
-    return builder.write()
+        diff = commit.tree.diff_to_tree(swap=True)
+    changes: list[tuple[str, bytes | None]] = []
+    for delta in diff.deltas:
+        if delta.status == DeltaStatus.DELETED:
+            changes.append((delta.old_file.path, None))
+        else:
+            changes.append((delta.new_file.path, delta.new_file.id.raw))
+    return changes
+
+
+def _rebased(data: bytes, tree: bytes, parent: bytes | None) -> bytes:
+    """A raw commit with its tree and parent replaced; every other byte stays the same."""
+    header, separator, message = data.partition(b"\n\n")
+    lines = [b"tree " + tree.hex().encode()]
+    if parent is not None:
+        lines.append(b"parent " + parent.hex().encode())
+    lines += [line for line in header.split(b"\n") if not line.startswith((b"tree ", b"parent "))]
+    return b"\n".join(lines) + separator + message
+
+
+def _index_ids(index: bytes) -> list[bytes]:
+    """The object ids listed in a version 2 pack index."""
+    count = int.from_bytes(index[8 + 255 * 4 : 8 + 256 * 4], "big")
+    start = 8 + 256 * 4
+    return [index[start + 20 * i : start + 20 * (i + 1)] for i in range(count)]

@@ -1,18 +1,28 @@
-"""How a mirror reaches its remote. One implementation per kind of URL, behind one interface.
+"""How a mirror reaches its remote: local paths, SSH with a deploy key, HTTPS with a token.
 
-Today: local paths and ``file://`` URLs. SSH and HTTPS plug in here with their credentials
-and host-key checks; nothing outside this module needs to change for them.
+Credentials come from the GitProvider's Secret, with the keys Flux and the seed use:
+``ssh-privatekey`` (+ optional ``passphrase``) and ``known_hosts`` for SSH; ``username`` and
+``password`` (or ``token``) for HTTPS. They live only in the callbacks handed to libgit2 and
+are never part of a URL, a log line or an error (:meth:`Callbacks.explain` scrubs them).
+
+SSH host keys are always verified: libgit2 checks the server's key against
+``<home>/.ssh/known_hosts`` and we answer with its verdict. The home is process-wide in
+libgit2, so :func:`trust_host_keys` writes the ``known_hosts`` of every SSH provider into
+one file under the state directory.
 """
 
 from __future__ import annotations
 
 import hashlib
+import os
 import re
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Protocol
-from urllib.parse import unquote, urlsplit
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 import pygit2
+from pygit2.enums import CredentialType, Option
 
 from audit_reverser.errors import RepositoryError
 
@@ -28,7 +38,7 @@ class Transport(Protocol):
     def display(self) -> str:
         """The URL as it may appear in logs and errors: never with credentials."""
 
-    def callbacks(self) -> pygit2.RemoteCallbacks: ...
+    def callbacks(self) -> Callbacks: ...
 
 
 def local_path(url: str) -> Path | None:
@@ -64,16 +74,116 @@ def mirror_name(url: str, branch: str) -> str:
     return f"{tail}-{digest}.git"
 
 
-class _PushReport(pygit2.RemoteCallbacks):
-    """Collects per-reference rejections, which libgit2 reports here rather than raising."""
+class Callbacks(pygit2.RemoteCallbacks):
+    """One remote operation's callbacks: credentials (offered once), the host-key verdict,
+    and per-reference push rejections, which libgit2 reports here rather than raising."""
 
-    def __init__(self) -> None:
+    def __init__(self, transport: Transport, credential: Credential | None = None) -> None:
         super().__init__()
+        self._transport = transport
+        self._credential = credential
+        self._offered = False
+        self.refused = False
+        self.untrusted_host: str | None = None
         self.rejected: dict[str, str] = {}
+
+    def credentials(
+        self, url: str, username_from_url: str | None, allowed_types: CredentialType
+    ) -> pygit2.Username | pygit2.UserPass | pygit2.Keypair:
+        if self._credential is None:
+            self.refused = True
+            raise pygit2.GitError("the remote asks for credentials and none are configured")
+        if self._offered:
+            # libgit2 asks again after a refusal, many times over; one answer is enough.
+            self.refused = True
+            raise pygit2.GitError("the remote refused the credentials")
+        self._offered = True
+        return self._credential.answer(username_from_url, allowed_types)
+
+    def certificate_check(self, certificate: None, valid: bool, host: bytes | str) -> bool:
+        if not valid:
+            self.untrusted_host = host.decode() if isinstance(host, bytes) else host
+        return valid
 
     def push_update_reference(self, refname: str, message: str | None) -> None:
         if message:
             self.rejected[refname] = message
+
+    def explain(self, error: Exception) -> str:
+        """What went wrong, for logs and status: never with a credential in it."""
+        if self.untrusted_host is not None or isinstance(error, pygit2.CertificateError):
+            host = self.untrusted_host or "the server"
+            if isinstance(self._credential, SshKey):
+                return (
+                    f"host key of {host} is not trusted: it is missing from, or differs from, "
+                    f"known_hosts in {self._credential.source}"
+                )
+            return f"certificate of {host} is not trusted: {scrub(str(error))}"
+        if self.refused:
+            source = self._credential.source if self._credential else "no credentials"
+            return f"authentication failed ({source})"
+        text = str(error)
+        if self._credential is not None:
+            text = self._credential.scrub(text)
+        return scrub(text)
+
+
+_USERINFO = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://)[^/@\s]*@")
+
+
+def scrub(text: str) -> str:
+    """``text`` with the user information of any URL in it removed."""
+    return _USERINFO.sub(r"\1", text)
+
+
+class Credential(Protocol):
+    source: str
+
+    def answer(
+        self, username_from_url: str | None, allowed: CredentialType
+    ) -> pygit2.Username | pygit2.UserPass | pygit2.Keypair: ...
+
+    def scrub(self, text: str) -> str: ...
+
+
+class SshKey:
+    """A deploy key and the host keys to trust, from a GitProvider's Secret."""
+
+    def __init__(self, *, private_key: str, passphrase: str, known_hosts: str, source: str) -> None:
+        self.private_key = private_key
+        self.passphrase = passphrase
+        self.known_hosts = known_hosts
+        self.source = source
+
+    def answer(
+        self, username_from_url: str | None, allowed: CredentialType
+    ) -> pygit2.Username | pygit2.UserPass | pygit2.Keypair:
+        user = username_from_url or "git"
+        if not allowed & CredentialType.SSH_KEY:
+            raise pygit2.GitError(f"the server does not accept keys; {self.source} has a key")
+        return pygit2.KeypairFromMemory(user, None, self.private_key, self.passphrase)
+
+    def scrub(self, text: str) -> str:
+        return text.replace(self.passphrase, "***") if self.passphrase else text
+
+
+class Password:
+    """HTTPS basic credentials: a user name and a password or access token."""
+
+    def __init__(self, *, username: str, password: str, source: str) -> None:
+        self.username = username
+        self.password = password
+        self.source = source
+
+    def answer(
+        self, username_from_url: str | None, allowed: CredentialType
+    ) -> pygit2.Username | pygit2.UserPass | pygit2.Keypair:
+        if not allowed & CredentialType.USERPASS_PLAINTEXT:
+            raise pygit2.GitError(f"the server does not accept passwords ({self.source})")
+        return pygit2.UserPass(self.username, self.password)
+
+    def scrub(self, text: str) -> str:
+        return text.replace(self.password, "***") if self.password else text
 
 
 class LocalTransport:
@@ -94,15 +204,106 @@ class LocalTransport:
     def path(self) -> Path:
         return self._path
 
-    def callbacks(self) -> pygit2.RemoteCallbacks:
-        return _PushReport()
+    def callbacks(self) -> Callbacks:
+        return Callbacks(self)
 
 
-def transport_for(url: str) -> LocalTransport:
+class NetworkTransport:
+    """An SSH or HTTP(S) remote, with the credential its Secret gives (if any)."""
+
+    def __init__(self, url: str, credential: Credential | None) -> None:
+        self._url = url
+        self.credential = credential
+
+    @property
+    def url(self) -> str:
+        return self._url
+
+    @property
+    def display(self) -> str:
+        return self._url
+
+    def callbacks(self) -> Callbacks:
+        return Callbacks(self, self.credential)
+
+
+def _text(secret: Mapping[str, bytes], key: str, source: str) -> str | None:
+    value = secret.get(key)
+    if value is None:
+        return None
+    try:
+        return value.decode()
+    except UnicodeDecodeError:
+        raise RepositoryError(f"{source}: {key} is not UTF-8 text") from None
+
+
+def transport_for(
+    url: str, secret: Mapping[str, bytes] | None = None, source: str = "no Secret"
+) -> LocalTransport | NetworkTransport:
+    """The transport for ``url`` with the credentials in ``secret`` (a Secret's data).
+
+    ``source`` names that Secret in messages ("Secret default/git-creds").
+    """
     path = local_path(url)
-    if path is None:
-        raise RepositoryError(
-            f"remote {remote_key(url)}: only local paths and file:// URLs are supported by "
-            "this version; SSH and HTTPS remotes come with credential support"
+    if path is not None:
+        return LocalTransport(path)
+    if _SCP_LIKE.match(url):
+        user_host, _, rest = url.partition(":")
+        url = f"ssh://{user_host}/{rest}"
+    parts = urlsplit(url)
+    secret = secret or {}
+    if parts.scheme == "ssh":
+        key = _text(secret, "ssh-privatekey", source) or _text(secret, "identity", source)
+        if key is None:
+            raise RepositoryError(
+                f"remote {remote_key(url)}: SSH needs a deploy key: put it under "
+                f"ssh-privatekey in {source} (see GitProvider spec.secretRef)"
+            )
+        known_hosts = _text(secret, "known_hosts", source)
+        if not known_hosts or not known_hosts.strip():
+            raise RepositoryError(
+                f"remote {remote_key(url)}: {source} has no known_hosts; host keys are always "
+                f"verified (ssh-keyscan -p PORT HOST gives the lines to add)"
+            )
+        passphrase = _text(secret, "passphrase", source) or ""
+        return NetworkTransport(
+            url,
+            SshKey(private_key=key, passphrase=passphrase, known_hosts=known_hosts, source=source),
         )
-    return LocalTransport(path)
+    if parts.scheme in ("http", "https"):
+        # Credentials written into the URL are taken out of it: libgit2 would log-proof
+        # nothing, and the URL ends up in messages.
+        username = _text(secret, "username", source) or unquote(parts.username or "") or "git"
+        password = (
+            _text(secret, "password", source)
+            or _text(secret, "token", source)
+            or unquote(parts.password or "")
+        )
+        netloc = parts.hostname or ""
+        if parts.port:
+            netloc += f":{parts.port}"
+        clean = urlunsplit((parts.scheme, netloc, parts.path, parts.query, ""))
+        credential = (
+            Password(username=username, password=password, source=source) if password else None
+        )
+        return NetworkTransport(clean, credential)
+    raise RepositoryError(
+        f"remote {scrub(url)}: unsupported URL scheme {parts.scheme!r} (use ssh://, https://, "
+        "user@host:path, file:// or a local path)"
+    )
+
+
+def trust_host_keys(home: Path, transports: Iterable[Transport]) -> None:
+    """Make libgit2 check SSH host keys against the known_hosts of the given transports."""
+    lines: list[str] = []
+    for transport in transports:
+        credential = getattr(transport, "credential", None)
+        if isinstance(credential, SshKey):
+            lines += [line.strip() for line in credential.known_hosts.splitlines()]
+    ssh_dir = home / ".ssh"
+    ssh_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    known_hosts = ssh_dir / "known_hosts"
+    temporary = known_hosts.with_suffix(".tmp")
+    temporary.write_text("".join(f"{line}\n" for line in dict.fromkeys(lines) if line))
+    os.replace(temporary, known_hosts)
+    pygit2.option(Option.SET_HOMEDIR, str(home))
