@@ -147,6 +147,7 @@ def fast_import(repo: Path, stream: bytes) -> float:
 def with_mirror(base: Path, work: Path, made: list[FileChange]) -> tuple[float, str, Mirror]:
     mirror = Mirror(work / "mirror.git", LocalTransport(base), "main", COMMITTER)
     mirror.open()
+    mirror.sync()
     begin = time.perf_counter()
     for start in range(0, len(made), BATCH):
         for change in made[start : start + BATCH]:

@@ -21,12 +21,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 from aiohttp.test_utils import TestClient, TestServer
 from blockbuster import blockbuster_ctx
 
 from audit_reverser.config import load_config
 from audit_reverser.ingest.server import make_app
 from audit_reverser.runtime import Runtime, Settings
+from tests.gitservers import HTTP_BACKEND, SSHD, GitHttpServer, SshServer, require
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CORPUS = REPO_ROOT.parent / "shared" / "corpus" / "audit"
@@ -179,14 +181,30 @@ def write_config(
     target_path: str = "live",
     max_commits: int = 1000,
     interval: str = "1h",
+    url: str | None = None,
+    secret: dict[str, str] | None = None,
 ) -> Path:
+    """A config writing everything to ``remote`` (or ``url``, with ``secret`` as the
+    provider's credentials Secret)."""
+    secret_ref = "\n  secretRef: {name: git-creds}" if secret is not None else ""
+    secret_doc = ""
+    if secret is not None:
+        secret_doc = yaml.safe_dump(
+            {
+                "apiVersion": "v1",
+                "kind": "Secret",
+                "metadata": {"name": "git-creds", "namespace": "team"},
+                "stringData": secret,
+            }
+        )
+        secret_doc = f"---\n{secret_doc}"
     path.write_text(f"""\
 apiVersion: configbutler.ai/v1alpha1
 kind: GitProvider
 metadata: {{name: origin, namespace: team}}
 spec:
-  url: file://{remote}
-  allowedBranches: ["main"]
+  url: {url or f"file://{remote}"}
+  allowedBranches: ["main"]{secret_ref}
   push: {{interval: "{interval}", maxCommits: {max_commits}}}
 ---
 apiVersion: configbutler.ai/v1alpha1
@@ -207,7 +225,7 @@ spec:
       resources: ["*"]
     - scope: Cluster
       resources: ["*"]
-""")
+{secret_doc}""")
     return path
 
 
@@ -387,3 +405,23 @@ def loop_never_blocks(request: pytest.FixtureRequest) -> Iterator[None]:
         return
     with blockbuster_ctx():
         yield
+
+
+@pytest.fixture
+def sshd(tmp_path: Path) -> Iterator[SshServer]:
+    """A real OpenSSH server on 127.0.0.1 that knows one deploy key."""
+    require(SSHD, "openssh-server")
+    server = SshServer(tmp_path / "sshd")
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def git_http(tmp_path: Path) -> Iterator[GitHttpServer]:
+    """``git http-backend`` over HTTP basic auth, serving the repositories under tmp_path."""
+    require(HTTP_BACKEND, "git")
+    server = GitHttpServer(tmp_path, username="bot", password="s3cr3t-t0ken-9f8e7d")
+    server.start()
+    yield server
+    server.stop()

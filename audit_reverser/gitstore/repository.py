@@ -100,7 +100,10 @@ class Mirror:
     # -- start-up ---------------------------------------------------------------------------
 
     def open(self) -> None:
-        """Open (or create) the mirror, fetch the remote branch and pick the base to commit on."""
+        """Open (or create) the mirror and build on its branch as last saved.
+
+        Nothing here needs the network: :meth:`sync` brings the remote's news.
+        """
         if isinstance(self.transport, LocalTransport) and not self.transport.path.exists():
             if not self._create_local_remote:
                 raise RepositoryError(f"remote repository {self.transport.display} does not exist")
@@ -122,6 +125,10 @@ class Mirror:
             remotes.set_url(REMOTE_NAME, self.transport.url)
         else:
             remotes.create(REMOTE_NAME, self.transport.url)
+        self._choose_base()
+
+    def sync(self) -> None:
+        """Fetch the remote branch and build on it (our unpushed commits replayed on top)."""
         self._fetch()
         self._choose_base()
 

@@ -20,7 +20,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TypeVar
 
-from audit_reverser.errors import AuditReverserError, MirrorWriteFailed, TemporaryError
+from audit_reverser.errors import (
+    AuditReverserError,
+    MirrorWriteFailed,
+    RemoteUnavailable,
+    TemporaryError,
+)
 from audit_reverser.gitstore.repository import Mirror
 from audit_reverser.gitstore.types import CommitOutcome, FileChange
 
@@ -88,13 +93,22 @@ class BranchWriter:
 
     async def start(self) -> None:
         await self._blocking(self.mirror.open)
+        try:
+            await self._blocking(self.mirror.sync)
+        except RemoteUnavailable as exc:
+            # Events are still taken and committed locally; the first push that gets
+            # through replays them onto whatever the remote holds by then.
+            self.last_push_error = str(exc)
+            log.error("%s: %s; committing locally until it answers", self.name, exc)
+            self._push_deadline = asyncio.get_running_loop().time() + self._next_delay()
         if self.mirror.unpushed:
             log.info(
                 "%s: %d commits from an earlier run wait to be pushed",
                 self.name,
                 self.mirror.unpushed,
             )
-            self._push_deadline = asyncio.get_running_loop().time()
+            if self._push_deadline is None:
+                self._push_deadline = asyncio.get_running_loop().time()
         self._task = asyncio.create_task(self._run(), name=f"git-writer {self.name}")
         self._task.add_done_callback(self._crashed)
 
@@ -240,6 +254,12 @@ class BranchWriter:
         log.info("%s: pushed %d commits", self.name, pushed)
         return pushed
 
+    def _next_delay(self) -> float:
+        """Capped exponential back-off with jitter, so that many writers do not retry in step."""
+        delay = self._retry_s * random.uniform(0.5, 1.0)
+        self._retry_s = min(self._retry_s * 2, RETRY_MAX_S)
+        return delay
+
     async def _try_push(self, *, final: bool = False) -> None:
         """Push, and on failure schedule a retry with back-off instead of raising."""
         with contextlib.suppress(AuditReverserError):
@@ -254,8 +274,7 @@ class BranchWriter:
                 self.mirror.path,
             )
             return
-        delay = self._retry_s * random.uniform(0.5, 1.0)
-        self._retry_s = min(self._retry_s * 2, RETRY_MAX_S)
+        delay = self._next_delay()
         log.warning(
             "%s: %s; %d commits kept locally, next try in %.1fs",
             self.name,

@@ -1,0 +1,177 @@
+"""Pushing to real servers: OpenSSH with a deploy key and known_hosts, git http-backend with
+basic auth; refusals that name the reason and never show a credential."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from audit_reverser.errors import ConfigError
+from tests.conftest import Harness, bare_repo, configmap, event, git_files, start_harness
+from tests.gitservers import GitHttpServer, KeyPair, SshServer
+
+
+async def _harness(directory: Path, url: str, secret: dict[str, str] | None) -> Harness:
+    """A pipeline in ``directory`` whose provider points at ``url`` (its repo already made)."""
+    return await start_harness(directory, url=url, secret=secret)
+
+
+async def _push_one(harness: Harness, name: str = "demo") -> list[str]:
+    """Send one change and push; the failures runtime.flush reports."""
+    await harness.send(event("create", name=name, body=configmap(name), user="jane@example.com"))
+    return await harness.runtime.flush()
+
+
+def _ssh_secret(server: SshServer, **overrides: str) -> dict[str, str]:
+    return {
+        "ssh-privatekey": server.client_key.private,
+        "known_hosts": server.known_hosts,
+        **overrides,
+    }
+
+
+# -- SSH ------------------------------------------------------------------------------------
+
+
+async def test_commits_reach_an_ssh_remote_with_a_deploy_key(
+    tmp_path: Path, sshd: SshServer
+) -> None:
+    remote = await asyncio.to_thread(bare_repo, tmp_path / "remote.git")
+    harness = await _harness(tmp_path, sshd.url(remote), _ssh_secret(sshd))
+    try:
+        assert await _push_one(harness) == []
+        assert await harness.files() == ["live/v1/configmaps/default/demo.yaml"]
+        assert await harness.log("%an <%ae>") == ["jane@example.com <jane@example.com>"]
+        # A second run reuses the mirror and builds on what the remote holds.
+        await harness.runtime.close()
+        harness = await _harness(tmp_path, sshd.url(remote), _ssh_secret(sshd))
+        assert await _push_one(harness, "second") == []
+        assert len(await harness.subjects()) == 2
+    finally:
+        await harness.runtime.close()
+
+
+async def test_a_key_with_a_passphrase_works(tmp_path: Path, sshd: SshServer) -> None:
+    key = await asyncio.to_thread(KeyPair, "correct horse")
+    await asyncio.to_thread(sshd.authorize, key.public)
+    remote = await asyncio.to_thread(bare_repo, tmp_path / "remote.git")
+    secret = _ssh_secret(sshd, **{"ssh-privatekey": key.private, "passphrase": "correct horse"})
+    harness = await _harness(tmp_path, sshd.url(remote), secret)
+    try:
+        assert await _push_one(harness) == []
+        assert len(await harness.subjects()) == 1
+    finally:
+        await harness.runtime.close()
+
+
+@pytest.mark.parametrize("wrong", ["other key for this host", "this key for another host"])
+async def test_an_unknown_or_changed_host_key_is_refused(
+    tmp_path: Path, sshd: SshServer, wrong: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    remote = await asyncio.to_thread(bare_repo, tmp_path / "remote.git")
+    if wrong == "other key for this host":
+        known_hosts = f"[127.0.0.1]:{sshd.port} {KeyPair().public}\n"
+    else:
+        known_hosts = f"[127.0.0.1]:{sshd.port + 1} {sshd.host_key.public}\n"
+    secret = _ssh_secret(sshd, known_hosts=known_hosts)
+    harness = await _harness(tmp_path, sshd.url(remote), secret)
+    try:
+        [failure] = await _push_one(harness)
+        assert "host key of 127.0.0.1 is not trusted" in failure
+        assert "known_hosts in Secret team/git-creds" in failure
+        assert await asyncio.to_thread(git_files, remote) == []
+        # The change is kept: trusting the host (a corrected Secret) pushes it.
+    finally:
+        await harness.runtime.close()
+    assert sshd.client_key.private.splitlines()[1] not in caplog.text
+    harness = await _harness(tmp_path, sshd.url(remote), _ssh_secret(sshd))
+    try:
+        assert await harness.runtime.flush() == []
+        assert await harness.files() == ["live/v1/configmaps/default/demo.yaml"]
+    finally:
+        await harness.runtime.close()
+
+
+async def test_a_key_the_server_does_not_know_fails_with_a_clear_reason(
+    tmp_path: Path, sshd: SshServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    remote = await asyncio.to_thread(bare_repo, tmp_path / "remote.git")
+    stranger = KeyPair()
+    secret = _ssh_secret(sshd, **{"ssh-privatekey": stranger.private})
+    harness = await _harness(tmp_path, sshd.url(remote), secret)
+    try:
+        [failure] = await _push_one(harness)
+    finally:
+        await harness.runtime.close()
+    assert "authentication failed (Secret team/git-creds)" in failure
+    for line in stranger.private.splitlines()[1:-1]:
+        assert line not in caplog.text and line not in failure
+
+
+async def test_ssh_without_known_hosts_is_a_config_error(tmp_path: Path, sshd: SshServer) -> None:
+    secret = {"ssh-privatekey": sshd.client_key.private}
+    with pytest.raises(ConfigError, match="has no known_hosts; host keys are always verified"):
+        await _harness(tmp_path, sshd.url(tmp_path / "r.git"), secret)
+    with pytest.raises(ConfigError, match="SSH needs a deploy key"):
+        await _harness(tmp_path, sshd.url(tmp_path / "r.git"), {"known_hosts": sshd.known_hosts})
+
+
+# -- HTTPS (git http-backend, plain HTTP on loopback) ----------------------------------------
+
+
+@pytest.mark.parametrize(
+    "credentials",
+    [
+        {"secret": {"username": "bot", "password": "s3cr3t-t0ken-9f8e7d"}},
+        {"secret": {"token": "s3cr3t-t0ken-9f8e7d"}, "any_user": True},
+        {"in_url": "bot:s3cr3t-t0ken-9f8e7d@"},
+    ],
+    ids=["username-password", "token", "in-url"],
+)
+async def test_commits_reach_an_http_remote_with_credentials(
+    tmp_path: Path,
+    git_http: GitHttpServer,
+    credentials: dict[str, Any],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    if credentials.get("any_user"):
+        git_http.username = None
+    remote = await asyncio.to_thread(bare_repo, tmp_path / "remote.git")
+    url = git_http.url(remote)
+    if "in_url" in credentials:
+        url = url.replace("http://", f"http://{credentials['in_url']}")
+    harness = await _harness(tmp_path, url, credentials.get("secret"))
+    try:
+        assert await _push_one(harness) == []
+        assert await harness.files() == ["live/v1/configmaps/default/demo.yaml"]
+        assert await harness.log("%an") == ["jane@example.com"]
+    finally:
+        await harness.runtime.close()
+    pushes = [r for r in git_http.requests if r.startswith("POST /remote.git/git-receive-pack")]
+    assert pushes and all(not push.endswith(" -") for push in pushes)
+    assert "s3cr3t-t0ken-9f8e7d" not in caplog.text
+
+
+async def test_a_wrong_password_is_refused_once_and_never_shown(
+    tmp_path: Path, git_http: GitHttpServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    remote = await asyncio.to_thread(bare_repo, tmp_path / "remote.git")
+    secret = {"username": "bot", "password": "wrong-password-1234"}
+    harness = await _harness(tmp_path, git_http.url(remote), secret)
+    try:
+        before = len(git_http.requests)
+        [failure] = await _push_one(harness)
+        # A push, then a fetch to see whether the remote moved: two requests each (the
+        # anonymous probe and one answer to the 401); libgit2 alone would ask many times.
+        assert len(git_http.requests) - before == 4
+    finally:
+        await harness.runtime.close()
+    assert "authentication failed (Secret team/git-creds)" in failure
+    assert "wrong-password-1234" not in caplog.text + failure
+    assert await asyncio.to_thread(git_files, remote) == []
