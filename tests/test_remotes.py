@@ -68,6 +68,20 @@ async def test_a_key_with_a_passphrase_works(tmp_path: Path, sshd: SshServer) ->
         await harness.runtime.close()
 
 
+async def test_a_wrong_passphrase_is_named_as_such(tmp_path: Path, sshd: SshServer) -> None:
+    key = await asyncio.to_thread(KeyPair, "correct horse")
+    await asyncio.to_thread(sshd.authorize, key.public)
+    remote = await asyncio.to_thread(bare_repo, tmp_path / "remote.git")
+    secret = _ssh_secret(sshd, **{"ssh-privatekey": key.private, "passphrase": "wrong horse"})
+    harness = await _harness(tmp_path, sshd.url(remote), secret)
+    try:
+        [failure] = await _push_one(harness)
+    finally:
+        await harness.runtime.close()
+    assert "cannot use the private key in Secret team/git-creds: wrong passphrase" in failure
+    assert "wrong horse" not in failure
+
+
 @pytest.mark.parametrize("wrong", ["other key for this host", "this key for another host"])
 async def test_an_unknown_or_changed_host_key_is_refused(
     tmp_path: Path, sshd: SshServer, wrong: str, caplog: pytest.LogCaptureFixture

@@ -7,7 +7,13 @@ from pathlib import Path
 import pytest
 
 from audit_reverser.errors import RepositoryError
-from audit_reverser.gitstore.transport import local_path, mirror_name, remote_key, transport_for
+from audit_reverser.gitstore.transport import (
+    local_path,
+    mirror_name,
+    remote_key,
+    scrub,
+    transport_for,
+)
 
 
 @pytest.mark.parametrize(
@@ -36,6 +42,17 @@ def test_local_paths_are_recognised(tmp_path: Path) -> None:
     assert local_path("https://github.com/o/r.git") is None
 
 
-def test_remote_kinds_not_built_yet_fail_with_a_clear_message() -> None:
-    with pytest.raises(RepositoryError, match="only local paths and file:// URLs"):
-        transport_for("git@github.com:o/r.git")
+def test_an_unsupported_scheme_fails_with_a_clear_message() -> None:
+    with pytest.raises(RepositoryError, match="unsupported URL scheme 'ftp'"):
+        transport_for("ftp://host/r.git")
+
+
+def test_credentials_in_an_https_url_are_taken_out_of_it() -> None:
+    transport = transport_for("https://bot:t0ken@Git.Example.com:8443/o/r.git")
+    assert transport.url == transport.display == "https://git.example.com:8443/o/r.git"
+    assert "t0ken" not in transport.url
+
+
+def test_scrub_removes_user_information_from_urls_in_messages() -> None:
+    text = "could not read from https://bot:t0ken@host/r.git and ssh://git@host/r"
+    assert scrub(text) == "could not read from https://host/r.git and ssh://host/r"

@@ -119,6 +119,11 @@ class Callbacks(pygit2.RemoteCallbacks):
                     f"known_hosts in {self._credential.source}"
                 )
             return f"certificate of {host} is not trusted: {scrub(str(error))}"
+        if isinstance(self._credential, SshKey) and "private key" in str(error):
+            return (
+                f"cannot use the private key in {self._credential.source}: wrong passphrase or "
+                "unsupported key format"
+            )
         if self.refused:
             source = self._credential.source if self._credential else "no credentials"
             return f"authentication failed ({source})"

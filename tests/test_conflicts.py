@@ -1,0 +1,167 @@
+"""When someone else pushes to our branch: our commits are replayed on top, never forced.
+
+Every assertion reads the remote with the git command line, as a user would.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import threading
+from pathlib import Path
+
+from tests.conftest import (
+    Harness,
+    bare_repo,
+    configmap,
+    event,
+    git,
+    git_files,
+    git_show,
+    git_subjects,
+    start_harness,
+)
+from tests.gitservers import SshServer
+
+OUR_FILE = "live/v1/configmaps/default/a.yaml"
+
+
+def _other_tool_commit(remote: Path, work: Path, files: dict[str, str], message: str) -> None:
+    """Another writer: change files, commit as Bob, push (plain git, never forced), pulling
+    with rebase and trying again when the branch moved under it, as tools do."""
+    if not work.exists():
+        subprocess.run(["git", "clone", "-q", str(remote), str(work)], check=True)
+    run = ["git", "-C", str(work), "-c", "user.name=Bob", "-c", "user.email=bob@example.com"]
+    for name, text in files.items():
+        (work / name).parent.mkdir(parents=True, exist_ok=True)
+        (work / name).write_text(text)
+    subprocess.run([*run, "add", "-A"], check=True)
+    subprocess.run([*run, "commit", "-q", "-m", message], check=True)
+    for _ in range(50):
+        if git(remote, "for-each-ref", "refs/heads/main"):
+            subprocess.run([*run, "pull", "-q", "--rebase", "origin", "main"], check=True)
+        pushed = subprocess.run([*run, "push", "-q", "origin", "HEAD:main"], capture_output=True)
+        if pushed.returncode == 0:
+            return
+    raise AssertionError(pushed.stderr.decode())
+
+
+def _protect(remote: Path) -> None:
+    """Refuse forced pushes on the server and keep a log of every update of main."""
+    git(remote, "config", "receive.denyNonFastForwards", "true")
+    git(remote, "config", "core.logAllRefUpdates", "always")
+
+
+def _only_fast_forwards(remote: Path) -> bool:
+    updates = git(remote, "reflog", "show", "--format=%H", "refs/heads/main").split()
+    for newer, older in zip(updates, updates[1:], strict=False):
+        ancestor = subprocess.run(
+            ["git", "-C", str(remote), "merge-base", "--is-ancestor", older, newer]
+        )
+        if ancestor.returncode != 0:
+            return False
+    return True
+
+
+async def _committed(harness: Harness, count: int) -> None:
+    [writer] = harness.runtime.writers.values()
+    async with asyncio.timeout(10):
+        while writer.stats.commits < count:  # noqa: ASYNC110 - the writer is another task
+            await asyncio.sleep(0.01)
+
+
+async def test_our_unpushed_commits_are_replayed_when_the_remote_moved(tmp_path: Path) -> None:
+    remote = await asyncio.to_thread(bare_repo, tmp_path / "remote.git")
+    await asyncio.to_thread(_protect, remote)
+    harness = await start_harness(tmp_path)
+    try:
+        await harness.send(event("create", name="a", body=configmap("a", data={"v": "1"})))
+        await harness.sync()
+        await harness.send(
+            event("update", name="a", body=configmap("a", data={"v": "2"}), user="carol"),
+            event("create", name="b", body=configmap("b")),
+        )
+        await _committed(harness, 3)
+        mirror = next(iter(harness.runtime.writers.values())).mirror
+        before = await asyncio.to_thread(
+            git, mirror.path, "log", "-2", "--format=%an|%ae|%ad|%cn|%ce|%cd|%B", "main"
+        )
+        # Meanwhile someone changes our file and a file of their own, and pushes.
+        await asyncio.to_thread(
+            _other_tool_commit,
+            remote,
+            tmp_path / "bob",
+            {OUR_FILE: "theirs\n", "docs/README.md": "hello\n"},
+            "Bob's change",
+        )
+        await harness.sync()
+    finally:
+        await harness.runtime.close()
+    subjects = await asyncio.to_thread(git_subjects, remote)
+    assert subjects == [
+        "[CREATE] v1/configmaps/default/a",
+        "Bob's change",
+        "[UPDATE] v1/configmaps/default/a",
+        "[CREATE] v1/configmaps/default/b",
+    ]
+    after = await asyncio.to_thread(
+        git, remote, "log", "-2", "--format=%an|%ae|%ad|%cn|%ce|%cd|%B", "main"
+    )
+    assert after == before  # same authors, committers, dates and messages
+    assert "v: '2'" in await asyncio.to_thread(git_show, remote, OUR_FILE)  # ours is newer
+    assert await asyncio.to_thread(git_show, remote, "docs/README.md") == "hello\n"
+    assert await asyncio.to_thread(_only_fast_forwards, remote)
+    assert mirror.replays == 1
+
+
+async def test_a_concurrent_writer_and_an_outage_lose_nothing_and_force_nothing(
+    tmp_path: Path, sshd: SshServer
+) -> None:
+    remote = await asyncio.to_thread(bare_repo, tmp_path / "remote.git")
+    await asyncio.to_thread(_protect, remote)
+    secret = {"ssh-privatekey": sshd.client_key.private, "known_hosts": sshd.known_hosts}
+    harness = await start_harness(
+        tmp_path, url=sshd.url(remote), secret=secret, max_commits=3, interval="100ms"
+    )
+    [writer] = harness.runtime.writers.values()
+
+    # Another tool pushes its own files to the same branch every few milliseconds.
+    stop = threading.Event()
+    theirs: list[str] = []
+
+    def other_tool() -> None:
+        while not stop.is_set():
+            n = len(theirs)
+            _other_tool_commit(remote, tmp_path / "bob", {f"other/{n}.txt": f"{n}\n"}, f"other {n}")
+            theirs.append(f"other {n}")
+            stop.wait(0.03)
+
+    other = threading.Thread(target=other_tool)
+    other.start()
+    ours = []
+    try:
+        for round_ in range(6):
+            if round_ == 2:
+                await asyncio.to_thread(sshd.stop)  # the remote goes away...
+            if round_ == 4:
+                await asyncio.sleep(0.5)
+                await asyncio.to_thread(sshd.start)  # ...and comes back
+            for i in range(8):
+                name = f"cm-{round_}-{i}"
+                await harness.send(event("create", name=name, body=configmap(name)))
+                ours.append(f"[CREATE] v1/configmaps/default/{name}")
+            await asyncio.sleep(0.15)
+        stop.set()
+        await asyncio.to_thread(other.join)
+        assert await harness.runtime.flush() == []
+    finally:
+        stop.set()
+        await harness.runtime.close()
+
+    subjects = await asyncio.to_thread(git_subjects, remote)
+    assert [s for s in subjects if s.startswith("[CREATE]")] == ours  # each once, in order
+    assert [s for s in subjects if s.startswith("other")] == theirs  # nothing of theirs lost
+    files = await asyncio.to_thread(git_files, remote)
+    assert len([f for f in files if f.startswith("live/")]) == len(ours)
+    assert await asyncio.to_thread(_only_fast_forwards, remote)
+    assert writer.stats.push_failures >= 1 and writer.mirror.replays >= 1

@@ -1,0 +1,175 @@
+"""The commits the writer builds in memory are exactly git's: same ids as ``git fast-import``
+makes for the same changes, and a repository ``git fsck --strict`` finds nothing wrong with."""
+
+from __future__ import annotations
+
+import random
+import subprocess
+from datetime import UTC, datetime, timedelta, timezone
+from pathlib import Path
+
+import pygit2
+import pytest
+
+from audit_reverser.gitstore import packing
+from audit_reverser.gitstore.repository import MAX_PACKS, Mirror
+from audit_reverser.gitstore.transport import LocalTransport
+from audit_reverser.gitstore.types import FileChange, Identity
+from tests.conftest import bare_repo, git, git_files, git_show
+
+COMMITTER = Identity(name="audit-reverser", email="bot@audit-reverser.invalid")
+
+
+def _mirror(tmp_path: Path, remote: Path) -> Mirror:
+    mirror = Mirror(tmp_path / "mirror.git", LocalTransport(remote), "main", COMMITTER)
+    mirror.open()
+    mirror.sync()
+    return mirror
+
+
+def _changes(count: int, seed: int = 7) -> list[FileChange]:
+    """Creates, updates and deletes across nested folders, in several time zones; deletes of
+    a folder's last file make the folder disappear."""
+    rnd = random.Random(seed)
+    zones = [UTC, timezone(timedelta(hours=2)), timezone(-timedelta(hours=5, minutes=30))]
+    made = []
+    for i in range(count):
+        folder = rnd.choice(["v1/configmaps/a", "v1/configmaps/b", "apps/v1/deployments/a", "x"])
+        path = f"live/{folder}/f{rnd.randrange(6)}.yaml"
+        content = None if rnd.random() < 0.25 else f"n: {i}\n".encode() * rnd.randrange(1, 40)
+        made.append(
+            FileChange(
+                path=path,
+                content=content,
+                message=f"[CHANGE] {path}\n\nAudit-ID: {i}\n",
+                author=Identity(name=f"Jane {i % 3}", email=f"jane{i % 3}@example.com"),
+                time=datetime(2026, 3, 1, tzinfo=UTC).astimezone(rnd.choice(zones))
+                + timedelta(seconds=i),
+            )
+        )
+    return made
+
+
+def _fast_import_stream(changes: list[FileChange], present: set[str]) -> bytes:
+    """The fast-import commands for the changes that alter something, as our writer skips
+    the others (deleting a missing file, writing the same content)."""
+    out = []
+    contents: dict[str, bytes] = {}
+    for change in changes:
+        if change.content is None and change.path not in present:
+            continue
+        if change.content is not None and contents.get(change.path) == change.content:
+            continue
+        when = change.time
+        offset = when.strftime("%z").encode()
+        stamp = b"%d %s" % (int(when.timestamp()), offset)
+        message = change.message.encode()
+        out += [
+            b"commit refs/heads/main\n",
+            b"author %s <%s> %s\n"
+            % (change.author.name.encode(), change.author.email.encode(), stamp),
+            b"committer %s <%s> %s\n" % (COMMITTER.name.encode(), COMMITTER.email.encode(), stamp),
+            b"data %d\n%s" % (len(message), message),
+        ]
+        if change.content is None:
+            out.append(b"D %s\n" % change.path.encode())
+            present.discard(change.path)
+            contents.pop(change.path, None)
+        else:
+            out.append(
+                b"M 100644 inline %s\ndata %d\n%s\n"
+                % (change.path.encode(), len(change.content), change.content)
+            )
+            present.add(change.path)
+            contents[change.path] = change.content
+    return b"".join(out)
+
+
+def test_history_is_byte_identical_to_git_fast_import(tmp_path: Path) -> None:
+    remote = bare_repo(tmp_path / "remote.git")
+    mirror = _mirror(tmp_path, remote)
+    changes = _changes(400)
+    for start in range(0, len(changes), 37):  # batches, as the writer saves them
+        for change in changes[start : start + 37]:
+            mirror.commit(change)
+        mirror.save()
+    reference = bare_repo(tmp_path / "reference.git")
+    subprocess.run(
+        ["git", "-C", str(reference), "fast-import", "--quiet"],
+        input=_fast_import_stream(changes, set()),
+        check=True,
+    )
+    assert mirror.tip == git(reference, "rev-parse", "main").strip()
+    git(mirror.path, "fsck", "--strict", "--full", "--no-dangling")
+    mirror.push()
+    git(remote, "fsck", "--strict", "--full", "--no-dangling")
+    assert git(remote, "rev-parse", "main").strip() == mirror.tip
+
+
+def test_large_folders_round_trip_through_deltas(tmp_path: Path) -> None:
+    """A folder of 3,000 files (a 100 KiB tree) rewritten many times in one batch: its
+    versions are deltas whose copies exceed git's 64 KiB copy unit."""
+    remote = bare_repo(tmp_path / "remote.git")
+    mirror = _mirror(tmp_path, remote)
+    when = datetime(2026, 3, 1, tzinfo=UTC)
+    author = Identity(name="Jane", email="jane@example.com")
+    names = [f"live/v1/configmaps/big/cm-{i:05d}.yaml" for i in range(3000)]
+    for name in names:
+        mirror.commit(
+            FileChange(path=name, content=b"v: 0\n", message="c", author=author, time=when)
+        )
+    for i, name in enumerate(random.Random(1).sample(names, 200)):
+        body = f"v: {i + 1}\n".encode()
+        mirror.commit(FileChange(path=name, content=body, message="u", author=author, time=when))
+    mirror.save()
+    git(mirror.path, "fsck", "--strict", "--full", "--no-dangling")
+    assert len(git_files(mirror.path)) == 3000
+    stats = git(
+        mirror.path, "verify-pack", "-v", *map(str, (mirror.path / "objects/pack").glob("*.idx"))
+    )
+    assert "chain length = 50" in stats  # deltas made, and capped at git's default depth
+
+
+@pytest.mark.parametrize("size", [0, 1, 127, 128, 0x10000, 0x10001, 2 * 0x1000000 + 5])
+def test_delta_encoding_matches_gits_reader(tmp_path: Path, size: int) -> None:
+    """Inserts longer than 127 bytes and copies longer than 64 KiB or 16 MiB are split."""
+    base = bytes(range(256)) * (size // 256 + 1)
+    target = base[: size // 2] + b"changed" * 30 + base[size // 2 : size]
+    objects = packing.NewObjects(lambda oid: (0, b""))
+    first = objects.add(packing.BLOB, base[:size] + b"\0" * packing.MIN_DELTA_SIZE)
+    objects.add(packing.BLOB, target + b"\0" * packing.MIN_DELTA_SIZE, delta_of=first)
+    repo = pygit2.init_repository(str(tmp_path / "r.git"), bare=True)
+    objects.write_pack(tmp_path / "r.git" / "objects" / "pack")
+    git(tmp_path / "r.git", "fsck", "--full", "--strict")
+    oid = pygit2.Oid(raw=packing.object_id(packing.BLOB, target + b"\0" * packing.MIN_DELTA_SIZE))
+    assert repo[oid].data == target + b"\0" * packing.MIN_DELTA_SIZE
+
+
+def test_many_small_packs_are_merged_after_a_push(tmp_path: Path) -> None:
+    remote = bare_repo(tmp_path / "remote.git")
+    mirror = _mirror(tmp_path, remote)
+    for change in _changes(MAX_PACKS + 5):
+        mirror.commit(change)
+        mirror.save()  # one pack per batch of one
+    packs = mirror.path / "objects" / "pack"
+    assert len(list(packs.glob("*.pack"))) > MAX_PACKS
+    mirror.push()
+    assert len(list(packs.glob("*.pack"))) <= 2
+    git(mirror.path, "fsck", "--strict", "--full", "--no-dangling")
+    assert git_files(remote) == git_files(mirror.path)
+
+
+def test_an_interrupted_pack_is_cleaned_up_and_the_branch_is_untouched(tmp_path: Path) -> None:
+    remote = bare_repo(tmp_path / "remote.git")
+    mirror = _mirror(tmp_path, remote)
+    [first, second] = [c for c in _changes(40) if c.content is not None][:2]
+    mirror.commit(first)
+    mirror.save()
+    saved = mirror.tip
+    mirror.commit(second)
+    # A crash while writing the pack leaves a temporary file and the branch where it was.
+    (mirror.path / "objects" / "pack" / "tmp_pack-123.pack").write_bytes(b"PACK\0\0")
+    reopened = _mirror(tmp_path, remote)
+    assert reopened.tip == saved
+    assert not list((mirror.path / "objects" / "pack").glob("tmp_*"))
+    assert git_show(mirror.path, first.path) == (first.content or b"").decode()
