@@ -1,4 +1,5 @@
-"""The ``audit-reverser`` command: ``serve`` (webhook receiver) and ``replay`` (audit logs).
+"""The ``audit-reverser`` command: ``serve`` (webhook receiver), ``replay`` (audit logs) and
+``check`` (can every GitProvider be pushed to).
 
 User mistakes end in one clear line per problem on stderr and a non-zero exit, never a
 traceback; a traceback means a bug in audit-reverser.
@@ -8,12 +9,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import gc
 import ipaddress
+import json
 import logging
 import signal
 import ssl
 import sys
+import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -29,7 +33,7 @@ from audit_reverser.ingest.intake import DEFAULT_MAX_BACKLOG
 from audit_reverser.ingest.logfiles import read_chunks, size_of
 from audit_reverser.ingest.server import DEFAULT_MAX_BODY_BYTES, make_app
 from audit_reverser.pipeline.filter import Skip
-from audit_reverser.runtime import DEFAULT_SHUTDOWN_TIMEOUT_S, Runtime, Settings
+from audit_reverser.runtime import DEFAULT_SHUTDOWN_TIMEOUT_S, Runtime, Settings, check_remotes
 
 log = logging.getLogger("audit_reverser")
 
@@ -58,7 +62,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    def common(sub: argparse.ArgumentParser) -> None:
+    def config_option(sub: argparse.ArgumentParser) -> None:
         sub.add_argument(
             "--config",
             action="append",
@@ -68,6 +72,9 @@ def _parser() -> argparse.ArgumentParser:
             "ClusterWatchRule (and v1 Secret) documents; repeatable. "
             "Without it: the embedded default (./audit-repo.git)",
         )
+
+    def common(sub: argparse.ArgumentParser) -> None:
+        config_option(sub)
         sub.add_argument(
             "--state-dir",
             type=Path,
@@ -144,6 +151,16 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="allow listening on a non-loopback address with neither TLS nor a token",
     )
+
+    check = commands.add_parser(
+        "check",
+        help="check that every GitProvider can be pushed to",
+        description="For each GitProvider and branch the GitTargets use: is the remote "
+        "reachable, do the credentials work, is the branch allowed, may we push (checked "
+        "without pushing). Exit status 0 when all are ready.",
+    )
+    config_option(check)
+    check.add_argument("--json", action="store_true", help="print the results as JSON")
 
     replay = commands.add_parser(
         "replay",
@@ -339,6 +356,43 @@ async def replay(args: argparse.Namespace) -> int:
     return 1 if failures or failed else 0
 
 
+async def check(args: argparse.Namespace) -> int:
+    config = await asyncio.to_thread(
+        lambda: load_config(args.config) if args.config else load_default_config()
+    )
+    with tempfile.TemporaryDirectory(prefix="audit-reverser-ssh-") as home:
+        results = await check_remotes(config, Path(home))
+    if args.json:
+        print(
+            json.dumps(
+                [
+                    {
+                        "provider": str(r.provider.key),
+                        "url": r.health.remote,
+                        "branch": r.health.branch,
+                        "targets": [str(t) for t in r.targets],
+                        "ready": r.health.ready,
+                        "reason": r.health.reason,
+                        "message": r.health.message,
+                        "checks": [dataclasses.asdict(c) for c in r.health.checks],
+                    }
+                    for r in results
+                ],
+                indent=2,
+            )
+        )
+    else:
+        for result in results:
+            health = result.health
+            print(f"GitProvider {result.provider.key}: {health.remote} branch {health.branch}")
+            allowed = ", ".join(result.provider.allowed_branches)
+            print(f"  ok    branch allowed (allowedBranches: {allowed})")
+            for item in health.checks:
+                print(f"  {'ok' if item.ok else 'FAIL':5} {item.name}: {item.detail}")
+            print("  Ready" if health.ready else f"  Not ready: {health.reason}")
+    return 0 if all(r.health.ready for r in results) else 1
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(
@@ -346,7 +400,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
-    command = {"serve": serve, "replay": replay}[args.command]
+    command = {"serve": serve, "replay": replay, "check": check}[args.command]
     try:
         return asyncio.run(command(args))
     except ConfigError as exc:

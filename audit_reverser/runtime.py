@@ -23,6 +23,7 @@ from pathlib import Path
 from audit_reverser.config.model import Config, GitProvider, Key, PushPolicy
 from audit_reverser.errors import AuditReverserError, ConfigError, RepositoryError
 from audit_reverser.events import AuditID
+from audit_reverser.gitstore.health import RemoteHealth, probe
 from audit_reverser.gitstore.repository import Mirror
 from audit_reverser.gitstore.transport import (
     LocalTransport,
@@ -85,6 +86,29 @@ def provider_transport(config: Config, provider: GitProvider) -> LocalTransport 
         return transport_for(provider.url, secret, source)
     except RepositoryError as exc:
         raise ConfigError([f"GitProvider {provider.key}: {exc}"]) from None
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class ProviderCheck:
+    provider: GitProvider
+    targets: tuple[Key, ...]
+    health: RemoteHealth
+
+
+async def check_remotes(config: Config, ssh_home: Path) -> list[ProviderCheck]:
+    """Probe every (provider, branch) the targets use, concurrently; nothing is written."""
+    wanted: dict[tuple[Key, str], list[Key]] = {}
+    for target in config.targets.values():
+        wanted.setdefault((target.provider_key, target.branch), []).append(target.key)
+    transports = {key: provider_transport(config, config.providers[key]) for key, _ in wanted}
+    await asyncio.to_thread(trust_host_keys, ssh_home, transports.values())
+    healths = await asyncio.gather(
+        *(asyncio.to_thread(probe, transports[key], branch) for key, branch in wanted)
+    )
+    return [
+        ProviderCheck(provider=config.providers[key], targets=tuple(targets), health=health)
+        for ((key, _), targets), health in zip(wanted.items(), healths, strict=True)
+    ]
 
 
 class Runtime:

@@ -87,6 +87,15 @@ class KeyPair:
         )
 
 
+_READ_ONLY = """#!/bin/sh
+case "$SSH_ORIGINAL_COMMAND" in
+    git-upload-pack*) exec sh -c "$SSH_ORIGINAL_COMMAND" ;;
+    *) echo "ERROR: The key you are authenticating with has been marked as read only." >&2
+       exit 1 ;;
+esac
+"""
+
+
 class SshServer:
     """``sshd -D`` with its own host key, config and authorized keys in a temp folder."""
 
@@ -115,9 +124,16 @@ class SshServer:
         )
         self._process: subprocess.Popen[bytes] | None = None
 
-    def authorize(self, public_key: str) -> None:
+    def authorize(self, public_key: str, *, read_only: bool = False) -> None:
+        """Let ``public_key`` in; a read-only key may fetch but not push, as on GitHub."""
+        options = ""
+        if read_only:
+            wrapper = self.directory / "read-only.sh"
+            wrapper.write_text(_READ_ONLY)
+            wrapper.chmod(0o755)
+            options = f'command="{wrapper}",no-pty '
         with open(self.directory / "authorized_keys", "a") as keys:
-            keys.write(public_key + "\n")
+            keys.write(f"{options}{public_key}\n")
 
     @property
     def known_hosts(self) -> str:

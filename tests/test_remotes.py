@@ -4,15 +4,27 @@ basic auth; refusals that name the reason and never show a credential."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import io
+import json
 import logging
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from audit_reverser.cli import main
 from audit_reverser.errors import ConfigError
-from tests.conftest import Harness, bare_repo, configmap, event, git_files, start_harness
-from tests.gitservers import GitHttpServer, KeyPair, SshServer
+from tests.conftest import (
+    Harness,
+    bare_repo,
+    configmap,
+    event,
+    git_files,
+    start_harness,
+    write_config,
+)
+from tests.gitservers import GitHttpServer, KeyPair, SshServer, free_port
 
 
 async def _harness(directory: Path, url: str, secret: dict[str, str] | None) -> Harness:
@@ -189,3 +201,60 @@ async def test_a_wrong_password_is_refused_once_and_never_shown(
     assert "authentication failed (Secret team/git-creds)" in failure
     assert "wrong-password-1234" not in caplog.text + failure
     assert await asyncio.to_thread(git_files, remote) == []
+
+
+# -- audit-reverser check -------------------------------------------------------------------
+
+
+def _check(tmp_path: Path, url: str, secret: dict[str, str] | None) -> tuple[int, dict[str, Any]]:
+    config = write_config(tmp_path / "check.yaml", tmp_path / "unused.git", url=url, secret=secret)
+    with contextlib.redirect_stdout(io.StringIO()) as out:
+        status = main(["check", "--config", str(config), "--json"])
+    [result] = json.loads(out.getvalue())
+    return status, result
+
+
+def test_check_reports_a_pushable_ssh_remote_as_ready(tmp_path: Path, sshd: SshServer) -> None:
+    remote = bare_repo(tmp_path / "remote.git")
+    status, result = _check(tmp_path, sshd.url(remote), _ssh_secret(sshd))
+    assert (status, result["ready"], result["reason"]) == (0, True, "Ready")
+    assert [c["name"] for c in result["checks"]] == ["reachable", "authenticated", "branch", "push"]
+    assert "main is new" in result["checks"][2]["detail"]
+    assert git_files(remote) == []  # checking pushes nothing
+
+
+def test_check_names_why_a_remote_is_not_ready(
+    tmp_path: Path, sshd: SshServer, git_http: GitHttpServer
+) -> None:
+    remote = bare_repo(tmp_path / "remote.git")
+    read_only = KeyPair()
+    sshd.authorize(read_only.public, read_only=True)
+    cases = {
+        "HostKeyNotTrusted": (
+            sshd.url(remote),
+            _ssh_secret(sshd, known_hosts=f"[127.0.0.1]:{sshd.port} {KeyPair().public}"),
+        ),
+        "AuthenticationFailed": (
+            sshd.url(remote),
+            _ssh_secret(sshd, **{"ssh-privatekey": KeyPair().private}),
+        ),
+        "PushDenied": (
+            sshd.url(remote),
+            _ssh_secret(sshd, **{"ssh-privatekey": read_only.private}),
+        ),
+        "Unreachable": (f"ssh://git@127.0.0.1:{free_port()}/r.git", _ssh_secret(sshd)),
+    }
+    for reason, (url, secret) in cases.items():
+        status, result = _check(tmp_path, url, secret)
+        assert (status, result["reason"]) == (1, reason), result
+    status, result = _check(tmp_path, git_http.url(remote), {"password": "nope-nope"})
+    assert (status, result["reason"]) == (1, "AuthenticationFailed")
+    assert "nope-nope" not in json.dumps(result)
+
+
+def test_check_prints_a_readable_report(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    remote = bare_repo(tmp_path / "remote.git")
+    assert main(["check", "--config", str(write_config(tmp_path / "c.yaml", remote))]) == 0
+    out = capsys.readouterr().out
+    assert f"GitProvider team/origin: {remote} branch main" in out
+    assert "ok    push: objects and refs are writable" in out and out.endswith("  Ready\n")

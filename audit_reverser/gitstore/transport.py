@@ -26,6 +26,10 @@ from pygit2.enums import CredentialType, Option
 
 from audit_reverser.errors import RepositoryError
 
+# A remote that stops answering must not hold the writer (and its commits) forever.
+pygit2.option(Option.SET_SERVER_CONNECT_TIMEOUT, 15_000)
+pygit2.option(Option.SET_SERVER_TIMEOUT, 120_000)
+
 _SCP_LIKE = re.compile(r"^(?:[^@/]+@)?[^/:]+:(?!//)")
 
 
