@@ -80,6 +80,11 @@ async def test_forged_and_broken_events_are_counted_and_the_good_one_is_kept(
         {**event("create", body=configmap()), "objectRef": "configmaps"},
         {**event("create", body=configmap()), "user": {"username": 7}},
         {**event("create", body=configmap()), "responseStatus": {"code": True}},
+        # An empty list where a string belongs (found by hypothesis: a set lookup, a 500).
+        {
+            **event("create", body=configmap()),
+            "objectRef": {"resource": "configmaps", "subresource": []},
+        },
     ]
     good = event("create", body=configmap("good"))
     response = await client.post("/audit-webhook", json=event_list(*forged, deep, *broken, good))
@@ -87,13 +92,13 @@ async def test_forged_and_broken_events_are_counted_and_the_good_one_is_kept(
     answer = await response.json()
     assert answer["skipped"] == {
         "invalid-name": 6,
-        "malformed": 4,
+        "malformed": 5,
         "failed-request": 1,  # code true
         "no-object-ref": 1,  # objectRef a string
     }
     await harness.sync()
     assert await harness.files() == ["live/v1/configmaps/default/good.yaml"]
-    assert harness.runtime.stats.skipped["malformed"] == 5  # the deep one, once it was built
+    assert harness.runtime.stats.skipped["malformed"] == 6  # the deep one, once it was built
 
 
 # -- property tests against a real process ------------------------------------------------------

@@ -62,7 +62,9 @@ async def test_commits_wait_locally_while_the_remote_is_away(
     assert writer.stats.commits == 5 and writer.stats.push_failures >= 1
 
     await asyncio.to_thread((tmp_path / "away.git").rename, eager.remote)
+    pushes = writer.stats.pushes
     assert await eager.runtime.flush() == []
+    assert writer.stats.pushes == pushes + 1  # one push carries the backlog
     assert await asyncio.to_thread(git_subjects, eager.remote) == [
         f"[CREATE] v1/configmaps/default/cm{i}" for i in range(5)
     ]

@@ -75,13 +75,15 @@ def classify_raw(event: Mapping[str, Any]) -> Skip | None:
     ref = event.get("objectRef")
     if not isinstance(ref, Mapping) or not ref.get("resource"):
         return Skip.NO_OBJECT
-    subresource, group, resource = ref.get("subresource"), ref.get("apiGroup"), ref.get("resource")
-    if not all(isinstance(v, str) for v in (subresource or "", group or "", resource)):
+    # Empty values of any type ([] or {} as much as "") mean "none".
+    subresource, group = ref.get("subresource") or "", ref.get("apiGroup") or ""
+    resource = ref.get("resource")
+    if not all(isinstance(v, str) for v in (subresource, group, resource)):
         return Skip.MALFORMED
     if subresource == "status":
         return Skip.STATUS
     if subresource in EPHEMERAL_SUBRESOURCES:
         return Skip.EPHEMERAL
-    if (group or "", resource) in EPHEMERAL_RESOURCES:
+    if (group, resource) in EPHEMERAL_RESOURCES:
         return Skip.EPHEMERAL
     return None
