@@ -360,7 +360,7 @@ async def check(args: argparse.Namespace) -> int:
     config = await asyncio.to_thread(
         lambda: load_config(args.config) if args.config else load_default_config()
     )
-    with tempfile.TemporaryDirectory(prefix="audit-reverser-ssh-") as home:
+    with tempfile.TemporaryDirectory(prefix="audit-reverser-trust-") as home:
         results = await check_remotes(config, Path(home))
     if args.json:
         print(

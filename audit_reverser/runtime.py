@@ -28,10 +28,10 @@ from audit_reverser.gitstore.repository import Mirror
 from audit_reverser.gitstore.transport import (
     LocalTransport,
     NetworkTransport,
+    install_trust,
     mirror_name,
     remote_key,
     transport_for,
-    trust_host_keys,
 )
 from audit_reverser.gitstore.types import Identity
 from audit_reverser.gitstore.writer import BranchWriter
@@ -95,13 +95,13 @@ class ProviderCheck:
     health: RemoteHealth
 
 
-async def check_remotes(config: Config, ssh_home: Path) -> list[ProviderCheck]:
+async def check_remotes(config: Config, trust_home: Path) -> list[ProviderCheck]:
     """Probe every (provider, branch) the targets use, concurrently; nothing is written."""
     wanted: dict[tuple[Key, str], list[Key]] = {}
     for target in config.targets.values():
         wanted.setdefault((target.provider_key, target.branch), []).append(target.key)
     transports = {key: provider_transport(config, config.providers[key]) for key, _ in wanted}
-    await asyncio.to_thread(trust_host_keys, ssh_home, transports.values())
+    await asyncio.to_thread(install_trust, trust_home, transports.values())
     healths = await asyncio.gather(
         *(asyncio.to_thread(probe, transports[key], branch) for key, branch in wanted)
     )
@@ -161,8 +161,8 @@ class Runtime:
     async def start(self) -> None:
         await asyncio.to_thread(self._lock_state_dir)
         await asyncio.to_thread(
-            trust_host_keys,
-            self.settings.state_dir / "ssh",
+            install_trust,
+            self.settings.state_dir / "trust",
             (w.mirror.transport for w in self.writers.values()),
         )
         results = await asyncio.gather(

@@ -14,6 +14,7 @@ import hmac
 import os
 import shutil
 import socket
+import ssl
 import subprocess
 import tempfile
 import threading
@@ -165,9 +166,12 @@ class SshServer:
 class GitHttpServer:
     """``git http-backend`` behind HTTP basic authentication, on a free loopback port."""
 
-    def __init__(self, root: Path, username: str | None, password: str) -> None:
+    def __init__(
+        self, root: Path, username: str | None, password: str, tls: ssl.SSLContext | None = None
+    ) -> None:
         # username None: any user name with the right password, as hosts take tokens.
         self.root = root
+        self.tls = tls
         self.port = free_port()
         self.username = username
         self.password = password
@@ -176,11 +180,14 @@ class GitHttpServer:
         self._thread: threading.Thread | None = None
 
     def url(self, repo: Path) -> str:
-        return f"http://127.0.0.1:{self.port}/{repo.relative_to(self.root)}"
+        scheme = "https" if self.tls else "http"
+        return f"{scheme}://127.0.0.1:{self.port}/{repo.relative_to(self.root)}"
 
     def start(self) -> None:
         self._server = ThreadingHTTPServer(("127.0.0.1", self.port), _handler_for(self))
         self._server.daemon_threads = True
+        if self.tls is not None:
+            self._server.socket = self.tls.wrap_socket(self._server.socket, server_side=True)
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
         self._thread.start()
 

@@ -8,6 +8,7 @@ import contextlib
 import io
 import json
 import logging
+import ssl
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,7 @@ from tests.conftest import (
     write_config,
 )
 from tests.gitservers import GitHttpServer, KeyPair, SshServer, free_port
+from tests.pki import Authority
 
 
 async def _harness(directory: Path, url: str, secret: dict[str, str] | None) -> Harness:
@@ -258,3 +260,34 @@ def test_check_prints_a_readable_report(tmp_path: Path, capsys: pytest.CaptureFi
     out = capsys.readouterr().out
     assert f"GitProvider team/origin: {remote} branch main" in out
     assert "ok    push: objects and refs are writable" in out and out.endswith("  Ready\n")
+
+
+async def test_https_with_a_private_authority_needs_its_ca_in_the_secret(tmp_path: Path) -> None:
+    authority = await asyncio.to_thread(Authority, tmp_path, "private-ca")
+    issued = await asyncio.to_thread(authority.issue, "127.0.0.1", server=True)
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    await asyncio.to_thread(context.load_cert_chain, issued.cert, issued.key)
+    server = GitHttpServer(tmp_path, username="bot", password="pw-1234", tls=context)
+    await asyncio.to_thread(server.start)
+    remote = await asyncio.to_thread(bare_repo, tmp_path / "remote.git")
+    secret = {"username": "bot", "password": "pw-1234"}
+    try:
+        harness = await _harness(tmp_path / "untrusted", server.url(remote), secret)
+        try:
+            [failure] = await _push_one(harness)
+        finally:
+            await harness.runtime.close()
+        assert "certificate of 127.0.0.1 is not trusted" in failure
+        assert "ca.crt in Secret team/git-creds" in failure
+
+        ca_pem = await asyncio.to_thread(authority.cert.read_text)
+        harness = await _harness(
+            tmp_path / "trusted", server.url(remote), {**secret, "ca.crt": ca_pem}
+        )
+        try:
+            assert await _push_one(harness) == []
+        finally:
+            await harness.runtime.close()
+    finally:
+        await asyncio.to_thread(server.stop)
+    assert await asyncio.to_thread(git_files, remote) == ["live/v1/configmaps/default/demo.yaml"]

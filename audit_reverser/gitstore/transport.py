@@ -7,8 +7,9 @@ are never part of a URL, a log line or an error (:meth:`Callbacks.explain` scrub
 
 SSH host keys are always verified: libgit2 checks the server's key against
 ``<home>/.ssh/known_hosts`` and we answer with its verdict. The home is process-wide in
-libgit2, so :func:`trust_host_keys` writes the ``known_hosts`` of every SSH provider into
-one file under the state directory.
+libgit2, so :func:`install_trust` writes the ``known_hosts`` of every SSH provider into
+one file under the state directory (and their extra HTTPS authorities, ``ca.crt``, into one
+bundle beside the system's).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import ssl
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Protocol
@@ -122,7 +124,11 @@ class Callbacks(pygit2.RemoteCallbacks):
                     f"host key of {host} is not trusted: it is missing from, or differs from, "
                     f"known_hosts in {self._credential.source}"
                 )
-            return f"certificate of {host} is not trusted: {scrub(str(error))}"
+            source = self._credential.source if self._credential else "the GitProvider's Secret"
+            return (
+                f"certificate of {host} is not trusted by the system's authorities nor by "
+                f"ca.crt in {source}"
+            )
         if isinstance(self._credential, SshKey) and "private key" in str(error):
             return (
                 f"cannot use the private key in {self._credential.source}: wrong passphrase or "
@@ -220,9 +226,12 @@ class LocalTransport:
 class NetworkTransport:
     """An SSH or HTTP(S) remote, with the credential its Secret gives (if any)."""
 
-    def __init__(self, url: str, credential: Credential | None) -> None:
+    def __init__(
+        self, url: str, credential: Credential | None, authority: str | None = None
+    ) -> None:
         self._url = url
         self.credential = credential
+        self.authority = authority  # PEM of an extra CA for HTTPS (a private GitLab, Gitea)
 
     @property
     def url(self) -> str:
@@ -295,24 +304,48 @@ def transport_for(
         credential = (
             Password(username=username, password=password, source=source) if password else None
         )
-        return NetworkTransport(clean, credential)
+        authority = _text(secret, "ca.crt", source) or _text(secret, "caFile", source)
+        if authority is not None and "-----BEGIN CERTIFICATE-----" not in authority:
+            raise RepositoryError(f"{source}: ca.crt is not a PEM certificate")
+        return NetworkTransport(clean, credential, authority)
     raise RepositoryError(
         f"remote {scrub(url)}: unsupported URL scheme {parts.scheme!r} (use ssh://, https://, "
         "user@host:path, file:// or a local path)"
     )
 
 
-def trust_host_keys(home: Path, transports: Iterable[Transport]) -> None:
-    """Make libgit2 check SSH host keys against the known_hosts of the given transports."""
-    lines: list[str] = []
+def install_trust(home: Path, transports: Iterable[Transport]) -> None:
+    """Make libgit2 verify servers with what the providers' Secrets trust: SSH host keys
+    (``known_hosts``) and extra certificate authorities for HTTPS (``ca.crt``).
+
+    Both settings are process-wide in libgit2, so the entries of all providers go into one
+    file each under ``home``; HTTPS keeps trusting the system's authorities as well.
+    """
+    known_hosts: list[str] = []
+    authorities: list[str] = []
     for transport in transports:
         credential = getattr(transport, "credential", None)
         if isinstance(credential, SshKey):
-            lines += [line.strip() for line in credential.known_hosts.splitlines()]
+            known_hosts += [line.strip() for line in credential.known_hosts.splitlines()]
+        authority = getattr(transport, "authority", None)
+        if authority:
+            authorities.append(authority.strip())
     ssh_dir = home / ".ssh"
     ssh_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    known_hosts = ssh_dir / "known_hosts"
-    temporary = known_hosts.with_suffix(".tmp")
-    temporary.write_text("".join(f"{line}\n" for line in dict.fromkeys(lines) if line))
-    os.replace(temporary, known_hosts)
+    _replace(
+        ssh_dir / "known_hosts", "".join(f"{line}\n" for line in dict.fromkeys(known_hosts) if line)
+    )
     pygit2.option(Option.SET_HOMEDIR, str(home))
+    if authorities:
+        defaults = ssl.get_default_verify_paths()
+        system = Path(defaults.cafile) if defaults.cafile else None
+        bundle = system.read_text() if system is not None and system.is_file() else ""
+        bundle += "".join(f"\n{pem}\n" for pem in dict.fromkeys(authorities))
+        _replace(home / "ca-bundle.crt", bundle)
+        pygit2.settings.set_ssl_cert_locations(str(home / "ca-bundle.crt"), defaults.capath)
+
+
+def _replace(path: Path, text: str) -> None:
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.write_text(text)
+    os.replace(temporary, path)
