@@ -17,7 +17,7 @@ FILE_MODE = b"100644"
 EMPTY_TREE = bytes.fromhex("4b825dc642cb6eb9a060e54bf8d69288fbee4904")
 
 # Mode, name, NUL and a 20-byte id; names hold no NUL and ids any byte.
-_ENTRY = re.compile(rb"([0-7]+) ([^\0]+)\0.{20}", re.DOTALL)
+_ENTRY = re.compile(rb"(([0-7]+) ([^\0]+)\0.{20})", re.DOTALL)
 
 # Loaded directories are forgotten past this many entries in all; they load again on use.
 MAX_CACHED_ENTRIES = 500_000
@@ -39,15 +39,13 @@ class Directory:
         self.records: list[bytes] = []  # b"<mode> <name>\0<20-byte id>", in the same order
         self.oid = oid  # None while changed and not yet written
         self.written = oid  # the last id written or loaded: the base for a delta
-        consumed = 0
-        for match in _ENTRY.finditer(data):
-            mode, name, record = match[1], match[2], match[0]
-            self.modes[name] = mode
-            self.keys.append(_sort_key(name, mode))
-            self.records.append(record)
-            consumed += len(record)
-        if consumed != len(data):
-            raise ValueError(f"tree {oid.hex() if oid else ''} is malformed")
+        if data:
+            found = _ENTRY.findall(data)
+            self.records = [record for record, _, _ in found]
+            self.modes = {name: mode for _, mode, name in found}
+            self.keys = [name + b"/" if mode == TREE_MODE else name for _, mode, name in found]
+            if sum(map(len, self.records)) != len(data):
+                raise ValueError(f"tree {oid.hex() if oid else ''} is malformed")
 
     def __len__(self) -> int:
         return len(self.modes)
