@@ -13,6 +13,7 @@ keep whatever the remote has; nothing is ever force-pushed.
 from __future__ import annotations
 
 import logging
+import os
 from datetime import datetime
 from pathlib import Path
 
@@ -257,6 +258,7 @@ class Mirror:
         try:
             self._objects.write_pack(self.path / "objects" / "pack")
             self.repo.references.create(self._local_ref, _oid(self._head), force=True)
+            self._sync_ref()
         except (pygit2.GitError, OSError) as exc:
             self.unpushed -= self._unsaved
             self._moved_to(self._saved)
@@ -265,6 +267,19 @@ class Mirror:
             ) from exc
         self._saved = self._head
         self._unsaved = 0
+
+    def _sync_ref(self) -> None:
+        """Put the branch reference on disk before its events count as committed: the journal
+        forgets them once we return, and a power cut must not take the branch back."""
+        ref = self.path / self._local_ref
+        if not ref.is_file():  # packed by someone's `git gc`: nothing of ours to sync
+            return
+        for path, flags in ((ref, os.O_RDONLY), (ref.parent, os.O_RDONLY | os.O_DIRECTORY)):
+            fd = os.open(path, flags)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
 
     # -- push -------------------------------------------------------------------------------
 
