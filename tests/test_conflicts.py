@@ -6,10 +6,19 @@ Every assertion reads the remote with the git command line, as a user would.
 from __future__ import annotations
 
 import asyncio
+import errno
 import subprocess
 import threading
+from datetime import UTC, datetime
 from pathlib import Path
 
+import pytest
+
+from audit_reverser.errors import MirrorWriteFailed
+from audit_reverser.gitstore.packing import NewObjects
+from audit_reverser.gitstore.repository import Mirror
+from audit_reverser.gitstore.transport import LocalTransport
+from audit_reverser.gitstore.types import FileChange, Identity
 from tests.conftest import (
     Harness,
     bare_repo,
@@ -24,6 +33,7 @@ from tests.conftest import (
 from tests.gitservers import SshServer
 
 OUR_FILE = "live/v1/configmaps/default/a.yaml"
+COMMITTER = Identity(name="audit-reverser", email="bot@audit-reverser.invalid")
 
 
 def _other_tool_commit(remote: Path, work: Path, files: dict[str, str], message: str) -> None:
@@ -165,3 +175,43 @@ async def test_a_concurrent_writer_and_an_outage_lose_nothing_and_force_nothing(
     assert len([f for f in files if f.startswith("live/")]) == len(ours)
     assert await asyncio.to_thread(_only_fast_forwards, remote)
     assert writer.stats.push_failures >= 1 and writer.mirror.replays >= 1
+
+
+class _DiskFullOnce:
+    """The mirror's pack writing fails once, as with a full disk, then works again."""
+
+    def __init__(self, objects: NewObjects) -> None:
+        self.write_pack = objects.write_pack
+        self.failed = False
+
+    def __call__(self, pack_dir: Path) -> Path | None:
+        if not self.failed:
+            self.failed = True
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return self.write_pack(pack_dir)
+
+
+def test_a_replay_that_cannot_be_saved_keeps_our_commits(tmp_path: Path) -> None:
+    remote = bare_repo(tmp_path / "remote.git")
+    _other_tool_commit(remote, tmp_path / "bob", {"docs/README.md": "v1\n"}, "Bob 1")
+    mirror = Mirror(tmp_path / "mirror.git", LocalTransport(remote), "main", COMMITTER)
+    mirror.open()
+    mirror.sync()
+    when = datetime(2026, 3, 1, tzinfo=UTC)
+    for name in ("a", "b"):
+        change = FileChange(
+            path=f"live/{name}.yaml",
+            content=b"x\n",
+            message=f"[CREATE] {name}\n",
+            author=COMMITTER,
+            time=when,
+        )
+        mirror.commit(change)
+    mirror.save()
+    _other_tool_commit(remote, tmp_path / "bob", {"docs/README.md": "v2\n"}, "Bob 2")
+    mirror._objects.write_pack = _DiskFullOnce(mirror._objects)  # type: ignore[method-assign]
+    with pytest.raises(MirrorWriteFailed):
+        mirror.push()
+    assert mirror.unpushed == 2
+    assert mirror.push() == 2
+    assert git_subjects(remote) == ["Bob 1", "Bob 2", "[CREATE] a", "[CREATE] b"]

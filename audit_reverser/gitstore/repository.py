@@ -328,21 +328,30 @@ class Mirror:
         return commit == ancestor or self.repo.descendant_of(_oid(commit), _oid(ancestor))
 
     def _replay_onto(self, remote: bytes) -> None:
-        """Rewrite our commits that the remote lacks on top of ``remote`` and save them."""
+        """Rewrite our commits that the remote lacks on top of ``remote`` and save them.
+
+        If that fails (a full disk), the branch stays on our original commits."""
         assert self._head is not None
+        original, unpushed = self._head, self.unpushed
         walker = self.repo.walk(_oid(self._head), SortMode.TOPOLOGICAL | SortMode.REVERSE)
         walker.hide(_oid(remote))
         ours = list(walker)
         self._moved_to(remote)
         self.unpushed = 0
-        for commit in ours:
-            for path, blob in _changes(commit):
-                self._tree.set(path, blob)
-            tree = self._tree.write()
-            kind, data = self.repo.odb.read(commit.id)
-            self._head = self._objects.add(COMMIT, _rebased(data, tree, self._head))
-            self._unsaved += 1
-            self.unpushed += 1
+        try:
+            for commit in ours:
+                for path, blob in _changes(commit):
+                    self._tree.set(path, blob)
+                tree = self._tree.write()
+                kind, data = self.repo.odb.read(commit.id)
+                self._head = self._objects.add(COMMIT, _rebased(data, tree, self._head))
+                self._unsaved += 1
+                self.unpushed += 1
+            self.save()
+        except (pygit2.GitError, OSError, MirrorWriteFailed):
+            self._moved_to(original)
+            self.unpushed = unpushed
+            raise
         self.replays += 1
         log.warning(
             "%s: branch %s of %s moved; replayed our %d unpushed commits on top of %s",
@@ -352,7 +361,6 @@ class Mirror:
             len(ours),
             remote.hex()[:12],
         )
-        self.save()
 
     def _consolidate(self) -> None:
         """Merge the packs into one when there are many (each batch writes one)."""
