@@ -166,7 +166,7 @@ class Runtime:
             (w.mirror.transport for w in self.writers.values()),
         )
         results = await asyncio.gather(
-            *(w.start() for w in self.writers.values()), return_exceptions=True
+            *(w.open() for w in self.writers.values()), return_exceptions=True
         )
         errors = [r for r in results if isinstance(r, BaseException)]
         if errors:
@@ -178,6 +178,8 @@ class Runtime:
             self._checkpoints = asyncio.create_task(
                 self._checkpoint_loop(self.journal), name="journal-checkpoints"
             )
+        for writer in self.writers.values():
+            writer.start()
         self.intake.start()
         self.accepting = True
 

@@ -8,7 +8,9 @@ import contextlib
 import io
 import json
 import logging
+import socket
 import ssl
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -21,8 +23,11 @@ from tests.conftest import (
     bare_repo,
     configmap,
     event,
+    event_list,
     git_files,
+    request,
     start_harness,
+    start_serve,
     write_config,
 )
 from tests.gitservers import GitHttpServer, KeyPair, SshServer, free_port
@@ -188,11 +193,11 @@ async def test_a_wrong_password_is_refused_once_and_never_shown(
     secret = {"username": "bot", "password": "wrong-password-1234"}
     harness = await _harness(tmp_path, git_http.url(remote), secret)
     try:
-        before = len(git_http.requests)
         [failure] = await _push_one(harness)
-        # A push, then a fetch to see whether the remote moved: two requests each (the
-        # anonymous probe and one answer to the 401); libgit2 alone would ask many times.
-        assert len(git_http.requests) - before == 4
+        # The fetch on start, the push, the fetch to see whether the remote moved: two
+        # requests each (the anonymous probe, one answer to the 401); libgit2 alone would
+        # ask again and again.
+        assert len(git_http.requests) == 6
     finally:
         await harness.runtime.close()
     assert "authentication failed (Secret team/git-creds)" in failure
@@ -286,3 +291,36 @@ async def test_https_with_a_private_authority_needs_its_ca_in_the_secret(tmp_pat
     finally:
         await asyncio.to_thread(server.stop)
     assert await asyncio.to_thread(git_files, remote) == ["live/v1/configmaps/default/demo.yaml"]
+
+
+class _SilentServer:
+    """Takes connections and never answers, like a host behind a broken proxy."""
+
+    def __init__(self) -> None:
+        self.socket = socket.create_server(("127.0.0.1", 0))
+        self.port = self.socket.getsockname()[1]
+        self.connections: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                self.connections.append(self.socket.accept()[0])
+
+
+def test_a_silent_remote_delays_neither_start_nor_shutdown(tmp_path: Path) -> None:
+    """libgit2 waits up to two minutes for a silent server; the receiver starts at once and
+    SIGTERM ends it within --shutdown-timeout, the change kept in the journal."""
+    silent = _SilentServer()
+    url = f"http://127.0.0.1:{silent.port}/repo.git"
+    config = write_config(tmp_path / "c.yaml", tmp_path / "unused.git", url=url)
+    state = ["--config", str(config), "--state-dir", str(tmp_path / "state")]
+    served = start_serve(tmp_path, *state, "--shutdown-timeout", "2")
+    body = json.dumps(event_list(event("create", body=configmap()))).encode()
+    status, _ = request(
+        served.port, "POST", "/audit-webhook", body, headers={"Content-Type": "application/json"}
+    )
+    assert status == 200
+    log = served.stop()  # waits at most 60 s: half of libgit2's own time-out
+    assert "1 events stay in the journal for the next start" in log
+    assert silent.connections  # it did try

@@ -13,19 +13,17 @@ auditID, and same path) is answered with that commit instead of being committed 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import logging
+import queue
 import random
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar
 
-from audit_reverser.errors import (
-    AuditReverserError,
-    MirrorWriteFailed,
-    RemoteUnavailable,
-    TemporaryError,
-)
+from audit_reverser.errors import AuditReverserError, MirrorWriteFailed, TemporaryError
 from audit_reverser.gitstore.repository import Mirror
 from audit_reverser.gitstore.types import CommitOutcome, FileChange
 
@@ -65,6 +63,47 @@ class _Change:
     done: asyncio.Future[CommitOutcome]
 
 
+class GitThread(concurrent.futures.Executor):
+    """The one thread that touches a writer's mirror: calls run there in submission order.
+
+    It is a daemon thread: a push stuck on a silent server (libgit2 gives up only after its
+    own timeout) must not keep the process alive past the shut-down time. Stopping it there
+    is safe: the mirror's writes are a pack file and an atomic reference update, and a
+    half-written pack is removed on the next start.
+    """
+
+    def __init__(self, name: str) -> None:
+        self._calls: queue.SimpleQueue[
+            tuple[concurrent.futures.Future[Any], Callable[[], Any]] | None
+        ] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._work, name=name, daemon=True)
+
+    def submit(  # type: ignore[override]
+        self, fn: Callable[[], T], /
+    ) -> concurrent.futures.Future[T]:
+        future: concurrent.futures.Future[T] = concurrent.futures.Future()
+        self._calls.put((future, fn))
+        if not self._thread.is_alive():
+            self._thread.start()
+        return future
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        if self._thread.is_alive():
+            self._calls.put(None)
+            if wait:
+                self._thread.join()
+
+    def _work(self) -> None:
+        while (call := self._calls.get()) is not None:
+            future, fn = call
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                future.set_result(fn())
+            except BaseException as exc:  # handed to the awaiting task, as executors do
+                future.set_exception(exc)
+
+
 class BranchWriter:
     def __init__(
         self,
@@ -87,15 +126,25 @@ class BranchWriter:
         self._push_deadline: float | None = None
         self._retry_s = RETRY_MIN_S
         self._recovered: dict[tuple[str, str], str] = {}
+        self._thread = GitThread(f"git {mirror.path.name}")
 
     async def _blocking(self, call: Callable[[], T]) -> T:
-        return await asyncio.get_running_loop().run_in_executor(None, call)
+        return await asyncio.get_running_loop().run_in_executor(self._thread, call)
 
-    async def start(self) -> None:
+    async def open(self) -> None:
+        """Open the mirror as last saved; no network. :meth:`recover` may follow."""
         await self._blocking(self.mirror.open)
+
+    def start(self) -> None:
+        """Start the writer task, whose first step is to fetch: a remote slow to answer must
+        not keep the receiver from starting, and the mirror has one user at a time."""
+        self._task = asyncio.create_task(self._run(), name=f"git-writer {self.name}")
+        self._task.add_done_callback(self._crashed)
+
+    async def _sync(self) -> None:
         try:
             await self._blocking(self.mirror.sync)
-        except RemoteUnavailable as exc:
+        except TemporaryError as exc:
             # Events are still taken and committed locally; the first push that gets
             # through replays them onto whatever the remote holds by then.
             self.last_push_error = str(exc)
@@ -109,11 +158,10 @@ class BranchWriter:
             )
             if self._push_deadline is None:
                 self._push_deadline = asyncio.get_running_loop().time()
-        self._task = asyncio.create_task(self._run(), name=f"git-writer {self.name}")
-        self._task.add_done_callback(self._crashed)
 
     async def recover(self, since: str | None) -> list[tuple[str, str]]:
-        """Remember the commits made after ``since``; returns their ``(path, message)``s."""
+        """Remember the commits made after ``since``; returns their ``(path, message)``s.
+        Between :meth:`open` and :meth:`start`."""
         changes = await self._blocking(lambda: self.mirror.changes_since(since))
         found = []
         for commit_id, message, paths in changes:
@@ -160,8 +208,10 @@ class BranchWriter:
             await self._queue.put(None)
             assert self._task is not None
             await self._task
+        self._thread.shutdown(wait=False)
 
     async def _run(self) -> None:
+        await self._sync()
         loop = asyncio.get_running_loop()
         while True:
             timeout = None
