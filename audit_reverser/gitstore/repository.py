@@ -115,7 +115,9 @@ class Mirror:
                 self._repo = pygit2.Repository(str(self.path))
             else:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
-                self._repo = pygit2.init_repository(str(self.path), bare=True)
+                self._repo = pygit2.init_repository(
+                    str(self.path), bare=True, initial_head=self.branch
+                )
         except pygit2.GitError as exc:
             raise RepositoryError(f"cannot open mirror {self.path}: {exc}") from exc
         # A pack whose writing a crash interrupted; its commits were never on the branch.
