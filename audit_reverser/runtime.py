@@ -21,6 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from audit_reverser.config.model import Config, GitProvider, Key, PushPolicy
+from audit_reverser.encryption.keys import fingerprint_key
+from audit_reverser.encryption.keys import resolve as resolve_keys
 from audit_reverser.errors import AuditReverserError, ConfigError, RepositoryError
 from audit_reverser.events import AuditID
 from audit_reverser.gitstore.health import RemoteHealth, probe
@@ -138,7 +140,20 @@ class Runtime:
             writer.push_interval_s = min(p.interval_s for p in policies[key])
             writer.push_max_commits = min(p.max_commits for p in policies[key])
         self.stats = PipelineStats()
-        self.processor = Processor(config, sinks, self.stats)
+        # Generated age keys and the fingerprint key live in the state directory: blocking
+        # file access, as all of __init__ (callers build the runtime off the event loop).
+        self.keys = {
+            target.key: resolve_keys(target, config.secrets, settings.state_dir)
+            for target in config.targets.values()
+        }
+        encrypting = any(keys.problem is None for keys in self.keys.values())
+        self.processor = Processor(
+            config,
+            sinks,
+            self.stats,
+            keys=self.keys,
+            fingerprint_key=fingerprint_key(settings.state_dir) if encrypting else b"",
+        )
         self.journal = (
             Journal(
                 settings.state_dir / "journal",

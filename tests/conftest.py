@@ -183,9 +183,12 @@ def write_config(
     interval: str = "1h",
     url: str | None = None,
     secret: dict[str, str] | None = None,
+    encryption: str = "",
+    documents: str = "",
 ) -> Path:
     """A config writing everything to ``remote`` (or ``url``, with ``secret`` as the
-    provider's credentials Secret)."""
+    provider's credentials Secret); ``encryption`` is YAML added to the target's spec
+    (indented by two), ``documents`` more YAML documents at the end."""
     secret_ref = "\n  secretRef: {name: git-creds}" if secret is not None else ""
     secret_doc = ""
     if secret is not None:
@@ -213,7 +216,7 @@ metadata: {{name: live, namespace: team}}
 spec:
   providerRef: {{name: origin}}
   branch: main
-  path: {target_path}
+  path: {target_path}{encryption}
 ---
 apiVersion: configbutler.ai/v1alpha1
 kind: ClusterWatchRule
@@ -225,7 +228,7 @@ spec:
       resources: ["*"]
     - scope: Cluster
       resources: ["*"]
-{secret_doc}""")
+{secret_doc}{documents}""")
     return path
 
 

@@ -13,6 +13,7 @@ LAYERS = [
     "errors",
     "events",
     "config",
+    "encryption",
     "gitstore",
     "journal",
     "pipeline",
@@ -20,7 +21,7 @@ LAYERS = [
     "runtime",
     "cli",
 ]
-ADAPTERS = {"pygit2": "gitstore"}
+ADAPTERS = {"pygit2": "gitstore", "cryptography": "encryption"}
 
 
 def _layer(module: str) -> str:

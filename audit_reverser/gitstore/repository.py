@@ -12,6 +12,7 @@ keep whatever the remote has; nothing is ever force-pushed.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from datetime import datetime
@@ -87,6 +88,9 @@ class Mirror:
         self._saved: bytes | None = None
         self._unsaved = 0
         self._tree = WorkingTree(self._objects, None)
+        # path -> (fingerprint, blob id) of files committed with a FileChange.fingerprint
+        self._fingerprints: dict[str, tuple[str, bytes]] = {}
+        self._fingerprints_changed = False
 
     @property
     def repo(self) -> pygit2.Repository:
@@ -123,6 +127,7 @@ class Mirror:
         # A pack whose writing a crash interrupted; its commits were never on the branch.
         for leftover in (self.path / "objects" / "pack").glob("tmp_pack-*"):
             leftover.unlink(missing_ok=True)
+        self._fingerprints = _load_fingerprints(self._fingerprint_file)
         remotes = self.repo.remotes
         if REMOTE_NAME in remotes.names():
             remotes.set_url(REMOTE_NAME, self.transport.url)
@@ -237,8 +242,22 @@ class Mirror:
             blob = object_id(BLOB, change.content)
             if blob == current:
                 return None
+            known = self._fingerprints.get(change.path)
+            if change.fingerprint is not None and known == (change.fingerprint, current):
+                return None  # the same meaning, already in the file
             self._objects.add(BLOB, change.content)
         self._tree.set(change.path, blob)
+        for path, content in change.also:
+            extra = object_id(BLOB, content)
+            if self._tree.get(path) != extra:
+                self._objects.add(BLOB, content)
+                self._tree.set(path, extra)
+        if change.fingerprint is not None and blob is not None:
+            self._fingerprints[change.path] = (change.fingerprint, blob)
+            self._fingerprints_changed = True
+        elif change.path in self._fingerprints:
+            del self._fingerprints[change.path]
+            self._fingerprints_changed = True
         tree = self._tree.write()
         headers = [b"tree " + tree.hex().encode()]
         if self._head is not None:
@@ -261,6 +280,9 @@ class Mirror:
             self._objects.write_pack(self.path / "objects" / "pack")
             self.repo.references.create(self._local_ref, _oid(self._head), force=True)
             self._sync_ref()
+            if self._fingerprints_changed:
+                _save_fingerprints(self._fingerprint_file, self._fingerprints)
+                self._fingerprints_changed = False
         except (pygit2.GitError, OSError) as exc:
             self.unpushed -= self._unsaved
             self._moved_to(self._saved)
@@ -269,6 +291,10 @@ class Mirror:
             ) from exc
         self._saved = self._head
         self._unsaved = 0
+
+    @property
+    def _fingerprint_file(self) -> Path:
+        return self.path / "audit-reverser" / "fingerprints.json"
 
     def _sync_ref(self) -> None:
         """Put the branch reference on disk before its events count as committed: the journal
@@ -416,3 +442,23 @@ def _index_ids(index: bytes) -> list[bytes]:
     count = int.from_bytes(index[8 + 255 * 4 : 8 + 256 * 4], "big")
     start = 8 + 256 * 4
     return [index[start + 20 * i : start + 20 * (i + 1)] for i in range(count)]
+
+
+def _load_fingerprints(path: Path) -> dict[str, tuple[str, bytes]]:
+    """Fingerprints saved by an earlier run; a lost or damaged file only costs a commit of
+    each such file the next time it changes."""
+    try:
+        saved = json.loads(path.read_text())
+        return {p: (f, bytes.fromhex(b)) for p, (f, b) in saved.items()}
+    except FileNotFoundError:
+        return {}
+    except (ValueError, TypeError, AttributeError):
+        log.warning("%s is damaged; Secrets are encrypted again on their next change", path)
+        return {}
+
+
+def _save_fingerprints(path: Path, fingerprints: dict[str, tuple[str, bytes]]) -> None:
+    path.parent.mkdir(exist_ok=True)
+    temporary = path.with_suffix(".tmp")
+    temporary.write_text(json.dumps({p: [f, b.hex()] for p, (f, b) in fingerprints.items()}))
+    temporary.replace(path)

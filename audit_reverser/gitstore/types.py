@@ -14,13 +14,21 @@ class Identity:
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class FileChange:
-    """One commit: set ``path`` to ``content`` (or remove it when None)."""
+    """One commit: set ``path`` to ``content`` (or remove it when None).
+
+    ``also`` are files set in the same commit when they differ (a ``.sops.yaml`` beside
+    encrypted files); they alone never make a commit. ``fingerprint`` stands for content
+    that is new bytes each time although its meaning did not change (ciphertext): when the
+    file still holds what was committed with the same fingerprint, nothing is committed.
+    """
 
     path: str
     content: bytes | None
     message: str
     author: Identity
     time: datetime
+    also: tuple[tuple[str, bytes], ...] = ()
+    fingerprint: str | None = None
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

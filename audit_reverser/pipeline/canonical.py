@@ -7,6 +7,7 @@ blocks; no line folding, so a diff shows exactly the values that changed.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -30,6 +31,16 @@ def _str(dumper: yaml.SafeDumper, value: str) -> yaml.ScalarNode:
 
 _CanonicalDumper.add_representer(str, _str)
 
+# PyYAML quotes a string that would read back as something else under YAML 1.1. Go tools
+# (sops, yaml.v3) read YAML 1.2, where ``1e3`` is a number and ``0o17`` an integer: such
+# strings are quoted too, so every reader sees the same value (SOPS MACs depend on it).
+_CanonicalDumper.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)[eE][-+]?[0-9]+$"),
+    list("-+.0123456789"),
+)
+_CanonicalDumper.add_implicit_resolver("tag:yaml.org,2002:int", re.compile(r"^0o[0-7]+$"), ["0"])
+
 
 def _ordered(value: Any, order: Mapping[str, int] | None = None) -> Any:
     if isinstance(value, Mapping):
@@ -46,9 +57,19 @@ def _ordered(value: Any, order: Mapping[str, int] | None = None) -> Any:
     return value
 
 
-def dump(obj: Mapping[str, Any]) -> bytes:
+def ordered(obj: Mapping[str, Any]) -> dict[str, Any]:
+    """``obj`` with its keys in the order :func:`dump` writes them."""
+    result: dict[str, Any] = _ordered(obj, _TOP_ORDER)
+    return result
+
+
+def dump(obj: Mapping[str, Any], trailer: Mapping[str, Any] | None = None) -> bytes:
+    """Canonical YAML of ``obj``, then the keys of ``trailer`` as given (a ``sops:`` block)."""
+    document = _ordered(obj, _TOP_ORDER)
+    if trailer:
+        document = {**document, **trailer}
     text = yaml.dump(
-        _ordered(obj, _TOP_ORDER),
+        document,
         Dumper=_CanonicalDumper,
         sort_keys=False,
         default_flow_style=False,

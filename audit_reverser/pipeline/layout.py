@@ -29,6 +29,7 @@ class ObjectPath:
 
     file: str
     subject: str  # relative to the target path, without the .yaml suffix
+    sops_config: str  # the target folder's .sops.yaml
 
 
 def _check(pattern: re.Pattern[str], value: str, what: str) -> str:
@@ -75,5 +76,7 @@ def object_path(
     )
     relative = "/".join(parts)
     suffix = ".sops.yaml" if secret else ".yaml"
-    file = f"{target_path}/{relative}{suffix}" if target_path else f"{relative}{suffix}"
-    return ObjectPath(file=file, subject=relative)
+    prefix = f"{target_path}/" if target_path else ""
+    return ObjectPath(
+        file=f"{prefix}{relative}{suffix}", subject=relative, sops_config=f"{prefix}.sops.yaml"
+    )

@@ -17,6 +17,9 @@ from datetime import UTC, datetime
 from typing import Protocol
 
 from audit_reverser.config.model import Config, GitTarget, Key
+from audit_reverser.encryption import sops
+from audit_reverser.encryption.keys import TargetKeys
+from audit_reverser.encryption.keys import fingerprint as fingerprint_of
 from audit_reverser.events import AuditEvent, AuditID
 from audit_reverser.gitstore.types import CommitOutcome, FileChange
 from audit_reverser.pipeline import canonical
@@ -67,10 +70,16 @@ class Processor:
         config: Config,
         sinks: Mapping[Key, CommitSink],
         stats: PipelineStats,
+        *,
+        keys: Mapping[Key, TargetKeys] | None = None,
+        fingerprint_key: bytes = b"",
     ) -> None:
         self._router = Router(config)
         self._sinks = sinks
         self.stats = stats
+        self._keys = keys or {}
+        self._fingerprint_key = fingerprint_key
+        self._refused_secrets: set[Key] = set()
         self._handled: OrderedDict[AuditID, None] = OrderedDict()
         self._versions: dict[tuple[int, str], int] = {}
 
@@ -120,10 +129,6 @@ class Processor:
             return self._skip(event, routes)
         if event.audit_id in self._handled:
             return self._skip(event, Skip.DUPLICATE)
-        ref = event.object_ref
-        assert ref is not None
-        if ref.api_group == "" and ref.resource == "secrets":
-            return self._skip(event, Skip.SECRET)
         try:
             changes = resolve_offline(event)
         except NeedsApi as exc:
@@ -151,6 +156,15 @@ class Processor:
     ) -> asyncio.Future[CommitOutcome] | Skip:
         ref = event.object_ref
         assert ref is not None
+        secret = ref.api_group == "" and ref.resource == "secrets"
+        keys = self._keys.get(target.key) or TargetKeys(
+            problem=f"GitTarget {target.key} has no spec.encryption"
+        )
+        if secret and keys.problem is not None and change.body is not None:
+            if target.key not in self._refused_secrets:  # once, not once per Secret
+                self._refused_secrets.add(target.key)
+                log.warning("Secrets are not written, never in plaintext: %s", keys.problem)
+            return Skip.SECRET
         try:
             path = object_path(
                 target_path=target.path,
@@ -159,6 +173,7 @@ class Processor:
                 resource=ref.resource,
                 namespace="" if is_cluster_scoped(ref) else change.namespace,
                 name=change.name,
+                secret=secret,
             )
         except InvalidName as exc:
             log.warning("event %s refused: %s", event.audit_id, exc)
@@ -177,6 +192,8 @@ class Processor:
             )
             return Skip.STALE
         action: Action
+        fingerprint = None
+        when = event.time or UNKNOWN_TIME
         if change.body is None:
             action, content = "DELETE", None
         else:
@@ -184,8 +201,17 @@ class Processor:
             try:
                 clean = sanitize(change.body, api_group=ref.api_group, resource=ref.resource)
                 content = canonical.dump(clean)
+                if secret:
+                    fingerprint = fingerprint_of(self._fingerprint_key, keys.recipients, content)
+                    body, metadata = sops.encrypt(
+                        canonical.ordered(clean), keys.recipients, now=when
+                    )
+                    content = canonical.dump(body, trailer={"sops": metadata})
             except RecursionError:  # only forged objects nest this deep
                 log.warning("event %s refused: the object is nested too deeply", event.audit_id)
+                return Skip.MALFORMED
+            except sops.SopsError as exc:
+                log.warning("event %s refused: %s", event.audit_id, exc)
                 return Skip.MALFORMED
         if version is not None:
             self._versions[version_key] = version
@@ -199,7 +225,12 @@ class Processor:
                 resource_version=change.resource_version,
             ),
             author=author_for(event.effective_user.username),
-            time=event.time or UNKNOWN_TIME,
+            time=when,
+            # The folder's .sops.yaml rides along with every commit until it is right.
+            also=()
+            if keys.problem
+            else ((path.sops_config, sops.creation_rules(keys.recipients)),),
+            fingerprint=fingerprint,
         )
         return await sink.submit(file_change)
 
