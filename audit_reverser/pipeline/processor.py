@@ -80,6 +80,7 @@ class Processor:
         self._keys = keys or {}
         self._fingerprint_key = fingerprint_key
         self._refused_secrets: set[Key] = set()
+        self._rules: dict[tuple[str, ...], bytes] = {}  # .sops.yaml per set of recipients
         self._handled: OrderedDict[AuditID, None] = OrderedDict()
         self._versions: dict[tuple[int, str], int] = {}
 
@@ -227,12 +228,16 @@ class Processor:
             author=author_for(event.effective_user.username),
             time=when,
             # The folder's .sops.yaml rides along with every commit until it is right.
-            also=()
-            if keys.problem
-            else ((path.sops_config, sops.creation_rules(keys.recipients)),),
+            also=() if keys.problem else ((path.sops_config, self._creation_rules(keys)),),
             fingerprint=fingerprint,
         )
         return await sink.submit(file_change)
+
+    def _creation_rules(self, keys: TargetKeys) -> bytes:
+        rules = self._rules.get(keys.recipients)
+        if rules is None:
+            rules = self._rules[keys.recipients] = sops.creation_rules(keys.recipients)
+        return rules
 
     def _skip(self, event: AuditEvent, reason: Skip) -> list[asyncio.Future[CommitOutcome]]:
         log.debug("event %s skipped: %s", event.audit_id, reason)
