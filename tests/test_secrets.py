@@ -444,3 +444,21 @@ def test_bad_keys_are_named_without_showing_them() -> None:
     assert "NOTAREALKEY" not in str(caught.value)
     with pytest.raises(age.AgeError, match="is not an age X25519 recipient"):
         age.parse_recipient("age1notarecipient")
+
+
+async def test_a_forged_secret_with_a_non_string_value_is_refused_without_showing_it(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    key_file = tmp_path / "key.txt"
+    recipient = await asyncio.to_thread(keygen, key_file)
+    harness = await _encrypting_harness(tmp_path, recipient)
+    forged = secret()
+    forged["data"]["pin"] = 987654321
+    try:
+        await harness.send(event("create", resource="secrets", name="db", body=forged))
+        await harness.sync()
+    finally:
+        await harness.runtime.close()
+    assert await harness.files() == []
+    assert harness.runtime.stats.skipped[Skip.MALFORMED] == 1
+    assert "987654321" not in caplog.text and "data.pin" in caplog.text

@@ -185,7 +185,10 @@ def encrypt(
         if not encrypted or value == "":
             return value
         if not isinstance(value, str):
-            raise SopsError(f"{'.'.join(path)}: only strings are encrypted, not {value!r}")
+            # Never the value in the message: it is meant to be secret.
+            raise SopsError(
+                f"{'.'.join(path)}: only strings are encrypted, not {type(value).__name__}"
+            )
         return _encrypt_value(value, key, ":".join(path) + ":")
 
     encrypted = _walk(document, [], False, visit, regex)
