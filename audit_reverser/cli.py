@@ -26,6 +26,8 @@ from typing import Any
 from aiohttp import web
 
 from audit_reverser import __version__
+from audit_reverser.cluster.api import KubeApi
+from audit_reverser.cluster.objects import ApiObjects
 from audit_reverser.config import load_config, load_default_config
 from audit_reverser.errors import AuditReverserError, ConfigError, PermanentError
 from audit_reverser.ingest import auth
@@ -116,6 +118,17 @@ def _parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="time to commit and push on SIGTERM; the rest stays in the journal (default: 20)",
     )
+    cluster = serve.add_argument_group(
+        "cluster API (objects the events do not carry: Metadata level, scale writes)"
+    )
+    cluster.add_argument(
+        "--kubeconfig", type=Path, metavar="FILE", help="read objects from this cluster"
+    )
+    cluster.add_argument(
+        "--in-cluster",
+        action="store_true",
+        help="read objects with the pod's service account",
+    )
     security = serve.add_argument_group("sender authentication")
     security.add_argument(
         "--tls-cert",
@@ -190,7 +203,7 @@ def _seconds(text: str) -> float:
     return value
 
 
-def _runtime(args: argparse.Namespace, **options: Any) -> Runtime:
+def _runtime(args: argparse.Namespace, source: ApiObjects | None = None, **options: Any) -> Runtime:
     """Load the config and build the runtime; file access, so it runs off the event loop."""
     if args.config:
         config = load_config(args.config)
@@ -198,7 +211,7 @@ def _runtime(args: argparse.Namespace, **options: Any) -> Runtime:
         config = load_default_config()
         # Only the embedded default creates its missing local remote; see Settings.
         options["create_local_remotes"] = True
-    return Runtime(config, Settings(state_dir=args.state_dir, **options))
+    return Runtime(config, Settings(state_dir=args.state_dir, **options), source=source)
 
 
 def _is_loopback(host: str) -> bool:
@@ -257,9 +270,27 @@ def _tune_interpreter_for_ingest() -> None:
 
 async def serve(args: argparse.Namespace) -> int:
     senders, context = await asyncio.to_thread(_senders, args)
+    api = None
+    if args.kubeconfig is not None or args.in_cluster:
+        api = await KubeApi.connect(args.kubeconfig)
+        log.info("objects the events do not carry are read from %s", api.server)
+    try:
+        return await _serve(args, senders, context, ApiObjects(api) if api else None)
+    finally:
+        if api is not None:
+            await api.close()
+
+
+async def _serve(
+    args: argparse.Namespace,
+    senders: auth.SenderPolicy,
+    context: ssl.SSLContext | None,
+    source: ApiObjects | None,
+) -> int:
     runtime = await asyncio.to_thread(
         _runtime,
         args,
+        source,
         journal=True,
         max_backlog=args.max_backlog,
         shutdown_timeout_s=args.shutdown_timeout,

@@ -40,6 +40,7 @@ from audit_reverser.gitstore.writer import BranchWriter
 from audit_reverser.ingest.intake import DEFAULT_MAX_BACKLOG, Intake
 from audit_reverser.journal import DEFAULT_MIN_FREE_BYTES, Journal, SegmentFile
 from audit_reverser.pipeline.processor import Processor
+from audit_reverser.pipeline.resolve import ObjectSource
 from audit_reverser.pipeline.stats import PipelineStats
 
 log = logging.getLogger(__name__)
@@ -114,7 +115,9 @@ async def check_remotes(config: Config, trust_home: Path) -> list[ProviderCheck]
 
 
 class Runtime:
-    def __init__(self, config: Config, settings: Settings) -> None:
+    def __init__(
+        self, config: Config, settings: Settings, *, source: ObjectSource | None = None
+    ) -> None:
         self.config = config
         self.settings = settings
         self.writers: dict[tuple[str, str], BranchWriter] = {}
@@ -153,6 +156,7 @@ class Runtime:
             self.stats,
             keys=self.keys,
             fingerprint_key=fingerprint_key(settings.state_dir) if encrypting else b"",
+            source=source,
         )
         self.journal = (
             Journal(

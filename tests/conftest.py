@@ -27,6 +27,7 @@ from blockbuster import blockbuster_ctx
 
 from audit_reverser.config import load_config
 from audit_reverser.ingest.server import make_app
+from audit_reverser.pipeline.resolve import ObjectSource
 from audit_reverser.runtime import Runtime, Settings
 from tests.gitservers import HTTP_BACKEND, SSHD, GitHttpServer, SshServer, require
 
@@ -355,17 +356,22 @@ class Harness:
 
 
 async def start_harness(
-    tmp_path: Path, settings: dict[str, Any] | None = None, **options: Any
+    tmp_path: Path,
+    settings: dict[str, Any] | None = None,
+    source: ObjectSource | None = None,
+    **options: Any,
 ) -> Harness:
-    """A started pipeline on a bare remote (made when missing); ``options`` go to the config
-    and ``settings`` to the runtime. The set-up runs off the event loop."""
+    """A started pipeline on a bare remote (made when missing); ``options`` go to the config,
+    ``settings`` to the runtime, ``source`` reads objects events lack. The set-up runs off
+    the event loop."""
 
     def prepare() -> Harness:
         remote = tmp_path / "remote.git"
         if not remote.exists():
             bare_repo(remote)
         config = load_config([write_config(tmp_path / "config.yaml", remote, **options)])
-        runtime = Runtime(config, Settings(state_dir=tmp_path / "state", **(settings or {})))
+        state = Settings(state_dir=tmp_path / "state", **(settings or {}))
+        runtime = Runtime(config, state, source=source)
         return Harness(runtime, remote)
 
     harness = await asyncio.to_thread(prepare)

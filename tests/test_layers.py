@@ -18,10 +18,15 @@ LAYERS = [
     "journal",
     "pipeline",
     "ingest",
+    "cluster",
     "runtime",
     "cli",
 ]
-ADAPTERS = {"pygit2": "gitstore", "cryptography": "encryption"}
+ADAPTERS = {
+    "pygit2": "gitstore",
+    "cryptography": "encryption",
+    "kubernetes_asyncio": "cluster",
+}
 
 
 def _layer(module: str) -> str:

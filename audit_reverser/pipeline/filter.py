@@ -48,6 +48,8 @@ class Skip(StrEnum):
     DUPLICATE = "duplicate-audit-id"
     SECRET = "secret-without-encryption"
     NEEDS_API = "needs-api"
+    GONE = "gone-before-read"
+    UNKNOWN_RESOURCE = "unknown-resource"
     INVALID_NAME = "invalid-name"
     STALE = "older-than-stored"
     UNCHANGED = "unchanged"

@@ -10,6 +10,7 @@ regresses a file).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping
@@ -26,7 +27,14 @@ from audit_reverser.pipeline import canonical
 from audit_reverser.pipeline.commits import Action, author_for, commit_message, trailer
 from audit_reverser.pipeline.filter import Skip
 from audit_reverser.pipeline.layout import InvalidName, check_reference, object_path
-from audit_reverser.pipeline.resolve import NeedsApi, ObjectChange, resolve_offline
+from audit_reverser.pipeline.resolve import (
+    NeedsApi,
+    ObjectChange,
+    ObjectSource,
+    UnknownResource,
+    resolve_from_api,
+    resolve_offline,
+)
 from audit_reverser.pipeline.routing import Route, Router, is_cluster_scoped
 from audit_reverser.pipeline.sanitize import sanitize
 from audit_reverser.pipeline.stats import PipelineStats
@@ -73,12 +81,14 @@ class Processor:
         *,
         keys: Mapping[Key, TargetKeys] | None = None,
         fingerprint_key: bytes = b"",
+        source: ObjectSource | None = None,
     ) -> None:
         self._router = Router(config)
         self._sinks = sinks
         self.stats = stats
         self._keys = keys or {}
         self._fingerprint_key = fingerprint_key
+        self._source = source
         self._refused_secrets: set[Key] = set()
         self._rules: dict[tuple[str, ...], bytes] = {}  # .sops.yaml per set of recipients
         self._handled: OrderedDict[AuditID, None] = OrderedDict()
@@ -133,8 +143,10 @@ class Processor:
         try:
             changes = resolve_offline(event)
         except NeedsApi as exc:
-            log.debug("event %s: %s", event.audit_id, exc)
-            return self._skip(event, Skip.NEEDS_API)
+            read = await self._read_from_api(event, exc)
+            if isinstance(read, Skip):
+                return self._skip(event, read)
+            changes = read
 
         self._remember(event.audit_id)
         futures: list[asyncio.Future[CommitOutcome]] = []
@@ -232,6 +244,20 @@ class Processor:
             fingerprint=fingerprint,
         )
         return await sink.submit(file_change)
+
+    async def _read_from_api(self, event: AuditEvent, why: NeedsApi) -> list[ObjectChange] | Skip:
+        """The event's change from the object as the API has it now (cluster mode)."""
+        ref = event.object_ref
+        if self._source is None or ref is None or not ref.name or event.verb == "deletecollection":
+            log.debug("event %s: %s", event.audit_id, why)
+            return Skip.NEEDS_API
+        try:
+            current = await self._source.read(dataclasses.replace(ref, subresource=""))
+        except UnknownResource as exc:
+            log.warning("event %s: %s", event.audit_id, exc)
+            return Skip.UNKNOWN_RESOURCE
+        changes = resolve_from_api(event, current)
+        return changes or Skip.GONE
 
     def _creation_rules(self, keys: TargetKeys) -> bytes:
         rules = self._rules.get(keys.recipients)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from audit_reverser.events import AuditEvent, ObjectRef
 
@@ -28,6 +28,38 @@ class ObjectChange:
 
 class NeedsApi(Exception):
     """The event alone cannot tell the object's new state; the reason says why."""
+
+
+class UnknownResource(Exception):
+    """The API does not serve the resource an event names (a CRD removed, a typo)."""
+
+
+class ObjectSource(Protocol):
+    """Where objects come from when the event does not carry them: the cluster's API."""
+
+    async def read(self, ref: ObjectRef) -> Mapping[str, Any] | None:
+        """The object ``ref`` names (the parent of a subresource), as it is now; None
+        when it does not exist."""
+
+
+def resolve_from_api(event: AuditEvent, current: Mapping[str, Any] | None) -> list[ObjectChange]:
+    """The event's change, given the object as the API holds it now (None: it is gone).
+
+    A create or update whose object is already gone changes nothing we could write: the
+    content is never invented, and the delete that removed it comes as its own event.
+    """
+    ref = event.object_ref
+    assert ref is not None and ref.name
+    if current is None:
+        if event.verb == "delete":
+            return [
+                ObjectChange(namespace=ref.namespace, name=ref.name, body=None, resource_version="")
+            ]
+        return []
+    if not _is_object(current):
+        return []
+    gone = bool(_metadata(current).get("deletionTimestamp")) and not _held(current)
+    return [_change(ref, current, gone=gone)]
 
 
 def _metadata(obj: Mapping[str, Any]) -> Mapping[str, Any]:

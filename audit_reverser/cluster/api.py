@@ -1,0 +1,106 @@
+"""The kubernetes-asyncio adapter: one client, GETs with retries, errors in our own terms.
+
+Credentials come from ``--kubeconfig`` or, inside a pod, from the service account
+(in-cluster config). A read is retried with capped, jittered back-off when the API answers
+429 or 5xx or cannot be reached; a 404 is an answer (the object does not exist), not an
+error. After the last try the read fails with :class:`ApiUnavailable` (temporary: the event
+stays in the journal).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import random
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+from kubernetes_asyncio import config
+from kubernetes_asyncio.client import ApiClient, Configuration
+from kubernetes_asyncio.client.exceptions import ApiException
+from kubernetes_asyncio.config.config_exception import ConfigException
+
+from audit_reverser.errors import ConfigError, TemporaryError
+
+log = logging.getLogger(__name__)
+
+ATTEMPTS = 5
+RETRY_MIN_S = 0.2
+RETRY_MAX_S = 5.0
+REQUEST_TIMEOUT_S = 30.0
+
+
+class ApiUnavailable(TemporaryError):
+    """The Kubernetes API did not answer usefully after several tries."""
+
+
+class KubeApi:
+    def __init__(self, client: ApiClient, server: str) -> None:
+        self._client = client
+        self.server = server
+        self.requests = 0
+
+    @classmethod
+    async def connect(cls, kubeconfig: Path | None) -> KubeApi:
+        """A client from ``kubeconfig``, or from the pod's service account when None."""
+        configuration = Configuration()
+        try:
+            if kubeconfig is not None:
+                await config.load_kube_config(
+                    config_file=str(kubeconfig), client_configuration=configuration
+                )
+            elif os.environ.get("KUBERNETES_SERVICE_HOST"):
+                config.load_incluster_config(  # type: ignore[no-untyped-call]
+                    client_configuration=configuration
+                )
+            else:
+                raise ConfigError(
+                    ["cluster mode needs --kubeconfig, or to run in a pod with a service account"]
+                )
+        except (ConfigException, OSError) as exc:
+            where = kubeconfig if kubeconfig is not None else "in-cluster config"
+            raise ConfigError([f"{where}: {exc}"]) from None
+        return cls(ApiClient(configuration), str(configuration.host))
+
+    @classmethod
+    async def from_dict(cls, kubeconfig: dict[str, Any]) -> KubeApi:
+        configuration = Configuration()
+        await config.load_kube_config_from_dict(kubeconfig, client_configuration=configuration)
+        return cls(ApiClient(configuration), str(configuration.host))
+
+    async def close(self) -> None:
+        await self._client.close()
+
+    async def get(self, path: str) -> dict[str, Any] | None:
+        """The JSON at ``path``; None on 404. Retries what may pass, then ApiUnavailable."""
+        delay = RETRY_MIN_S
+        for attempt in range(1, ATTEMPTS + 1):
+            self.requests += 1
+            try:
+                result = await self._client.call_api(
+                    path,
+                    "GET",
+                    response_types_map={200: "object"},
+                    auth_settings=["BearerToken"],
+                    _return_http_data_only=True,
+                    _request_timeout=REQUEST_TIMEOUT_S,
+                )
+                return result if isinstance(result, dict) else None
+            except ApiException as exc:
+                if exc.status == 404:
+                    return None
+                if exc.status not in (429, 500, 502, 503, 504) or attempt == ATTEMPTS:
+                    raise ApiUnavailable(
+                        f"GET {path} on {self.server}: {exc.status} {exc.reason}"
+                    ) from None
+                problem = f"{exc.status} {exc.reason}"
+            except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+                if attempt == ATTEMPTS:
+                    raise ApiUnavailable(f"GET {path} on {self.server}: {exc}") from None
+                problem = str(exc) or type(exc).__name__
+            log.warning("GET %s: %s; try %d of %d", path, problem, attempt + 1, ATTEMPTS)
+            await asyncio.sleep(delay * random.uniform(0.5, 1.0))
+            delay = min(delay * 2, RETRY_MAX_S)
+        raise AssertionError("unreachable")

@@ -1,0 +1,119 @@
+"""Objects read from the API for events that do not carry them (Metadata or Request audit
+level, ``scale`` and other subresource writes, deletes without a body).
+
+- The resource is found through discovery: the preferred version of its group when the event
+  names none, and whether the resource exists at all. Discovery is cached per group version
+  and read again on a miss, so a CRD installed after start is found.
+- Reads are coalesced: events for one object in a burst share one GET (in flight, or done
+  less than ``fresh_s`` ago). What a GET returns is the object as it is *now*; a burst of
+  events sees the same state either way, and the first of them commits it.
+- At most ``concurrency`` GETs run at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from audit_reverser.cluster.api import KubeApi
+from audit_reverser.events import ObjectRef
+from audit_reverser.pipeline.resolve import UnknownResource
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class _Read:
+    at: float
+    body: dict[str, Any] | None
+
+
+class ApiObjects:
+    """Implements :class:`audit_reverser.pipeline.resolve.ObjectSource` over the API."""
+
+    def __init__(self, api: KubeApi, *, concurrency: int = 8, fresh_s: float = 1.0) -> None:
+        self._api = api
+        self._gate = asyncio.Semaphore(concurrency)
+        self._fresh_s = fresh_s
+        self._recent: dict[str, _Read] = {}
+        self._in_flight: dict[str, asyncio.Future[dict[str, Any] | None]] = {}
+        # (group, version) -> {resource: namespaced}; group -> preferred version
+        self._resources: dict[tuple[str, str], dict[str, bool]] = {}
+        self._preferred: dict[str, str] = {}
+
+    async def read(self, ref: ObjectRef) -> Mapping[str, Any] | None:
+        """The object ``ref`` names (its parent for a subresource) as the API has it now;
+        None when it does not exist. UnknownResource when the API has no such resource."""
+        version = ref.api_version or await self._preferred_version(ref.api_group)
+        resources = await self._discover(ref.api_group, version, refresh=False)
+        if ref.resource not in resources:
+            resources = await self._discover(ref.api_group, version, refresh=True)
+        if ref.resource not in resources:
+            group_version = f"{ref.api_group}/{version}" if ref.api_group else version
+            raise UnknownResource(f"the API serves no {ref.resource} in {group_version}")
+        prefix = f"/apis/{ref.api_group}/{version}" if ref.api_group else f"/api/{version}"
+        scope = f"/namespaces/{ref.namespace}" if resources[ref.resource] else ""
+        return await self._get(f"{prefix}{scope}/{ref.resource}/{ref.name}")
+
+    async def _get(self, path: str) -> dict[str, Any] | None:
+        now = time.monotonic()
+        recent = self._recent.get(path)
+        if recent is not None and now - recent.at < self._fresh_s:
+            return recent.body
+        pending = self._in_flight.get(path)
+        if pending is not None:
+            return await asyncio.shield(pending)
+        future: asyncio.Future[dict[str, Any] | None] = asyncio.get_running_loop().create_future()
+        self._in_flight[path] = future
+        try:
+            async with self._gate:
+                body = await self._api.get(path)
+        except BaseException as exc:
+            future.set_exception(exc)
+            future.exception()  # seen here; waiters get it too
+            raise
+        else:
+            future.set_result(body)
+            self._remember(path, _Read(time.monotonic(), body))
+            return body
+        finally:
+            del self._in_flight[path]
+
+    def _remember(self, path: str, read: _Read) -> None:
+        if len(self._recent) > 10_000:  # only the last second matters; keep memory bounded
+            cutoff = read.at - self._fresh_s
+            self._recent = {p: r for p, r in self._recent.items() if r.at >= cutoff}
+        self._recent[path] = read
+
+    async def _preferred_version(self, group: str) -> str:
+        if not group:
+            return "v1"
+        known = self._preferred.get(group)
+        if known is None:
+            answer = await self._api.get(f"/apis/{group}")
+            preferred = (answer or {}).get("preferredVersion") or {}
+            known = str(preferred.get("version") or "")
+            if not known:
+                raise UnknownResource(f"the API serves no group {group!r}")
+            self._preferred[group] = known
+        return known
+
+    async def _discover(self, group: str, version: str, *, refresh: bool) -> dict[str, bool]:
+        key = (group, version)
+        if not refresh and key in self._resources:
+            return self._resources[key]
+        path = f"/apis/{group}/{version}" if group else f"/api/{version}"
+        answer = await self._api.get(path)
+        found: dict[str, bool] = {}
+        for item in (answer or {}).get("resources") or []:
+            name = item.get("name")
+            if isinstance(name, str) and "/" not in name:
+                found[name] = bool(item.get("namespaced"))
+        if refresh:
+            log.info("discovery of %s: %d resources", path, len(found))
+        self._resources[key] = found
+        return found
