@@ -28,7 +28,9 @@ from aiohttp import web
 from audit_reverser import __version__
 from audit_reverser.cluster.api import KubeApi
 from audit_reverser.cluster.objects import ApiObjects
+from audit_reverser.cluster.rules import ClusterRules
 from audit_reverser.config import load_config, load_default_config
+from audit_reverser.config.model import Config
 from audit_reverser.errors import AuditReverserError, ConfigError, PermanentError
 from audit_reverser.ingest import auth
 from audit_reverser.ingest.intake import DEFAULT_MAX_BACKLOG
@@ -119,7 +121,8 @@ def _parser() -> argparse.ArgumentParser:
         help="time to commit and push on SIGTERM; the rest stays in the journal (default: 20)",
     )
     cluster = serve.add_argument_group(
-        "cluster API (objects the events do not carry: Metadata level, scale writes)"
+        "cluster (rules from its custom resources unless --config is given, and the objects "
+        "events do not carry)"
     )
     cluster.add_argument(
         "--kubeconfig", type=Path, metavar="FILE", help="read objects from this cluster"
@@ -203,9 +206,17 @@ def _seconds(text: str) -> float:
     return value
 
 
-def _runtime(args: argparse.Namespace, source: ApiObjects | None = None, **options: Any) -> Runtime:
-    """Load the config and build the runtime; file access, so it runs off the event loop."""
-    if args.config:
+def _runtime(
+    args: argparse.Namespace,
+    source: ApiObjects | None = None,
+    config: Config | None = None,
+    **options: Any,
+) -> Runtime:
+    """Load the config (unless given) and build the runtime; file access, so it runs off the
+    event loop."""
+    if config is not None:
+        pass
+    elif args.config:
         config = load_config(args.config)
     else:
         config = load_default_config()
@@ -274,9 +285,23 @@ async def serve(args: argparse.Namespace) -> int:
     if args.kubeconfig is not None or args.in_cluster:
         api = await KubeApi.connect(args.kubeconfig)
         log.info("objects the events do not carry are read from %s", api.server)
+    rules = None
     try:
-        return await _serve(args, senders, context, ApiObjects(api) if api else None)
+        config = None
+        if api is not None and not args.config:
+            rules = ClusterRules(api)
+            config = await rules.start()
+            log.info(
+                "rules from the cluster: %d GitTargets, %d WatchRules, %d ClusterWatchRules",
+                len(config.targets),
+                len(config.watch_rules),
+                len(config.cluster_watch_rules),
+            )
+        source = ApiObjects(api) if api else None
+        return await _serve(args, senders, context, source, config, rules)
     finally:
+        if rules is not None:
+            await rules.close()
         if api is not None:
             await api.close()
 
@@ -286,11 +311,14 @@ async def _serve(
     senders: auth.SenderPolicy,
     context: ssl.SSLContext | None,
     source: ApiObjects | None,
+    config: Config | None,
+    rules: ClusterRules | None,
 ) -> int:
     runtime = await asyncio.to_thread(
         _runtime,
         args,
         source,
+        config,
         journal=True,
         max_backlog=args.max_backlog,
         shutdown_timeout_s=args.shutdown_timeout,
@@ -299,7 +327,9 @@ async def _serve(
     app = make_app(runtime, max_body_bytes=args.max_body_bytes, senders=senders)
     # In-flight requests get a few seconds to finish; the rest is the apiserver's to retry.
     runner = web.AppRunner(app, handle_signals=False, access_log=None, shutdown_timeout=5)
-    await runner.setup()
+    await runner.setup()  # starts the runtime
+    if rules is not None:
+        rules.on_change = runtime.reconfigure
     try:
         host, port = args.listen
         site = web.TCPSite(runner, host, port, ssl_context=context)

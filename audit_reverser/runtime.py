@@ -16,12 +16,12 @@ import contextlib
 import fcntl
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 from audit_reverser.config.model import Config, GitProvider, Key, PushPolicy
-from audit_reverser.encryption.keys import fingerprint_key
+from audit_reverser.encryption.keys import TargetKeys, fingerprint_key
 from audit_reverser.encryption.keys import resolve as resolve_keys
 from audit_reverser.errors import AuditReverserError, ConfigError, RepositoryError
 from audit_reverser.events import AuditID
@@ -31,7 +31,7 @@ from audit_reverser.gitstore.transport import (
     LocalTransport,
     NetworkTransport,
     install_trust,
-    mirror_name,
+    mirror_folder,
     remote_key,
     transport_for,
 )
@@ -91,6 +91,23 @@ def provider_transport(config: Config, provider: GitProvider) -> LocalTransport 
         raise ConfigError([f"GitProvider {provider.key}: {exc}"]) from None
 
 
+@dataclass(frozen=True, slots=True)
+class _Remote:
+    transport: LocalTransport | NetworkTransport
+    key: str  # remote_key(url): local paths resolved, so it is made off the event loop
+
+
+def _remotes(config: Config) -> dict[Key, _Remote | ConfigError]:
+    """Each provider's remote, or why it has none."""
+    found: dict[Key, _Remote | ConfigError] = {}
+    for key, provider in config.providers.items():
+        try:
+            found[key] = _Remote(provider_transport(config, provider), remote_key(provider.url))
+        except ConfigError as exc:
+            found[key] = exc
+    return found
+
+
 @dataclass(frozen=True, kw_only=True, slots=True)
 class ProviderCheck:
     provider: GitProvider
@@ -121,41 +138,17 @@ class Runtime:
         self.config = config
         self.settings = settings
         self.writers: dict[tuple[str, str], BranchWriter] = {}
-        sinks: dict[Key, BranchWriter] = {}
-        policies: dict[tuple[str, str], list[PushPolicy]] = {}
-        for target in config.targets.values():
-            provider = config.providers[target.provider_key]
-            key = (remote_key(provider.url), target.branch)
-            policies.setdefault(key, []).append(provider.push)
-            if key not in self.writers:
-                mirror = Mirror(
-                    settings.state_dir / "mirrors" / mirror_name(provider.url, target.branch),
-                    provider_transport(config, provider),
-                    target.branch,
-                    settings.committer,
-                    create_local_remote=settings.create_local_remotes,
-                )
-                self.writers[key] = BranchWriter(
-                    mirror, push_interval_s=0, push_max_commits=1, queue_size=settings.queue_size
-                )
-            sinks[target.key] = self.writers[key]
-        for key, writer in self.writers.items():
-            writer.push_interval_s = min(p.interval_s for p in policies[key])
-            writer.push_max_commits = min(p.max_commits for p in policies[key])
+        sinks, _ = self._wire(config, _remotes(config), strict=True)
         self.stats = PipelineStats()
         # Generated age keys and the fingerprint key live in the state directory: blocking
         # file access, as all of __init__ (callers build the runtime off the event loop).
-        self.keys = {
-            target.key: resolve_keys(target, config.secrets, settings.state_dir)
-            for target in config.targets.values()
-        }
-        encrypting = any(keys.problem is None for keys in self.keys.values())
+        self.keys = self._resolve_keys(config, strict=True)
         self.processor = Processor(
             config,
             sinks,
             self.stats,
             keys=self.keys,
-            fingerprint_key=fingerprint_key(settings.state_dir) if encrypting else b"",
+            fingerprint_key=fingerprint_key(settings.state_dir),
             source=source,
         )
         self.journal = (
@@ -176,6 +169,94 @@ class Runtime:
         self.accepting = False
         self._lock: int | None = None
         self._checkpoints: asyncio.Task[None] | None = None
+
+    def _wire(
+        self,
+        config: Config,
+        remotes: Mapping[Key, _Remote | ConfigError],
+        *,
+        strict: bool,
+    ) -> tuple[dict[Key, BranchWriter], list[BranchWriter]]:
+        """The writer of each target, made for (remote, branch) pairs seen for the first time;
+        returns the sinks and the new writers. Targets that share a repository branch share a
+        writer, whose push policy is the most eager of their providers'. Not strict (rules
+        from a cluster): a provider whose credentials are unusable leaves its targets out."""
+        sinks: dict[Key, BranchWriter] = {}
+        policies: dict[tuple[str, str], list[PushPolicy]] = {}
+        new: list[BranchWriter] = []
+        for target in config.targets.values():
+            provider = config.providers[target.provider_key]
+            remote = remotes[provider.key]
+            if isinstance(remote, ConfigError):
+                if strict:
+                    raise remote
+                log.error("GitTarget %s left out: %s", target.key, remote)
+                continue
+            transport = remote.transport
+            key = (remote.key, target.branch)
+            policies.setdefault(key, []).append(provider.push)
+            writer = self.writers.get(key)
+            if writer is None:
+                mirror = Mirror(
+                    self.settings.state_dir / "mirrors" / mirror_folder(remote.key, target.branch),
+                    transport,
+                    target.branch,
+                    self.settings.committer,
+                    create_local_remote=self.settings.create_local_remotes,
+                )
+                writer = BranchWriter(
+                    mirror,
+                    push_interval_s=0,
+                    push_max_commits=1,
+                    queue_size=self.settings.queue_size,
+                )
+                self.writers[key] = writer
+                new.append(writer)
+            else:
+                writer.mirror.transport = transport  # a rotated token or deploy key
+            sinks[target.key] = writer
+        for key, found in policies.items():
+            self.writers[key].push_interval_s = min(p.interval_s for p in found)
+            self.writers[key].push_max_commits = min(p.max_commits for p in found)
+        return sinks, new
+
+    def _resolve_keys(self, config: Config, *, strict: bool) -> dict[Key, TargetKeys]:
+        keys = {}
+        for target in config.targets.values():
+            try:
+                keys[target.key] = resolve_keys(target, config.secrets, self.settings.state_dir)
+            except ConfigError as exc:
+                if strict:
+                    raise
+                keys[target.key] = TargetKeys(problem=str(exc))
+        return keys
+
+    async def reconfigure(self, config: Config) -> None:
+        """Route by ``config`` from now on (rules changed in the cluster). Events being
+        processed finish with the rules they started with; none is dropped. Writers of
+        repository branches no longer used keep running: they may hold unpushed commits."""
+        keys = await asyncio.to_thread(self._resolve_keys, config, strict=False)
+        remotes = await asyncio.to_thread(_remotes, config)  # local paths: file access
+        sinks, new = self._wire(config, remotes, strict=False)
+        for writer in new:
+            await writer.open()
+            if self.journal is not None:
+                self.journal.set_tips({writer.key: writer.tip})
+            writer.start()
+        await asyncio.to_thread(
+            install_trust,
+            self.settings.state_dir / "trust",
+            [w.mirror.transport for w in self.writers.values()],
+        )
+        self.processor.reconfigure(config, sinks, keys)
+        self.keys = keys
+        self.config = config
+        log.info(
+            "rules changed: %d targets, %d repository branches (%d new)",
+            len(sinks),
+            len(self.writers),
+            len(new),
+        )
 
     async def start(self) -> None:
         await asyncio.to_thread(self._lock_state_dir)

@@ -14,20 +14,25 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import kmock
 import pytest
 import yaml
 import yarl
 
-from audit_reverser.cluster.api import KubeApi
+from audit_reverser.cluster.api import KubeApi, WatchExpired
 from audit_reverser.cluster.objects import ApiObjects
+from audit_reverser.cluster.rules import ClusterRules, Collection
+from audit_reverser.config.model import Key
 from audit_reverser.pipeline.filter import Skip
+from audit_reverser.runtime import Runtime, Settings
 from tests.conftest import (
     Harness,
     bare_repo,
     configmap,
     event,
     event_list,
+    git_files,
     git_show,
     request,
     start_harness,
@@ -215,3 +220,168 @@ async def test_serve_with_a_kubeconfig_reads_what_metadata_events_lack(
     assert f"read from {server}" in log
     content = await asyncio.to_thread(git_show, remote, "live/v1/configmaps/default/demo.yaml")
     assert "from: api" in content
+
+
+# -- rules from the cluster's custom resources -------------------------------------------------
+
+CB = "configbutler.ai/v1alpha1"
+
+
+def _declare_crds(emulator: kmock.KubernetesEmulator) -> None:
+    for plural, kind, namespaced in (
+        ("gitproviders", "GitProvider", True),
+        ("gittargets", "GitTarget", True),
+        ("watchrules", "WatchRule", True),
+        ("clusterwatchrules", "ClusterWatchRule", False),
+    ):
+        emulator.resources[f"{CB}/{plural}"] = kmock.ResourceInfo(kind=kind, namespaced=namespaced)
+    emulator.resources["v1/secrets"] = kmock.ResourceInfo(kind="Secret", namespaced=True)
+
+
+def _cr(
+    kind: str, name: str, spec: dict[str, Any], namespace: str | None = "team"
+) -> dict[str, Any]:
+    metadata: dict[str, Any] = {"name": name}
+    if namespace:
+        metadata["namespace"] = namespace
+    return {"apiVersion": CB, "kind": kind, "metadata": metadata, "spec": spec}
+
+
+class Kubectl:
+    """Changes made through the API, as kubectl makes them: watchers see them."""
+
+    def __init__(self, server: str) -> None:
+        self.server = server
+
+    async def apply(self, plural: str, body: dict[str, Any]) -> None:
+        namespace = body["metadata"].get("namespace")
+        base = f"{self.server}/apis/{CB}" + (f"/namespaces/{namespace}" if namespace else "")
+        url = f"{base}/{plural}"
+        async with aiohttp.ClientSession() as session, session.post(url, json=body) as response:
+            if response.status == 409:  # exists: patch it
+                headers = {"Content-Type": "application/merge-patch+json"}
+                url = f"{url}/{body['metadata']['name']}"
+                async with session.patch(url, json=body, headers=headers) as patched:
+                    assert patched.status == 200, await patched.text()
+            else:
+                assert response.status in (200, 201), await response.text()
+
+
+async def _until(predicate: Any) -> None:
+    async with asyncio.timeout(10):
+        while not predicate():  # noqa: ASYNC110 - the state lives in other tasks
+            await asyncio.sleep(0.02)
+
+
+async def test_rules_come_from_the_cluster_and_follow_its_changes(
+    tmp_path: Path, cluster: Cluster
+) -> None:
+    _declare_crds(cluster.api)
+    first = await asyncio.to_thread(bare_repo, tmp_path / "first.git")
+    second = await asyncio.to_thread(bare_repo, tmp_path / "second.git")
+    provider = {"url": f"file://{first}", "allowedBranches": ["main"], "push": {"maxCommits": 1}}
+    cluster.add(f"{CB}/gitproviders", "team", "origin", _cr("GitProvider", "origin", provider))
+    target = {"providerRef": {"name": "origin"}, "branch": "main", "path": "live"}
+    cluster.add(f"{CB}/gittargets", "team", "live", _cr("GitTarget", "live", target))
+    rule = {
+        "targetRef": {"name": "live", "namespace": "team"},
+        "rules": [{"scope": "Namespaced", "resources": ["configmaps"]}],
+    }
+    cluster.add(f"{CB}/clusterwatchrules", "", "all", _cr("ClusterWatchRule", "all", rule, None))
+
+    rules = ClusterRules(cluster.client)
+    config = await rules.start()
+    runtime = await asyncio.to_thread(
+        Runtime, config, Settings(state_dir=tmp_path / "state"), source=ApiObjects(cluster.client)
+    )
+    await runtime.start()
+    rules.on_change = runtime.reconfigure
+    kubectl = Kubectl(cluster.client.server)
+
+    async def send(*items: dict[str, Any]) -> None:
+        await runtime.intake.accept(runtime.intake.triage(list(items)))
+        assert await runtime.flush() == []
+
+    try:
+        await send(event("create", name="a", body=configmap("a")))
+        assert await asyncio.to_thread(git_files, first) == ["live/v1/configmaps/default/a.yaml"]
+
+        # The target moves to another folder; a second repository gets its own target and rule.
+        await kubectl.apply("gittargets", _cr("GitTarget", "live", {**target, "path": "moved"}))
+        second_provider = {**provider, "url": f"file://{second}"}
+        # (a WatchRule's target, and the target's provider, live in the rule's namespace)
+        backup_provider = _cr("GitProvider", "backup", second_provider, "default")
+        await kubectl.apply("gitproviders", backup_provider)
+        backup = {"providerRef": {"name": "backup"}, "branch": "main", "path": "all"}
+        await kubectl.apply("gittargets", _cr("GitTarget", "backup", backup, "default"))
+        backup_rule = {"targetRef": {"name": "backup"}, "rules": [{"resources": ["configmaps"]}]}
+        await kubectl.apply("watchrules", _cr("WatchRule", "backup", backup_rule, "default"))
+        await _until(
+            lambda: len(runtime.config.targets) == 2 and len(runtime.config.watch_rules) == 1
+        )
+
+        await send(event("create", name="b", body=configmap("b")))
+    finally:
+        await runtime.close()
+        await rules.close()
+    assert await asyncio.to_thread(git_files, first) == [
+        "live/v1/configmaps/default/a.yaml",
+        "moved/v1/configmaps/default/b.yaml",
+    ]
+    assert await asyncio.to_thread(git_files, second) == ["all/v1/configmaps/default/b.yaml"]
+
+
+async def test_a_broken_object_in_the_cluster_leaves_the_others_working(
+    tmp_path: Path, cluster: Cluster, caplog: pytest.LogCaptureFixture
+) -> None:
+    _declare_crds(cluster.api)
+    remote = await asyncio.to_thread(bare_repo, tmp_path / "remote.git")
+    provider = {"url": f"file://{remote}", "allowedBranches": ["main"]}
+    cluster.add(f"{CB}/gitproviders", "team", "origin", _cr("GitProvider", "origin", provider))
+    good = {"providerRef": {"name": "origin"}, "branch": "main", "path": "live"}
+    cluster.add(f"{CB}/gittargets", "team", "good", _cr("GitTarget", "good", good))
+    cluster.add(
+        f"{CB}/gittargets", "team", "bad", _cr("GitTarget", "bad", {**good, "branch": "dev"})
+    )
+    rules = ClusterRules(cluster.client)
+    try:
+        config = await rules.start()
+    finally:
+        await rules.close()
+    assert list(config.targets) == [Key(namespace="team", name="good")]
+    assert "GitTarget team/bad: spec.branch: 'dev' is not allowed" in caplog.text
+
+
+class _FakeApi:
+    """Behind our own small interface: a list, then a watch that has expired once."""
+
+    def __init__(self) -> None:
+        self.lists = 0
+        self.server = "fake"
+
+    async def get(self, path: str) -> dict[str, Any]:
+        self.lists += 1
+        items = [_cr("GitTarget", f"t{self.lists}", {})]
+        return {"metadata": {"resourceVersion": str(self.lists)}, "items": items}
+
+    async def watch(self, path: str, version: str) -> AsyncIterator[dict[str, Any]]:
+        if self.lists == 1:
+            raise WatchExpired(path)
+        yield {"type": "ADDED", "object": _cr("GitTarget", "later", {})}
+        await asyncio.Event().wait()  # then quiet
+
+
+async def test_an_expired_watch_lists_again() -> None:
+    api = _FakeApi()
+    collection = Collection(api, "GitTarget", "/apis/x")  # type: ignore[arg-type]
+    changes: list[int] = []
+    task = asyncio.create_task(collection.run(lambda: changes.append(1)))
+    try:
+        await _until(lambda: ("team", "later") in collection.items)
+    finally:
+        task.cancel()
+    assert collection.relists == 1 and api.lists == 2
+    assert set(collection.items) == {
+        ("team", "t2"),
+        ("team", "later"),
+    }  # t1 is gone with the relist

@@ -10,9 +10,11 @@ stays in the journal).
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import random
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -30,10 +32,15 @@ ATTEMPTS = 5
 RETRY_MIN_S = 0.2
 RETRY_MAX_S = 5.0
 REQUEST_TIMEOUT_S = 30.0
+WATCH_TIMEOUT_S = 300
 
 
 class ApiUnavailable(TemporaryError):
     """The Kubernetes API did not answer usefully after several tries."""
+
+
+class WatchExpired(Exception):
+    """The resourceVersion a watch started from is gone (410): list again."""
 
 
 class KubeApi:
@@ -104,3 +111,54 @@ class KubeApi:
             await asyncio.sleep(delay * random.uniform(0.5, 1.0))
             delay = min(delay * 2, RETRY_MAX_S)
         raise AssertionError("unreachable")
+
+    async def watch(
+        self, path: str, resource_version: str, timeout_s: int = WATCH_TIMEOUT_S
+    ) -> AsyncIterator[dict[str, Any]]:
+        """The watch events of ``path`` after ``resource_version``, until the server ends the
+        stream. :class:`WatchExpired` when that version is too old (410 Gone)."""
+        query = [
+            ("watch", "true"),
+            ("allowWatchBookmarks", "true"),
+            ("timeoutSeconds", str(timeout_s)),
+        ]
+        if resource_version:
+            query.append(("resourceVersion", resource_version))
+        self.requests += 1
+        try:
+            response = await self._client.call_api(
+                path,
+                "GET",
+                query_params=query,
+                auth_settings=["BearerToken"],
+                _return_http_data_only=True,
+                _preload_content=False,
+                # Connect quickly; a quiet stream is normal, up to the server-side timeout.
+                _request_timeout=aiohttp.ClientTimeout(connect=10, sock_read=timeout_s + 30),
+            )
+        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+            raise ApiUnavailable(f"watch {path} on {self.server}: {exc}") from None
+        try:
+            if response.status == 410:
+                raise WatchExpired(path)
+            if response.status != 200:
+                raise ApiUnavailable(f"watch {path} on {self.server}: {response.status}")
+            async for line in response.content:
+                if not line.strip():
+                    continue
+                try:
+                    event = json.loads(line)
+                except ValueError:
+                    raise ApiUnavailable(f"watch {path}: undecodable event") from None
+                if not isinstance(event, dict):
+                    continue
+                if event.get("type") == "ERROR":
+                    status = event.get("object") or {}
+                    if status.get("code") == 410:
+                        raise WatchExpired(path)
+                    raise ApiUnavailable(f"watch {path}: {status.get('message', status)}")
+                yield event
+        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+            raise ApiUnavailable(f"watch {path} on {self.server}: {exc}") from None
+        finally:
+            response.release()

@@ -398,56 +398,74 @@ def _documents(path: Path, problems: list[str]) -> Iterator[tuple[str, Mapping[s
 def load_config(paths: Iterable[str | Path]) -> Config:
     """Read every YAML file given (folders are searched for ``*.yaml``/``*.yml``)."""
     problems: list[str] = []
+    sources = tuple(str(p) for p in paths)
+
+    def documents() -> Iterator[tuple[str, Mapping[str, Any]]]:
+        for source in sources:
+            for file in _config_files(Path(source)):
+                yield from _documents(file, problems)
+
+    config, found = build_config(documents(), sources=sources)
+    problems.extend(found)
+    if problems:
+        raise ConfigError(problems)
+    return config
+
+
+def build_config(
+    documents: Iterable[tuple[str, Mapping[str, Any]]], *, sources: tuple[str, ...] = ()
+) -> tuple[Config, list[str]]:
+    """A config from ``(where, object)`` pairs (documents of files, or objects read from a
+    cluster), and the problems found. An object with a problem is left out; references to
+    it then show up as problems too."""
+    problems: list[str] = []
     providers: dict[Key, GitProvider] = {}
     targets: dict[Key, GitTarget] = {}
     secrets: dict[Key, SecretData] = {}
     watch_rules: list[WatchRule] = []
     cluster_rules: list[ClusterWatchRule] = []
     seen: dict[tuple[str, Key], str] = {}
-    sources = tuple(str(p) for p in paths)
-
-    for source in sources:
-        for file in _config_files(Path(source)):
-            for where, raw in _documents(file, problems):
-                kind, api_version = raw.get("kind"), raw.get("apiVersion")
-                if kind == "Secret" and api_version == "v1":
-                    item: object = _read_secret(doc := _Document(where, raw, problems))
-                elif api_version != API_VERSION or kind not in KINDS:
-                    problems.append(
-                        f"{where}: unknown kind {api_version}/{kind}: expected {API_VERSION} "
-                        f"{', '.join(KINDS)} or v1 Secret"
-                    )
-                    continue
-                else:
-                    doc = _Document(where, raw, problems)
-                    reader = {
-                        "GitProvider": _read_provider,
-                        "GitTarget": _read_target,
-                        "WatchRule": _read_watch_rule,
-                        "ClusterWatchRule": _read_cluster_watch_rule,
-                    }[cast(str, kind)]
-                    item = reader(doc)
-                if item is None:
-                    continue
-                item_key: Key = getattr(item, "key")  # noqa: B009 - every model has a key
-                if (cast(str, kind), item_key) in seen:
-                    problems.append(
-                        f"{doc.where}: duplicate {kind} {item_key} "
-                        f"(first defined in {seen[cast(str, kind), item_key]})"
-                    )
-                    continue
-                seen[cast(str, kind), item_key] = where
-                match item:
-                    case GitProvider():
-                        providers[item.key] = item
-                    case GitTarget():
-                        targets[item.key] = item
-                    case WatchRule():
-                        watch_rules.append(item)
-                    case ClusterWatchRule():
-                        cluster_rules.append(item)
-                    case SecretData():
-                        secrets[item.key] = item
+    for where, raw in documents:
+        kind, api_version = raw.get("kind"), raw.get("apiVersion")
+        before = len(problems)
+        if kind == "Secret" and api_version == "v1":
+            item: object = _read_secret(doc := _Document(where, raw, problems))
+        elif api_version != API_VERSION or kind not in KINDS:
+            problems.append(
+                f"{where}: unknown kind {api_version}/{kind}: expected {API_VERSION} "
+                f"{', '.join(KINDS)} or v1 Secret"
+            )
+            continue
+        else:
+            doc = _Document(where, raw, problems)
+            reader = {
+                "GitProvider": _read_provider,
+                "GitTarget": _read_target,
+                "WatchRule": _read_watch_rule,
+                "ClusterWatchRule": _read_cluster_watch_rule,
+            }[cast(str, kind)]
+            item = reader(doc)
+        if item is None or len(problems) > before:
+            continue
+        item_key: Key = getattr(item, "key")  # noqa: B009 - every model has a key
+        if (cast(str, kind), item_key) in seen:
+            problems.append(
+                f"{doc.where}: duplicate {kind} {item_key} "
+                f"(first defined in {seen[cast(str, kind), item_key]})"
+            )
+            continue
+        seen[cast(str, kind), item_key] = where
+        match item:
+            case GitProvider():
+                providers[item.key] = item
+            case GitTarget():
+                targets[item.key] = item
+            case WatchRule():
+                watch_rules.append(item)
+            case ClusterWatchRule():
+                cluster_rules.append(item)
+            case SecretData():
+                secrets[item.key] = item
 
     config = Config(
         providers=providers,
@@ -458,9 +476,7 @@ def load_config(paths: Iterable[str | Path]) -> Config:
         sources=sources,
     )
     problems.extend(check_references(config))
-    if problems:
-        raise ConfigError(problems)
-    return config
+    return config, problems
 
 
 def check_references(config: Config) -> list[str]:
@@ -491,3 +507,23 @@ def check_references(config: Config) -> list[str]:
                 f"{cluster_rule.target_key} not found"
             )
     return problems
+
+
+def usable_part(config: Config) -> Config:
+    """``config`` without what :func:`check_references` finds broken: targets whose provider
+    is missing or does not allow their branch, rules whose target is missing. In a cluster,
+    one broken object must not stop the others."""
+    targets = {
+        key: target
+        for key, target in config.targets.items()
+        if (provider := config.providers.get(target.provider_key)) is not None
+        and any(fnmatch.fnmatchcase(target.branch, g) for g in provider.allowed_branches)
+    }
+    return Config(
+        providers=config.providers,
+        targets=targets,
+        watch_rules=tuple(r for r in config.watch_rules if r.target_key in targets),
+        cluster_watch_rules=tuple(r for r in config.cluster_watch_rules if r.target_key in targets),
+        secrets=config.secrets,
+        sources=config.sources,
+    )

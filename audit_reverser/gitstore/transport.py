@@ -74,7 +74,11 @@ def remote_key(url: str) -> str:
 
 def mirror_name(url: str, branch: str) -> str:
     """A stable, filesystem-safe folder name for the mirror of one remote branch."""
-    key = remote_key(url)
+    return mirror_folder(remote_key(url), branch)
+
+
+def mirror_folder(key: str, branch: str) -> str:
+    """:func:`mirror_name` from the :func:`remote_key` (which may touch the filesystem)."""
     digest = hashlib.sha256(f"{key}\n{branch}".encode()).hexdigest()[:12]
     tail = re.sub(r"[^A-Za-z0-9._-]+", "-", key.rsplit("/", 1)[-1])[:40] or "repo"
     return f"{tail}-{digest}.git"

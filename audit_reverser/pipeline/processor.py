@@ -94,6 +94,15 @@ class Processor:
         self._handled: OrderedDict[AuditID, None] = OrderedDict()
         self._versions: dict[tuple[int, str], int] = {}
 
+    def reconfigure(
+        self, config: Config, sinks: Mapping[Key, CommitSink], keys: Mapping[Key, TargetKeys]
+    ) -> None:
+        """New rules, targets and keys; the next event is routed by them."""
+        self._router = Router(config)
+        self._sinks = sinks
+        self._keys = keys
+        self._refused_secrets.clear()
+
     def remember(self, audit_ids: Iterable[AuditID]) -> None:
         """AuditIDs an earlier run handled: the same event sent again makes no commit."""
         for audit_id in audit_ids:

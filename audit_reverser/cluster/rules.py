@@ -1,0 +1,195 @@
+"""Rules from the cluster: the seed's custom resources, listed and watched.
+
+Each kind is a :class:`Collection`, kept current by list + watch: a watch that ends is
+started again from the last resourceVersion seen, one whose version expired (410 Gone) lists
+again, and an API that does not answer is retried with capped back-off, all while the last
+good rules stay in force. After each change (debounced) the config is built again, with the
+Secrets the providers and targets reference read fresh, and handed on. Broken objects are
+logged and left out; the others keep working.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any
+
+from audit_reverser.cluster.api import ApiUnavailable, KubeApi, WatchExpired
+from audit_reverser.config.loader import build_config, usable_part
+from audit_reverser.config.model import API_VERSION, Config
+
+log = logging.getLogger(__name__)
+
+KINDS = {
+    "GitProvider": "gitproviders",
+    "GitTarget": "gittargets",
+    "WatchRule": "watchrules",
+    "ClusterWatchRule": "clusterwatchrules",
+}
+DEBOUNCE_S = 0.2
+# Secrets are read at every rebuild, and at least this often (a rotated token, a new key).
+REFRESH_S = 60.0
+RETRY_MIN_S = 0.5
+RETRY_MAX_S = 30.0
+
+
+class Collection:
+    """The objects of one resource across the cluster, kept current by list + watch."""
+
+    def __init__(self, api: KubeApi, kind: str, path: str) -> None:
+        self._api = api
+        self.kind = kind
+        self.path = path
+        self.items: dict[tuple[str, str], dict[str, Any]] = {}
+        self.synced = asyncio.Event()
+        self.relists = 0
+
+    async def run(self, changed: Callable[[], None]) -> None:
+        delay = RETRY_MIN_S
+        while True:
+            try:
+                version = await self._list()
+                self.synced.set()
+                changed()
+                while True:  # a watch ends at the server's timeout: go on from where it was
+                    async for event in self._api.watch(self.path, version):
+                        version = self._apply(event) or version
+                        if event.get("type") != "BOOKMARK":
+                            changed()
+                    delay = RETRY_MIN_S
+            except WatchExpired:
+                self.relists += 1
+                log.info("watch of %s expired (410 Gone); listing again", self.path)
+            except ApiUnavailable as exc:
+                log.warning(
+                    "%s: %s; keeping the last rules, next try in %.1fs", self.kind, exc, delay
+                )
+                await asyncio.sleep(delay * random.uniform(0.5, 1.0))
+                delay = min(delay * 2, RETRY_MAX_S)
+
+    async def _list(self) -> str:
+        answer = await self._api.get(self.path)
+        if answer is None:
+            raise ApiUnavailable(
+                f"the API serves no {self.path}: apply the CRDs (kubectl apply -f deploy/crds/)"
+            )
+        items = answer.get("items") or []
+        self.items = {_key(item): item for item in items if isinstance(item, dict)}
+        metadata = answer.get("metadata") or {}
+        return str(metadata.get("resourceVersion") or "")
+
+    def _apply(self, event: Mapping[str, Any]) -> str:
+        obj = event.get("object")
+        if not isinstance(obj, dict):
+            return ""
+        kind = event.get("type")
+        if kind in ("ADDED", "MODIFIED"):
+            self.items[_key(obj)] = obj
+        elif kind == "DELETED":
+            self.items.pop(_key(obj), None)
+        return str((obj.get("metadata") or {}).get("resourceVersion") or "")
+
+
+def _key(obj: Mapping[str, Any]) -> tuple[str, str]:
+    metadata = obj.get("metadata") or {}
+    return str(metadata.get("namespace") or ""), str(metadata.get("name") or "")
+
+
+class ClusterRules:
+    """The config the cluster's custom resources describe, rebuilt as they change."""
+
+    def __init__(self, api: KubeApi) -> None:
+        self._api = api
+        group, version = API_VERSION.split("/")
+        self.collections = [
+            Collection(api, kind, f"/apis/{group}/{version}/{plural}")
+            for kind, plural in KINDS.items()
+        ]
+        self._dirty = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._problems: list[str] = []
+        self.on_change: Callable[[Config], Awaitable[None]] | None = None
+        self.rebuilds = 0
+
+    async def start(self, timeout_s: float = 60.0) -> Config:
+        """Start watching; the first config, once every kind has been listed."""
+        for collection in self.collections:
+            self._tasks.append(
+                asyncio.create_task(
+                    collection.run(self._dirty.set), name=f"watch {collection.kind}"
+                )
+            )
+        try:
+            async with asyncio.timeout(timeout_s):
+                await asyncio.gather(*(c.synced.wait() for c in self.collections))
+        except TimeoutError:
+            await self.close()
+            raise ApiUnavailable(
+                f"could not list the configbutler.ai resources within {timeout_s:.0f}s"
+            ) from None
+        config = await self._build()
+        self._dirty.clear()
+        self._tasks.append(asyncio.create_task(self._rebuild_loop(), name="cluster rules"))
+        return config
+
+    async def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._tasks.clear()
+
+    async def _rebuild_loop(self) -> None:
+        while True:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(REFRESH_S):
+                    await self._dirty.wait()
+            await asyncio.sleep(DEBOUNCE_S)  # a burst of changes, one rebuild
+            if self.on_change is None:  # nobody to hand it to yet: keep it pending
+                self._dirty.set()
+                continue
+            self._dirty.clear()
+            try:
+                config = await self._build()
+            except ApiUnavailable as exc:
+                log.warning("rules not rebuilt: %s; the last ones stay in force", exc)
+                continue
+            if self.on_change is not None:
+                try:
+                    await self.on_change(config)
+                except Exception:  # the watch must go on; the next change tries again
+                    log.exception("applying the changed rules failed")
+
+    async def _build(self) -> Config:
+        documents: list[tuple[str, Mapping[str, Any]]] = []
+        for collection in self.collections:
+            for (namespace, name), obj in sorted(collection.items.items()):
+                label = f"{namespace}/{name}" if namespace else name
+                documents.append((f"{collection.kind} {label}", obj))
+        first, _ = build_config(documents)
+        wanted = {
+            (provider.key.namespace, provider.secret_name)
+            for provider in first.providers.values()
+            if provider.secret_name
+        } | {
+            (target.key.namespace, target.encryption.secret_name)
+            for target in first.targets.values()
+            if target.encryption is not None and target.encryption.secret_name
+        }
+        for namespace, name in sorted(wanted):
+            secret = await self._api.get(f"/api/v1/namespaces/{namespace}/secrets/{name}")
+            if secret is not None:
+                documents.append(
+                    (f"Secret {namespace}/{name}", {**secret, "kind": "Secret", "apiVersion": "v1"})
+                )
+        config, problems = build_config(documents, sources=(self._api.server,))
+        if problems != self._problems:
+            for problem in problems:
+                log.error("cluster rules: %s", problem)
+            self._problems = problems
+        self.rebuilds += 1
+        return usable_part(config)
