@@ -385,3 +385,32 @@ async def test_an_expired_watch_lists_again() -> None:
         ("team", "t2"),
         ("team", "later"),
     }  # t1 is gone with the relist
+
+
+async def test_serve_takes_its_rules_from_the_cluster_when_no_config_is_given(
+    tmp_path: Path, cluster: Cluster
+) -> None:
+    _declare_crds(cluster.api)
+    remote = await asyncio.to_thread(bare_repo, tmp_path / "remote.git")
+    provider = {"url": f"file://{remote}", "allowedBranches": ["*"], "push": {"maxCommits": 1}}
+    cluster.add(
+        f"{CB}/gitproviders", "default", "origin", _cr("GitProvider", "origin", provider, "default")
+    )
+    target = {"providerRef": {"name": "origin"}, "branch": "main", "path": "cluster"}
+    cluster.add(f"{CB}/gittargets", "default", "live", _cr("GitTarget", "live", target, "default"))
+    rule = {"targetRef": {"name": "live"}, "rules": [{"resources": ["configmaps"]}]}
+    cluster.add(f"{CB}/watchrules", "default", "cms", _cr("WatchRule", "cms", rule, "default"))
+    server = cluster.client.server
+    kubeconfig = tmp_path / "kubeconfig"
+    await asyncio.to_thread(kubeconfig.write_text, yaml.safe_dump(_kubeconfig(yarl.URL(server))))
+    served = await asyncio.to_thread(
+        start_serve, tmp_path, "--kubeconfig", str(kubeconfig), "--state-dir", str(tmp_path / "s")
+    )
+    body = json.dumps(event_list(event("create", body=configmap()))).encode()
+    status, _ = await asyncio.to_thread(
+        request, served.port, "POST", "/audit-webhook", body, headers=JSON
+    )
+    assert status == 200
+    log = await asyncio.to_thread(served.stop)
+    assert "rules from the cluster: 1 GitTargets, 1 WatchRules" in log
+    assert await asyncio.to_thread(git_files, remote) == ["cluster/v1/configmaps/default/demo.yaml"]
