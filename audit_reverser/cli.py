@@ -29,6 +29,7 @@ from audit_reverser import __version__
 from audit_reverser.cluster.api import KubeApi
 from audit_reverser.cluster.objects import ApiObjects
 from audit_reverser.cluster.rules import ClusterRules
+from audit_reverser.cluster.status import StatusReporter
 from audit_reverser.config import load_config, load_default_config
 from audit_reverser.config.model import Config
 from audit_reverser.errors import AuditReverserError, ConfigError, PermanentError
@@ -297,8 +298,7 @@ async def serve(args: argparse.Namespace) -> int:
                 len(config.watch_rules),
                 len(config.cluster_watch_rules),
             )
-        source = ApiObjects(api) if api else None
-        return await _serve(args, senders, context, source, config, rules)
+        return await _serve(args, senders, context, api, config, rules)
     finally:
         if rules is not None:
             await rules.close()
@@ -310,14 +310,14 @@ async def _serve(
     args: argparse.Namespace,
     senders: auth.SenderPolicy,
     context: ssl.SSLContext | None,
-    source: ApiObjects | None,
+    api: KubeApi | None,
     config: Config | None,
     rules: ClusterRules | None,
 ) -> int:
     runtime = await asyncio.to_thread(
         _runtime,
         args,
-        source,
+        ApiObjects(api) if api is not None else None,
         config,
         journal=True,
         max_backlog=args.max_backlog,
@@ -328,8 +328,16 @@ async def _serve(
     # In-flight requests get a few seconds to finish; the rest is the apiserver's to retry.
     runner = web.AppRunner(app, handle_signals=False, access_log=None, shutdown_timeout=5)
     await runner.setup()  # starts the runtime
-    if rules is not None:
-        rules.on_change = runtime.reconfigure
+    reporter = None
+    if rules is not None and api is not None:
+        reporter = StatusReporter(api, rules, runtime.status_state)
+        reporter.start()
+
+        async def changed(new: Config) -> None:
+            await runtime.reconfigure(new)
+            reporter.poke()
+
+        rules.on_change = changed
     try:
         host, port = args.listen
         site = web.TCPSite(runner, host, port, ssl_context=context)
@@ -350,6 +358,8 @@ async def _serve(
         log.info("stopping: finishing accepted events and pushing")
         runtime.accepting = False
     finally:
+        if reporter is not None:
+            await reporter.close()
         await runner.cleanup()
     return 0
 

@@ -20,6 +20,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from audit_reverser.cluster.status import State
 from audit_reverser.config.model import Config, GitProvider, Key, PushPolicy
 from audit_reverser.encryption.keys import TargetKeys, fingerprint_key
 from audit_reverser.encryption.keys import resolve as resolve_keys
@@ -139,6 +140,7 @@ class Runtime:
         self.settings = settings
         self.writers: dict[tuple[str, str], BranchWriter] = {}
         sinks, _ = self._wire(config, _remotes(config), strict=True)
+        self.sinks = sinks
         self.stats = PipelineStats()
         # Generated age keys and the fingerprint key live in the state directory: blocking
         # file access, as all of __init__ (callers build the runtime off the event loop).
@@ -184,6 +186,7 @@ class Runtime:
         sinks: dict[Key, BranchWriter] = {}
         policies: dict[tuple[str, str], list[PushPolicy]] = {}
         new: list[BranchWriter] = []
+        self.provider_problems: dict[Key, str] = {}
         for target in config.targets.values():
             provider = config.providers[target.provider_key]
             remote = remotes[provider.key]
@@ -191,6 +194,7 @@ class Runtime:
                 if strict:
                     raise remote
                 log.error("GitTarget %s left out: %s", target.key, remote)
+                self.provider_problems[provider.key] = str(remote)
                 continue
             transport = remote.transport
             key = (remote.key, target.branch)
@@ -249,6 +253,7 @@ class Runtime:
             [w.mirror.transport for w in self.writers.values()],
         )
         self.processor.reconfigure(config, sinks, keys)
+        self.sinks = sinks
         self.keys = keys
         self.config = config
         log.info(
@@ -256,6 +261,25 @@ class Runtime:
             len(sinks),
             len(self.writers),
             len(new),
+        )
+
+    async def status_state(self) -> State:
+        """What the status of the custom resources is made from; probes each provider's
+        remote (reachable, authenticated, may push), without pushing anything."""
+        probes = {}
+        for target_key, writer in self.sinks.items():
+            provider_key = self.config.targets[target_key].provider_key
+            if provider_key not in probes:
+                probes[provider_key] = asyncio.to_thread(
+                    probe, writer.mirror.transport, writer.mirror.branch
+                )
+        health = dict(zip(probes, await asyncio.gather(*probes.values()), strict=True))
+        return State(
+            config=self.config,
+            keys=self.keys,
+            writers=self.sinks,
+            health=health,
+            provider_problems=dict(self.provider_problems),
         )
 
     async def start(self) -> None:

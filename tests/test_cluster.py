@@ -23,6 +23,7 @@ import yarl
 from audit_reverser.cluster.api import KubeApi, WatchExpired
 from audit_reverser.cluster.objects import ApiObjects
 from audit_reverser.cluster.rules import ClusterRules, Collection
+from audit_reverser.cluster.status import StatusReporter
 from audit_reverser.config.model import Key
 from audit_reverser.pipeline.filter import Skip
 from audit_reverser.runtime import Runtime, Settings
@@ -32,6 +33,7 @@ from tests.conftest import (
     configmap,
     event,
     event_list,
+    git,
     git_files,
     git_show,
     request,
@@ -234,7 +236,9 @@ def _declare_crds(emulator: kmock.KubernetesEmulator) -> None:
         ("watchrules", "WatchRule", True),
         ("clusterwatchrules", "ClusterWatchRule", False),
     ):
-        emulator.resources[f"{CB}/{plural}"] = kmock.ResourceInfo(kind=kind, namespaced=namespaced)
+        emulator.resources[f"{CB}/{plural}"] = kmock.ResourceInfo(
+            kind=kind, namespaced=namespaced, subresources={"status"}
+        )
     emulator.resources["v1/secrets"] = kmock.ResourceInfo(kind="Secret", namespaced=True)
 
 
@@ -414,3 +418,62 @@ async def test_serve_takes_its_rules_from_the_cluster_when_no_config_is_given(
     log = await asyncio.to_thread(served.stop)
     assert "rules from the cluster: 1 GitTargets, 1 WatchRules" in log
     assert await asyncio.to_thread(git_files, remote) == ["cluster/v1/configmaps/default/demo.yaml"]
+
+
+async def test_the_custom_resources_show_why_they_are_ready_or_not(
+    tmp_path: Path, cluster: Cluster
+) -> None:
+    _declare_crds(cluster.api)
+    remote = await asyncio.to_thread(bare_repo, tmp_path / "remote.git")
+    provider = {"url": f"file://{remote}", "allowedBranches": ["main"]}
+    cluster.add(f"{CB}/gitproviders", "team", "origin", _cr("GitProvider", "origin", provider))
+    good = {"providerRef": {"name": "origin"}, "branch": "main", "path": "live"}
+    live = _cr("GitTarget", "live", good)
+    live["metadata"]["generation"] = 3
+    cluster.add(f"{CB}/gittargets", "team", "live", live)
+    cluster.add(
+        f"{CB}/gittargets", "team", "dev", _cr("GitTarget", "dev", {**good, "branch": "dev"})
+    )
+    locked = {**good, "path": "vault", "encryption": {"provider": "sops", "age": {"enabled": True}}}
+    cluster.add(f"{CB}/gittargets", "team", "vault", _cr("GitTarget", "vault", locked))
+    orphan = {"targetRef": {"name": "gone"}, "rules": [{"resources": ["configmaps"]}]}
+    cluster.add(f"{CB}/watchrules", "team", "orphan", _cr("WatchRule", "orphan", orphan))
+    fine = {"targetRef": {"name": "live"}, "rules": [{"resources": ["configmaps"]}]}
+    cluster.add(f"{CB}/watchrules", "team", "fine", _cr("WatchRule", "fine", fine))
+
+    rules = ClusterRules(cluster.client)
+    config = await rules.start()
+    runtime = await asyncio.to_thread(Runtime, config, Settings(state_dir=tmp_path / "state"))
+    await runtime.start()
+    reporter = StatusReporter(cluster.client, rules, runtime.status_state)
+    try:
+        await runtime.intake.accept(
+            runtime.intake.triage(
+                [event("create", namespace="team", body=configmap(namespace="team"))]
+            )
+        )
+        assert await runtime.flush() == []
+        assert await reporter.report() == 6
+        assert await reporter.report() == 0  # nothing changed: nothing written
+    finally:
+        await runtime.close()
+        await rules.close()
+
+    def ready(plural: str, name: str) -> tuple[str, str]:
+        status = cluster.api.objects[f"{CB}/{plural}", "team", name]["status"]
+        [condition] = status["conditions"]
+        assert condition["type"] == "Ready" and condition["lastTransitionTime"]
+        return condition["status"], condition["reason"]
+
+    assert ready("gitproviders", "origin") == ("True", "Ready")
+    assert ready("gittargets", "live") == ("True", "Ready")
+    assert ready("gittargets", "dev") == ("False", "BranchNotAllowed")
+    assert ready("gittargets", "vault") == ("False", "EncryptionNotReady")
+    assert ready("watchrules", "orphan") == ("False", "TargetNotFound")
+    assert ready("watchrules", "fine") == ("True", "Ready")
+    status = cluster.api.objects[f"{CB}/gittargets", "team", "live"]["status"]
+    assert status["observedGeneration"] == 3
+    pushed = (await asyncio.to_thread(git, remote, "rev-parse", "main")).strip()
+    assert status["lastCommit"] == pushed and status["lastPushTime"]
+    patches = [r for r in cluster.api if str(r.method).endswith("PATCH")]
+    assert len(patches) == 6 and all(r.url.path.endswith("/status") for r in patches)

@@ -112,6 +112,29 @@ class KubeApi:
             delay = min(delay * 2, RETRY_MAX_S)
         raise AssertionError("unreachable")
 
+    async def patch_status(self, path: str, status: dict[str, Any]) -> bool:
+        """Merge ``status`` into the status subresource at ``path``; False when the object is
+        gone. One try: status is reported again on the next round anyway."""
+        self.requests += 1
+        try:
+            await self._client.call_api(
+                f"{path}/status",
+                "PATCH",
+                header_params={"Content-Type": "application/merge-patch+json"},
+                body={"status": status},
+                response_types_map={200: "object"},
+                auth_settings=["BearerToken"],
+                _return_http_data_only=True,
+                _request_timeout=REQUEST_TIMEOUT_S,
+            )
+        except ApiException as exc:
+            if exc.status == 404:
+                return False
+            raise ApiUnavailable(f"PATCH {path}/status: {exc.status} {exc.reason}") from None
+        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+            raise ApiUnavailable(f"PATCH {path}/status: {exc}") from None
+        return True
+
     async def watch(
         self, path: str, resource_version: str, timeout_s: int = WATCH_TIMEOUT_S
     ) -> AsyncIterator[dict[str, Any]]:

@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import logging
 import random
+import re
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
@@ -93,6 +94,19 @@ class Collection:
         return str((obj.get("metadata") or {}).get("resourceVersion") or "")
 
 
+ObjectId = tuple[str, str, str]  # kind, namespace ('' when cluster-scoped), name
+_OWNER = re.compile(r"^(GitProvider|GitTarget|WatchRule|ClusterWatchRule) ([^\s:(]+)")
+
+
+def owner_of(problem: str) -> ObjectId | None:
+    """The object a problem from :func:`build_config` is about (its text starts with it)."""
+    match = _OWNER.match(problem)
+    if match is None:
+        return None
+    namespace, _, name = match[2].rpartition("/")
+    return match[1], namespace, name
+
+
 def _key(obj: Mapping[str, Any]) -> tuple[str, str]:
     metadata = obj.get("metadata") or {}
     return str(metadata.get("namespace") or ""), str(metadata.get("name") or "")
@@ -111,8 +125,17 @@ class ClusterRules:
         self._dirty = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._problems: list[str] = []
+        self.problems: dict[ObjectId, str] = {}  # the first problem of each broken object
         self.on_change: Callable[[Config], Awaitable[None]] | None = None
         self.rebuilds = 0
+
+    def objects(self) -> dict[ObjectId, dict[str, Any]]:
+        """Every custom resource as last seen (the watched objects themselves)."""
+        return {
+            (collection.kind, namespace, name): obj
+            for collection in self.collections
+            for (namespace, name), obj in collection.items.items()
+        }
 
     async def start(self, timeout_s: float = 60.0) -> Config:
         """Start watching; the first config, once every kind has been listed."""
@@ -191,5 +214,11 @@ class ClusterRules:
             for problem in problems:
                 log.error("cluster rules: %s", problem)
             self._problems = problems
+        owners: dict[ObjectId, str] = {}
+        for problem in problems:
+            owner = owner_of(problem)
+            if owner is not None:
+                owners.setdefault(owner, problem)
+        self.problems = owners
         self.rebuilds += 1
         return usable_part(config)

@@ -21,6 +21,7 @@ import random
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 from audit_reverser.errors import AuditReverserError, MirrorWriteFailed, TemporaryError
@@ -45,6 +46,7 @@ class WriterStats:
     pushes: int = 0
     pushed_commits: int = 0
     push_failures: int = 0
+    last_push_at: datetime | None = None
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -298,6 +300,7 @@ class BranchWriter:
             raise
         self.stats.pushes += 1
         self.stats.pushed_commits += pushed
+        self.stats.last_push_at = datetime.now(UTC)
         self.last_push_error = None
         self._push_deadline = None
         self._retry_s = RETRY_MIN_S
