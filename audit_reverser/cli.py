@@ -29,9 +29,10 @@ from audit_reverser import __version__
 from audit_reverser.cluster.api import KubeApi
 from audit_reverser.cluster.objects import ApiObjects
 from audit_reverser.cluster.rules import ClusterRules
+from audit_reverser.cluster.snapshot import SnapshotResult, SnapshotScheduler
 from audit_reverser.cluster.status import StatusReporter
 from audit_reverser.config import load_config, load_default_config
-from audit_reverser.config.model import Config
+from audit_reverser.config.model import Config, GitTarget, Key
 from audit_reverser.errors import AuditReverserError, ConfigError, PermanentError
 from audit_reverser.ingest import auth
 from audit_reverser.ingest.intake import DEFAULT_MAX_BACKLOG
@@ -44,6 +45,7 @@ log = logging.getLogger("audit_reverser")
 
 DEFAULT_LISTEN = "127.0.0.1:8080"
 DEFAULT_STATE_DIR = ".audit-reverser"
+NO_SNAPSHOT = SnapshotResult(files=0, written=False, pruned=False)
 
 
 def _listen_address(text: str) -> tuple[str, int]:
@@ -178,6 +180,27 @@ def _parser() -> argparse.ArgumentParser:
     )
     config_option(check)
     check.add_argument("--json", action="store_true", help="print the results as JSON")
+
+    snap = commands.add_parser(
+        "snapshot",
+        help="commit every object the rules select, and prune files whose object is gone",
+        description="List what each GitTarget's rules select in the cluster, commit it as one "
+        "[SNAPSHOT] commit, remove files whose object is gone in a [PRUNE] commit, and push. "
+        "Rules come from --config, or else from the cluster.",
+    )
+    common(snap)
+    snap_api = snap.add_mutually_exclusive_group(required=True)
+    snap_api.add_argument("--kubeconfig", type=Path, metavar="FILE", help="the cluster")
+    snap_api.add_argument(
+        "--in-cluster", action="store_true", help="the pod's cluster and service account"
+    )
+    snap.add_argument(
+        "--target",
+        action="append",
+        default=[],
+        metavar="NAMESPACE/NAME",
+        help="only these GitTargets (repeatable; default: all)",
+    )
 
     replay = commands.add_parser(
         "replay",
@@ -314,10 +337,11 @@ async def _serve(
     config: Config | None,
     rules: ClusterRules | None,
 ) -> int:
+    source = ApiObjects(api) if api is not None else None
     runtime = await asyncio.to_thread(
         _runtime,
         args,
-        ApiObjects(api) if api is not None else None,
+        source,
         config,
         journal=True,
         max_backlog=args.max_backlog,
@@ -328,14 +352,22 @@ async def _serve(
     # In-flight requests get a few seconds to finish; the rest is the apiserver's to retry.
     runner = web.AppRunner(app, handle_signals=False, access_log=None, shutdown_timeout=5)
     await runner.setup()  # starts the runtime
-    reporter = None
-    if rules is not None and api is not None:
+    reporter = scheduler = None
+    if rules is not None and api is not None and source is not None:
         reporter = StatusReporter(api, rules, runtime.status_state)
         reporter.start()
+
+        async def take(target: GitTarget) -> SnapshotResult:
+            return await runtime.take_snapshot(target, api, source) or NO_SNAPSHOT
+
+        scheduler = SnapshotScheduler(api, rules, take)
+        scheduler.start()
+        scheduler.update(runtime.config)
 
         async def changed(new: Config) -> None:
             await runtime.reconfigure(new)
             reporter.poke()
+            scheduler.update(new)
 
         rules.on_change = changed
     try:
@@ -358,6 +390,8 @@ async def _serve(
         log.info("stopping: finishing accepted events and pushing")
         runtime.accepting = False
     finally:
+        if scheduler is not None:
+            await scheduler.close()
         if reporter is not None:
             await reporter.close()
         await runner.cleanup()
@@ -464,6 +498,48 @@ async def check(args: argparse.Namespace) -> int:
     return 0 if all(r.health.ready for r in results) else 1
 
 
+async def snapshot(args: argparse.Namespace) -> int:
+    api = await KubeApi.connect(args.kubeconfig)
+    try:
+        config = None
+        if not args.config:
+            rules = ClusterRules(api)
+            try:
+                config = await rules.start()
+            finally:
+                await rules.close()
+        source = ApiObjects(api)
+        runtime = await asyncio.to_thread(_runtime, args, source, config)
+        wanted = {Key(namespace=t.partition("/")[0], name=t.partition("/")[2]) for t in args.target}
+        unknown = wanted - set(runtime.config.targets)
+        if unknown:
+            raise ConfigError(
+                [f"--target {key}: no such GitTarget" for key in sorted(map(str, unknown))]
+            )
+        await runtime.start()
+        try:
+            for key, target in sorted(runtime.config.targets.items(), key=lambda kv: str(kv[0])):
+                if wanted and key not in wanted:
+                    continue
+                result = await runtime.take_snapshot(target, api, source)
+                if result is None:
+                    print(f"GitTarget {key}: left out (its GitProvider cannot be used)")
+                    continue
+                print(
+                    f"GitTarget {key}: {result.files} objects, "
+                    f"snapshot {'committed' if result.written else 'unchanged'}, "
+                    f"{'stale files pruned' if result.pruned else 'nothing to prune'}"
+                )
+            failures = await runtime.flush()
+        finally:
+            await runtime.close()
+    finally:
+        await api.close()
+    for failure in failures:
+        print(f"audit-reverser: error: {failure}", file=sys.stderr)
+    return 1 if failures else 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(
@@ -471,7 +547,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
-    command = {"serve": serve, "replay": replay, "check": check}[args.command]
+    command = {"serve": serve, "replay": replay, "check": check, "snapshot": snapshot}[args.command]
     try:
         return asyncio.run(command(args))
     except ConfigError as exc:

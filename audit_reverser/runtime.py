@@ -20,8 +20,11 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from audit_reverser.cluster.api import KubeApi
+from audit_reverser.cluster.objects import ApiObjects
+from audit_reverser.cluster.snapshot import SnapshotResult, snapshot
 from audit_reverser.cluster.status import State
-from audit_reverser.config.model import Config, GitProvider, Key, PushPolicy
+from audit_reverser.config.model import Config, GitProvider, GitTarget, Key, PushPolicy
 from audit_reverser.encryption.keys import TargetKeys, fingerprint_key
 from audit_reverser.encryption.keys import resolve as resolve_keys
 from audit_reverser.errors import AuditReverserError, ConfigError, RepositoryError
@@ -261,6 +264,24 @@ class Runtime:
             len(sinks),
             len(self.writers),
             len(new),
+        )
+
+    async def take_snapshot(
+        self, target: GitTarget, api: KubeApi, objects: ApiObjects
+    ) -> SnapshotResult | None:
+        """Snapshot and prune ``target`` (see :mod:`audit_reverser.cluster.snapshot`); None
+        when it has no writer (its provider cannot be used)."""
+        writer = self.sinks.get(target.key)
+        if writer is None:
+            return None
+        return await snapshot(
+            api=api,
+            objects=objects,
+            config=self.config,
+            target=target,
+            processor=self.processor,
+            writer=writer,
+            committer=self.settings.committer,
         )
 
     async def status_state(self) -> State:

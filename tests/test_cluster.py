@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import subprocess
+import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +25,7 @@ import yarl
 from audit_reverser.cluster.api import KubeApi, WatchExpired
 from audit_reverser.cluster.objects import ApiObjects
 from audit_reverser.cluster.rules import ClusterRules, Collection
+from audit_reverser.cluster.snapshot import snapshot
 from audit_reverser.cluster.status import StatusReporter
 from audit_reverser.config.model import Key
 from audit_reverser.pipeline.filter import Skip
@@ -418,6 +421,10 @@ async def test_serve_takes_its_rules_from_the_cluster_when_no_config_is_given(
     log = await asyncio.to_thread(served.stop)
     assert "rules from the cluster: 1 GitTargets, 1 WatchRules" in log
     assert await asyncio.to_thread(git_files, remote) == ["cluster/v1/configmaps/default/demo.yaml"]
+    # A new target is snapshotted once (its status says when) and shows Ready.
+    status = cluster.api.objects[f"{CB}/gittargets", "default", "live"]["status"]
+    assert status["snapshot"]["lastCompletedTime"]
+    assert [c["reason"] for c in status["conditions"]] == ["Ready"]
 
 
 async def test_the_custom_resources_show_why_they_are_ready_or_not(
@@ -477,3 +484,89 @@ async def test_the_custom_resources_show_why_they_are_ready_or_not(
     assert status["lastCommit"] == pushed and status["lastPushTime"]
     patches = [r for r in cluster.api if str(r.method).endswith("PATCH")]
     assert len(patches) == 6 and all(r.url.path.endswith("/status") for r in patches)
+
+
+# -- snapshot and prune ---------------------------------------------------------------------------
+
+
+def _seed_remote(remote: Path, work: Path, files: dict[str, str]) -> None:
+    """What the repository held before: files written by an earlier run or by hand."""
+    subprocess.run(["git", "clone", "-q", str(remote), str(work)], check=True)
+    for name, text in files.items():
+        (work / name).parent.mkdir(parents=True, exist_ok=True)
+        (work / name).write_text(text)
+    run = ["git", "-C", str(work), "-c", "user.name=Bob", "-c", "user.email=bob@example.com"]
+    subprocess.run([*run, "add", "-A"], check=True)
+    subprocess.run([*run, "commit", "-q", "-m", "before"], check=True)
+    subprocess.run([*run, "push", "-q", "origin", "HEAD:main"], check=True)
+
+
+async def test_a_snapshot_writes_what_the_rules_select_and_prunes_what_is_gone(
+    tmp_path: Path, cluster: Cluster
+) -> None:
+    # kmock lists only resources that declare the list verb (a fixture fills that gap).
+    cluster.api.resources["v1/configmaps"] = kmock.ResourceInfo(
+        kind="ConfigMap", namespaced=True, verbs={"get", "list", "watch"}
+    )
+    cluster.add("v1/configmaps", "default", "a", configmap("a"))
+    cluster.add("v1/configmaps", "shop", "b", configmap("b", namespace="shop"))
+    remote = await asyncio.to_thread(bare_repo, tmp_path / "remote.git")
+    before = {
+        "live/v1/configmaps/default/stale.yaml": "gone from the cluster\n",
+        "live/apps/v1/deployments/default/web.yaml": "a type this run did not list\n",
+        "docs/README.md": "not ours\n",
+    }
+    await asyncio.to_thread(_seed_remote, remote, tmp_path / "bob", before)
+    harness = await start_harness(tmp_path, source=ApiObjects(cluster.client))
+    runtime = harness.runtime
+    [target] = runtime.config.targets.values()
+    try:
+        for _ in range(2):  # the second one finds nothing to do
+            result = await snapshot(
+                api=cluster.client,
+                objects=ApiObjects(cluster.client),
+                config=runtime.config,
+                target=target,
+                processor=runtime.processor,
+                writer=runtime.sinks[target.key],
+                committer=runtime.settings.committer,
+            )
+        await harness.sync()
+    finally:
+        await runtime.close()
+    assert (result.files, result.written, result.pruned) == (2, False, False)
+    assert await harness.log("%an %s") == [
+        "Bob before",
+        "audit-reverser [SNAPSHOT] live",
+        "audit-reverser [PRUNE] live",
+    ]
+    assert await harness.files() == [
+        "docs/README.md",
+        "live/apps/v1/deployments/default/web.yaml",
+        "live/v1/configmaps/default/a.yaml",
+        "live/v1/configmaps/shop/b.yaml",
+    ]
+    assert "name: b" in await harness.show("live/v1/configmaps/shop/b.yaml")
+
+
+async def test_the_snapshot_command_commits_and_pushes(tmp_path: Path, cluster: Cluster) -> None:
+    cluster.api.resources["v1/configmaps"] = kmock.ResourceInfo(
+        kind="ConfigMap", namespaced=True, verbs={"get", "list"}
+    )
+    cluster.add("v1/configmaps", "default", "a", configmap("a"))
+    remote = await asyncio.to_thread(bare_repo, tmp_path / "remote.git")
+    config = await asyncio.to_thread(write_config, tmp_path / "c.yaml", remote)
+    kubeconfig = tmp_path / "kubeconfig"
+    server = cluster.client.server
+    await asyncio.to_thread(kubeconfig.write_text, yaml.safe_dump(_kubeconfig(yarl.URL(server))))
+    command = [sys.executable, "-m", "audit_reverser", "snapshot", "--kubeconfig", str(kubeconfig)]
+    command += ["--config", str(config), "--state-dir", str(tmp_path / "state")]
+    done = await asyncio.to_thread(subprocess.run, command, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == (
+        "GitTarget team/live: 1 objects, snapshot committed, nothing to prune"
+    )
+    assert await asyncio.to_thread(git_files, remote) == ["live/v1/configmaps/default/a.yaml"]
+    unknown = [*command, "--target", "team/nope"]
+    done = await asyncio.to_thread(subprocess.run, unknown, capture_output=True, text=True)
+    assert done.returncode == 2 and "--target team/nope: no such GitTarget" in done.stderr

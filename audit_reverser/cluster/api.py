@@ -80,7 +80,9 @@ class KubeApi:
     async def close(self) -> None:
         await self._client.close()
 
-    async def get(self, path: str) -> dict[str, Any] | None:
+    async def get(
+        self, path: str, query: list[tuple[str, str]] | None = None
+    ) -> dict[str, Any] | None:
         """The JSON at ``path``; None on 404. Retries what may pass, then ApiUnavailable."""
         delay = RETRY_MIN_S
         for attempt in range(1, ATTEMPTS + 1):
@@ -89,6 +91,7 @@ class KubeApi:
                 result = await self._client.call_api(
                     path,
                     "GET",
+                    query_params=query,
                     response_types_map={200: "object"},
                     auth_settings=["BearerToken"],
                     _return_http_data_only=True,

@@ -26,6 +26,27 @@ from audit_reverser.pipeline.resolve import UnknownResource
 log = logging.getLogger(__name__)
 
 
+@dataclass(frozen=True, kw_only=True, slots=True)
+class ApiResource:
+    """A resource type the API serves and can list."""
+
+    group: str
+    version: str
+    name: str  # plural
+    kind: str
+    namespaced: bool
+
+    @property
+    def group_version(self) -> str:
+        return f"{self.group}/{self.version}" if self.group else self.version
+
+    @property
+    def path(self) -> str:
+        """The cluster-wide collection."""
+        prefix = f"/apis/{self.group}/{self.version}" if self.group else f"/api/{self.version}"
+        return f"{prefix}/{self.name}"
+
+
 @dataclass(frozen=True, slots=True)
 class _Read:
     at: float
@@ -88,6 +109,35 @@ class ApiObjects:
             cutoff = read.at - self._fresh_s
             self._recent = {p: r for p, r in self._recent.items() if r.at >= cutoff}
         self._recent[path] = read
+
+    async def listable(self) -> list[ApiResource]:
+        """Every resource type the API serves that can be listed (preferred versions), read
+        from discovery now: a snapshot must see CRDs installed a minute ago."""
+        groups = [("", "v1")]
+        for group in ((await self._api.get("/apis")) or {}).get("groups") or []:
+            preferred = (group.get("preferredVersion") or {}).get("version")
+            if group.get("name") and preferred:
+                groups.append((str(group["name"]), str(preferred)))
+        found = []
+        for group_name, version in groups:
+            path = f"/apis/{group_name}/{version}" if group_name else f"/api/{version}"
+            for item in ((await self._api.get(path)) or {}).get("resources") or []:
+                name = item.get("name")
+                if (
+                    isinstance(name, str)
+                    and "/" not in name
+                    and "list" in (item.get("verbs") or [])
+                ):
+                    found.append(
+                        ApiResource(
+                            group=group_name,
+                            version=version,
+                            name=name,
+                            kind=str(item.get("kind") or ""),
+                            namespaced=bool(item.get("namespaced")),
+                        )
+                    )
+        return found
 
     async def _preferred_version(self, group: str) -> str:
         if not group:

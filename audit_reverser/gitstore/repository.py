@@ -25,7 +25,7 @@ from audit_reverser.errors import MirrorWriteFailed, RemoteUnavailable, Reposito
 from audit_reverser.gitstore.packing import BLOB, COMMIT, NewObjects, object_id
 from audit_reverser.gitstore.transport import LocalTransport, Transport
 from audit_reverser.gitstore.trees import WorkingTree
-from audit_reverser.gitstore.types import FileChange, Identity
+from audit_reverser.gitstore.types import FileChange, Identity, TreeChange
 
 log = logging.getLogger(__name__)
 
@@ -225,26 +225,47 @@ class Mirror:
             for commit in walker
         ]
 
-    def commit(self, change: FileChange) -> str | None:
+    def commit(self, change: FileChange | TreeChange) -> str | None:
         """Commit one change on the branch tip; None when it would change nothing."""
         try:
-            return self._commit(change)
+            if isinstance(change, TreeChange):
+                return self._commit_tree(change)
+            if not self._stage(change):
+                return None
+            return self._make_commit(change.message, change.author, change.time)
         except (pygit2.GitError, OSError, ValueError) as exc:
-            raise MirrorWriteFailed(f"cannot commit {change.path} in {self.path}: {exc}") from exc
+            what = change.path if isinstance(change, FileChange) else "a snapshot"
+            raise MirrorWriteFailed(f"cannot commit {what} in {self.path}: {exc}") from exc
 
-    def _commit(self, change: FileChange) -> str | None:
+    def _commit_tree(self, change: TreeChange) -> str | None:
+        staged = False
+        for entry in change.files:
+            staged = self._stage(entry) or staged
+        for folder in change.prune:
+            for path in self._tree.files_under(folder):
+                if path not in change.keep:
+                    self._tree.set(path, None)
+                    if self._fingerprints.pop(path, None) is not None:
+                        self._fingerprints_changed = True
+                    staged = True
+        if not staged:
+            return None
+        return self._make_commit(change.message, change.author, change.time)
+
+    def _stage(self, change: FileChange) -> bool:
+        """Put ``change`` into the working tree; False when it changes nothing."""
         current = self._tree.get(change.path)
         if change.content is None:
             if current is None:
-                return None
+                return False
             blob = None
         else:
             blob = object_id(BLOB, change.content)
             if blob == current:
-                return None
+                return False
             known = self._fingerprints.get(change.path)
             if change.fingerprint is not None and known == (change.fingerprint, current):
-                return None  # the same meaning, already in the file
+                return False  # the same meaning, already in the file
             self._objects.add(BLOB, change.content)
         self._tree.set(change.path, blob)
         for path, content in change.also:
@@ -258,13 +279,16 @@ class Mirror:
         elif change.path in self._fingerprints:
             del self._fingerprints[change.path]
             self._fingerprints_changed = True
+        return True
+
+    def _make_commit(self, message: str, author: Identity, time: datetime) -> str:
         tree = self._tree.write()
         headers = [b"tree " + tree.hex().encode()]
         if self._head is not None:
             headers.append(b"parent " + self._head.hex().encode())
-        headers.append(b"author " + _signature(change.author, change.time))
-        headers.append(b"committer " + _signature(self.committer, change.time))
-        data = b"\n".join(headers) + b"\n\n" + change.message.encode()
+        headers.append(b"author " + _signature(author, time))
+        headers.append(b"committer " + _signature(self.committer, time))
+        data = b"\n".join(headers) + b"\n\n" + message.encode()
         self._head = self._objects.add(COMMIT, data)
         self._unsaved += 1
         self.unpushed += 1

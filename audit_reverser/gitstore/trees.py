@@ -150,6 +150,20 @@ class WorkingTree:
                 break
             parent_path = parent_path.rpartition("/")[0]
 
+    def files_under(self, folder: str) -> list[str]:
+        """Every file below ``folder`` (a path without trailing slash)."""
+        directory = self._directory(folder, create=False)
+        if directory is None:
+            return []
+        found = []
+        for name, mode in directory.modes.items():
+            path = f"{folder}/{name.decode()}"
+            if mode == TREE_MODE:
+                found += self.files_under(path)
+            else:
+                found.append(path)
+        return found
+
     def write(self) -> bytes:
         """Write the changed trees, deepest first, and return the root tree's id."""
         for path in sorted(self._changed, key=lambda p: p.count("/") + (p != ""), reverse=True):

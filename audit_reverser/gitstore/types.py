@@ -37,3 +37,17 @@ class CommitOutcome:
 
     commit_id: str | None
     writer: str = ""
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class TreeChange:
+    """One commit of many files (a snapshot), or of the removals under some folders (a
+    prune): ``files`` are set as a FileChange sets its file (fingerprints included); files
+    under ``prune`` folders that are not in ``keep`` are removed. None when nothing changes."""
+
+    files: tuple[FileChange, ...] = ()
+    prune: tuple[str, ...] = ()
+    keep: frozenset[str] = frozenset()
+    message: str
+    author: Identity
+    time: datetime

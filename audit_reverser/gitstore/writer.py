@@ -26,7 +26,7 @@ from typing import Any, TypeVar
 
 from audit_reverser.errors import AuditReverserError, MirrorWriteFailed, TemporaryError
 from audit_reverser.gitstore.repository import Mirror
-from audit_reverser.gitstore.types import CommitOutcome, FileChange
+from audit_reverser.gitstore.types import CommitOutcome, FileChange, TreeChange
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +61,7 @@ class _Flush:
 
 @dataclass(frozen=True, slots=True)
 class _Change:
-    change: FileChange
+    change: FileChange | TreeChange
     done: asyncio.Future[CommitOutcome]
 
 
@@ -188,7 +188,7 @@ class BranchWriter:
     def running(self) -> bool:
         return self._task is not None and not self._task.done()
 
-    async def submit(self, change: FileChange) -> asyncio.Future[CommitOutcome]:
+    async def submit(self, change: FileChange | TreeChange) -> asyncio.Future[CommitOutcome]:
         """Queue a change; the future resolves once it is committed in the local mirror."""
         if not self.running:
             raise TemporaryError(f"{self.name}: writer is not running")
@@ -247,7 +247,9 @@ class BranchWriter:
             results: list[CommitOutcome | BaseException] = []
             for entry in batch:
                 change = entry.change
-                made = self._recovered.pop((change.message, change.path), None)
+                made = None
+                if isinstance(change, FileChange):
+                    made = self._recovered.pop((change.message, change.path), None)
                 if made is not None:
                     results.append(_Recovered(commit_id=made, writer=self.key))
                     continue
@@ -273,7 +275,8 @@ class BranchWriter:
         for entry, result in zip(batch, await self._blocking(commit_all), strict=True):
             if isinstance(result, BaseException):
                 self.stats.failed += 1
-                log.error("%s: commit of %s failed: %s", self.name, entry.change.path, result)
+                what = getattr(entry.change, "path", "a snapshot")
+                log.error("%s: commit of %s failed: %s", self.name, what, result)
                 entry.done.set_exception(result)
                 continue
             if isinstance(result, _Recovered):

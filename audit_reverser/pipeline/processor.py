@@ -14,19 +14,20 @@ import dataclasses
 import logging
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Protocol
+from typing import Any, Protocol
 
 from audit_reverser.config.model import Config, GitTarget, Key
 from audit_reverser.encryption import sops
 from audit_reverser.encryption.keys import TargetKeys
 from audit_reverser.encryption.keys import fingerprint as fingerprint_of
-from audit_reverser.events import AuditEvent, AuditID
+from audit_reverser.events import AuditEvent, AuditID, ObjectRef
 from audit_reverser.gitstore.types import CommitOutcome, FileChange
 from audit_reverser.pipeline import canonical
 from audit_reverser.pipeline.commits import Action, author_for, commit_message, trailer
 from audit_reverser.pipeline.filter import Skip
-from audit_reverser.pipeline.layout import InvalidName, check_reference, object_path
+from audit_reverser.pipeline.layout import InvalidName, ObjectPath, check_reference, object_path
 from audit_reverser.pipeline.resolve import (
     NeedsApi,
     ObjectChange,
@@ -64,6 +65,16 @@ UNKNOWN_TIME = datetime(1970, 1, 1, tzinfo=UTC)
 
 class CommitSink(Protocol):
     async def submit(self, change: FileChange) -> asyncio.Future[CommitOutcome]: ...
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Encoded:
+    """One object as a file of a target (see :meth:`Processor.encode`)."""
+
+    path: ObjectPath
+    content: bytes | None
+    fingerprint: str | None
+    also: tuple[tuple[str, bytes], ...]
 
 
 def _rv_number(rv: str) -> int | None:
@@ -173,16 +184,24 @@ class Processor:
             self.stats.skip(last_reason)
         return futures
 
-    async def _submit(
-        self, event: AuditEvent, target: GitTarget, change: ObjectChange
-    ) -> asyncio.Future[CommitOutcome] | Skip:
-        ref = event.object_ref
-        assert ref is not None
+    def encode(
+        self,
+        target: GitTarget,
+        ref: ObjectRef,
+        namespace: str,
+        name: str,
+        body: Mapping[str, Any] | None,
+        *,
+        when: datetime,
+        label: str,
+    ) -> Encoded | Skip:
+        """The file of one object for ``target``: its path and sanitized (for a Secret,
+        encrypted) content, None when the object is gone. ``label`` names the cause in logs."""
         secret = ref.api_group == "" and ref.resource == "secrets"
         keys = self._keys.get(target.key) or TargetKeys(
             problem=f"GitTarget {target.key} has no spec.encryption"
         )
-        if secret and keys.problem is not None and change.body is not None:
+        if secret and keys.problem is not None and body is not None:
             if target.key not in self._refused_secrets:  # once, not once per Secret
                 self._refused_secrets.add(target.key)
                 log.warning("Secrets are not written, never in plaintext: %s", keys.problem)
@@ -193,13 +212,53 @@ class Processor:
                 api_group=ref.api_group,
                 api_version=ref.api_version,
                 resource=ref.resource,
-                namespace="" if is_cluster_scoped(ref) else change.namespace,
-                name=change.name,
+                namespace="" if is_cluster_scoped(ref) else namespace,
+                name=name,
                 secret=secret,
             )
         except InvalidName as exc:
-            log.warning("event %s refused: %s", event.audit_id, exc)
+            log.warning("%s refused: %s", label, exc)
             return Skip.INVALID_NAME
+        fingerprint = None
+        content = None
+        if body is not None:
+            try:
+                clean = sanitize(body, api_group=ref.api_group, resource=ref.resource)
+                content = canonical.dump(clean)
+                if secret:
+                    fingerprint = fingerprint_of(self._fingerprint_key, keys.recipients, content)
+                    encrypted, metadata = sops.encrypt(
+                        canonical.ordered(clean), keys.recipients, now=when
+                    )
+                    content = canonical.dump(encrypted, trailer={"sops": metadata})
+            except RecursionError:  # only forged objects nest this deep
+                log.warning("%s refused: the object is nested too deeply", label)
+                return Skip.MALFORMED
+            except sops.SopsError as exc:
+                log.warning("%s refused: %s", label, exc)
+                return Skip.MALFORMED
+        # The folder's .sops.yaml rides along with every commit until it is right.
+        also = () if keys.problem else ((path.sops_config, self._creation_rules(keys)),)
+        return Encoded(path=path, content=content, fingerprint=fingerprint, also=also)
+
+    async def _submit(
+        self, event: AuditEvent, target: GitTarget, change: ObjectChange
+    ) -> asyncio.Future[CommitOutcome] | Skip:
+        ref = event.object_ref
+        assert ref is not None
+        when = event.time or UNKNOWN_TIME
+        encoded = self.encode(
+            target,
+            ref,
+            change.namespace,
+            change.name,
+            change.body,
+            when=when,
+            label=f"event {event.audit_id}",
+        )
+        if isinstance(encoded, Skip):
+            return encoded
+        path = encoded.path
         sink = self._sinks[target.key]
         version_key = (id(sink), path.file)
         version = _rv_number(change.resource_version)
@@ -214,32 +273,15 @@ class Processor:
             )
             return Skip.STALE
         action: Action
-        fingerprint = None
-        when = event.time or UNKNOWN_TIME
         if change.body is None:
-            action, content = "DELETE", None
+            action = "DELETE"
         else:
             action = "CREATE" if event.verb == "create" else "UPDATE"
-            try:
-                clean = sanitize(change.body, api_group=ref.api_group, resource=ref.resource)
-                content = canonical.dump(clean)
-                if secret:
-                    fingerprint = fingerprint_of(self._fingerprint_key, keys.recipients, content)
-                    body, metadata = sops.encrypt(
-                        canonical.ordered(clean), keys.recipients, now=when
-                    )
-                    content = canonical.dump(body, trailer={"sops": metadata})
-            except RecursionError:  # only forged objects nest this deep
-                log.warning("event %s refused: the object is nested too deeply", event.audit_id)
-                return Skip.MALFORMED
-            except sops.SopsError as exc:
-                log.warning("event %s refused: %s", event.audit_id, exc)
-                return Skip.MALFORMED
         if version is not None:
             self._versions[version_key] = version
         file_change = FileChange(
             path=path.file,
-            content=content,
+            content=encoded.content,
             message=commit_message(
                 action=action,
                 subject_path=path.subject,
@@ -248,9 +290,8 @@ class Processor:
             ),
             author=author_for(event.effective_user.username),
             time=when,
-            # The folder's .sops.yaml rides along with every commit until it is right.
-            also=() if keys.problem else ((path.sops_config, self._creation_rules(keys)),),
-            fingerprint=fingerprint,
+            also=encoded.also,
+            fingerprint=encoded.fingerprint,
         )
         return await sink.submit(file_change)
 

@@ -1,0 +1,261 @@
+"""The initial snapshot of a GitTarget, and the prune of files whose object is gone.
+
+Every resource type the target's rules could select is listed (paginated, ``limit`` /
+``continue``); each object the rules do select becomes its file, encoded as the pipeline
+encodes it (sanitized; Secrets encrypted), all in one commit ``[SNAPSHOT] <path>``. A second
+commit ``[PRUNE] <path>`` removes the files, in the folders of the types listed, whose object
+no longer exists. Both are authored by the committer identity: no user made them.
+
+Files are kept as encoded bytes only, page by page: the listed JSON is not held.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from audit_reverser.cluster.api import ApiUnavailable, KubeApi
+from audit_reverser.cluster.objects import ApiObjects, ApiResource
+from audit_reverser.cluster.rules import ClusterRules
+from audit_reverser.config.model import API_VERSION, Config, GitTarget, Key
+from audit_reverser.errors import TemporaryError
+from audit_reverser.events import ObjectRef
+from audit_reverser.gitstore.types import FileChange, Identity, TreeChange
+from audit_reverser.gitstore.writer import BranchWriter
+from audit_reverser.pipeline.filter import EPHEMERAL_RESOURCES, Skip
+from audit_reverser.pipeline.layout import InvalidName, object_path
+from audit_reverser.pipeline.processor import NOISE_RESOURCES, Encoded, Processor
+from audit_reverser.pipeline.routing import Router
+
+log = logging.getLogger(__name__)
+
+PAGE = 500
+_PROBE = "snapshot-probe"
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class SnapshotResult:
+    files: int  # objects the rules select
+    written: bool  # the snapshot commit changed something
+    pruned: bool  # the prune commit removed files
+
+
+def _selects(router: Router, ref: ObjectRef, target: GitTarget) -> bool:
+    explicit_only = (ref.api_group, ref.resource) in NOISE_RESOURCES
+    return any(
+        route.target.key == target.key and (route.explicit or not explicit_only)
+        for route in router.routes(ref, "create")
+    )
+
+
+def _candidate(router: Router, config: Config, resource: ApiResource, target: GitTarget) -> bool:
+    """Could the target's rules select some object of this type? (Lists only those.)"""
+    if (resource.group, resource.name) in EPHEMERAL_RESOURCES:
+        return False
+    if not resource.namespaced:
+        namespaces = [""]
+    else:  # WatchRules select in their own namespace; ClusterWatchRules in any
+        namespaces = [r.key.namespace for r in config.watch_rules] + [_PROBE]
+    return any(
+        _selects(
+            router,
+            ObjectRef(
+                resource=resource.name,
+                api_group=resource.group,
+                api_version=resource.version,
+                namespace=namespace,
+                name=_PROBE,
+            ),
+            target,
+        )
+        for namespace in namespaces
+    )
+
+
+async def snapshot(
+    *,
+    api: KubeApi,
+    objects: ApiObjects,
+    config: Config,
+    target: GitTarget,
+    processor: Processor,
+    writer: BranchWriter,
+    committer: Identity,
+) -> SnapshotResult:
+    """Write the target's snapshot and prune commits; returns what they did."""
+    router = Router(config)
+    now = datetime.now(UTC)
+    files: list[FileChange] = []
+    keep: set[str] = set()
+    folders: list[str] = []
+    for resource in await objects.listable():
+        if not _candidate(router, config, resource, target):
+            continue
+        folder = "/".join(
+            p for p in (target.path, resource.group, resource.version, resource.name) if p
+        )
+        folders.append(folder)
+        async for item in _list(api, resource):
+            metadata = item.get("metadata") or {}
+            namespace = str(metadata.get("namespace") or "") if resource.namespaced else ""
+            name = str(metadata.get("name") or "")
+            ref = ObjectRef(
+                resource=resource.name,
+                api_group=resource.group,
+                api_version=resource.version,
+                namespace=namespace,
+                name=name,
+            )
+            try:
+                secret = resource.group == "" and resource.name == "secrets"
+                keep.add(
+                    object_path(
+                        target_path=target.path,
+                        api_group=resource.group,
+                        api_version=resource.version,
+                        resource=resource.name,
+                        namespace=namespace,
+                        name=name,
+                        secret=secret,
+                    ).file
+                )
+            except InvalidName:
+                continue
+            if not _selects(router, ref, target):
+                continue
+            item.setdefault("apiVersion", resource.group_version)
+            item.setdefault("kind", resource.kind)
+            encoded = processor.encode(
+                target, ref, namespace, name, item, when=now, label=f"snapshot of {name}"
+            )
+            if isinstance(encoded, Encoded) and encoded.content is not None:
+                files.append(_file(encoded, committer, now))
+            elif encoded == Skip.SECRET:
+                log.warning("snapshot of %s: Secrets left out (no working encryption)", target.key)
+    subject = target.path or "/"
+    stamp = f"Objects: {len(files)}\nTarget: {target.key}"
+    written = await _commit(
+        writer,
+        TreeChange(
+            files=tuple(files),
+            message=f"[SNAPSHOT] {subject}\n\n{stamp}\n",
+            author=committer,
+            time=now,
+        ),
+    )
+    pruned = await _commit(
+        writer,
+        TreeChange(
+            prune=tuple(folders),
+            keep=frozenset(keep),
+            message=f"[PRUNE] {subject}\n\nTarget: {target.key}\n",
+            author=committer,
+            time=now,
+        ),
+    )
+    log.info(
+        "snapshot of GitTarget %s: %d objects, %s, %s",
+        target.key,
+        len(files),
+        "committed" if written else "nothing new",
+        "stale files pruned" if pruned else "nothing to prune",
+    )
+    return SnapshotResult(files=len(files), written=written, pruned=pruned)
+
+
+def _file(encoded: Encoded, committer: Identity, now: datetime) -> FileChange:
+    return FileChange(
+        path=encoded.path.file,
+        content=encoded.content,
+        message="",
+        author=committer,
+        time=now,
+        also=encoded.also,
+        fingerprint=encoded.fingerprint,
+    )
+
+
+async def _commit(writer: BranchWriter, change: TreeChange) -> bool:
+    outcome = await (await writer.submit(change))
+    return outcome.commit_id is not None
+
+
+async def _list(api: KubeApi, resource: ApiResource) -> AsyncIterator[dict[str, Any]]:
+    """Every object of ``resource`` in the cluster, a page at a time."""
+    token = ""
+    while True:
+        query = [("limit", str(PAGE))]
+        if token:
+            query.append(("continue", token))
+        page = await api.get(resource.path, query)
+        if page is None:
+            return
+        for item in page.get("items") or []:
+            if isinstance(item, dict):
+                yield item
+        token = str((page.get("metadata") or {}).get("continue") or "")
+        if not token:
+            return
+
+
+class SnapshotScheduler:
+    """Snapshots every GitTarget once, when it first appears without one: its status has no
+    ``snapshot.lastCompletedTime`` yet. Then records that time in its status, so that a
+    restart does not snapshot again (``audit-reverser snapshot`` does, on demand)."""
+
+    def __init__(
+        self,
+        api: KubeApi,
+        rules: ClusterRules,
+        run: Callable[[GitTarget], Awaitable[SnapshotResult]],
+    ) -> None:
+        self._api = api
+        self._rules = rules
+        self._run = run
+        self._done: set[Key] = set()
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self.config: Config | None = None
+
+    def update(self, config: Config) -> None:
+        self.config = config
+        self._wake.set()
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._loop(), name="snapshots")
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    async def _loop(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            config = self.config
+            if config is None:
+                continue
+            objects = self._rules.objects()
+            for key, target in config.targets.items():
+                obj = objects.get(("GitTarget", key.namespace, key.name), {})
+                done = ((obj.get("status") or {}).get("snapshot") or {}).get("lastCompletedTime")
+                if key in self._done or done:
+                    continue
+                self._done.add(key)
+                try:
+                    await self._run(target)
+                except TemporaryError as exc:  # tried again after the next change
+                    self._done.discard(key)
+                    log.warning("snapshot of GitTarget %s: %s", key, exc)
+                    continue
+                stamp = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+                path = f"/apis/{API_VERSION}/namespaces/{key.namespace}/gittargets/{key.name}"
+                with contextlib.suppress(ApiUnavailable):
+                    await self._api.patch_status(path, {"snapshot": {"lastCompletedTime": stamp}})
