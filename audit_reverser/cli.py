@@ -39,6 +39,7 @@ from audit_reverser.ingest.intake import DEFAULT_MAX_BACKLOG
 from audit_reverser.ingest.logfiles import read_chunks, size_of
 from audit_reverser.ingest.server import DEFAULT_MAX_BODY_BYTES, make_app
 from audit_reverser.pipeline.filter import Skip
+from audit_reverser.pipeline.noise import DEFAULT_EXCLUDED_USERS, Exclusions
 from audit_reverser.runtime import DEFAULT_SHUTDOWN_TIMEOUT_S, Runtime, Settings, check_remotes
 
 log = logging.getLogger("audit_reverser")
@@ -94,6 +95,7 @@ def _parser() -> argparse.ArgumentParser:
         "serve", help="receive audit webhook batches", description="Run the audit webhook receiver."
     )
     common(serve)
+    noise_options(serve)
     serve.add_argument(
         "--listen",
         type=_listen_address,
@@ -209,9 +211,43 @@ def _parser() -> argparse.ArgumentParser:
         "JSON; '-' for stdin), commit and push.",
     )
     common(replay)
+    noise_options(replay)
     replay.add_argument("--cluster", default="", help="cluster name for the Cluster: trailer")
     replay.add_argument("files", nargs="+", metavar="FILE")
     return parser
+
+
+def noise_options(sub: argparse.ArgumentParser) -> None:
+    noise = sub.add_argument_group("changes that are not commits")
+    noise.add_argument(
+        "--exclude-user",
+        action="append",
+        default=[],
+        metavar="GLOB",
+        help="skip changes by these users (repeatable; e.g. 'system:serviceaccount:flux-system:*')",
+    )
+    noise.add_argument(
+        "--exclude-field-manager",
+        action="append",
+        default=[],
+        metavar="GLOB",
+        help="skip writes with this fieldManager (repeatable; e.g. 'kustomize-controller')",
+    )
+    noise.add_argument(
+        "--no-default-excludes",
+        action="store_true",
+        help="also take the control plane's own writes (by default skipped: "
+        + ", ".join(DEFAULT_EXCLUDED_USERS)
+        + ")",
+    )
+
+
+def _exclusions(args: argparse.Namespace) -> Exclusions:
+    users = () if args.no_default_excludes else DEFAULT_EXCLUDED_USERS
+    return Exclusions(
+        users=users + tuple(args.exclude_user),
+        field_managers=tuple(args.exclude_field_manager),
+    )
 
 
 def _positive(text: str) -> int:
@@ -346,6 +382,7 @@ async def _serve(
         journal=True,
         max_backlog=args.max_backlog,
         shutdown_timeout_s=args.shutdown_timeout,
+        exclusions=_exclusions(args),
     )
     _tune_interpreter_for_ingest()
     app = make_app(runtime, max_body_bytes=args.max_body_bytes, senders=senders)
@@ -420,7 +457,7 @@ class _Progress:
 
 
 async def replay(args: argparse.Namespace) -> int:
-    runtime = await asyncio.to_thread(_runtime, args)
+    runtime = await asyncio.to_thread(_runtime, args, exclusions=_exclusions(args))
     stats = runtime.stats
     progress = _Progress()
     await runtime.start()

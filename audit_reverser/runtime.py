@@ -17,7 +17,7 @@ import fcntl
 import logging
 import os
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from audit_reverser.cluster.api import KubeApi
@@ -43,6 +43,7 @@ from audit_reverser.gitstore.types import Identity
 from audit_reverser.gitstore.writer import BranchWriter
 from audit_reverser.ingest.intake import DEFAULT_MAX_BACKLOG, Intake
 from audit_reverser.journal import DEFAULT_MIN_FREE_BYTES, Journal, SegmentFile
+from audit_reverser.pipeline.noise import Exclusions
 from audit_reverser.pipeline.processor import Processor
 from audit_reverser.pipeline.resolve import ObjectSource
 from audit_reverser.pipeline.stats import PipelineStats
@@ -72,6 +73,8 @@ class Settings:
     # How long close() may spend committing and pushing before it leaves the rest to the
     # journal; below Kubernetes' default 30 s grace period.
     shutdown_timeout_s: float = DEFAULT_SHUTDOWN_TIMEOUT_S
+    # Whose changes are not commits (see pipeline.noise); the defaults skip the control plane.
+    exclusions: Exclusions = field(default_factory=Exclusions)
 
 
 CHECKPOINT_INTERVAL_S = 0.2
@@ -155,6 +158,7 @@ class Runtime:
             keys=self.keys,
             fingerprint_key=fingerprint_key(settings.state_dir),
             source=source,
+            exclusions=settings.exclusions,
         )
         self.journal = (
             Journal(

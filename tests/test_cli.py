@@ -179,3 +179,18 @@ def test_serve_with_no_arguments_commits_a_posted_event_list(tmp_path: Path) -> 
     repo = tmp_path / "audit-repo.git"
     assert git_files(repo) == ["live-cluster/v1/configmaps/default/demo.yaml"]
     assert git_subjects(repo) == ["[CREATE] v1/configmaps/default/demo"]
+
+
+def test_replay_skips_the_control_plane_unless_told_otherwise(tmp_path: Path) -> None:
+    remote = bare_repo(tmp_path / "remote.git")
+    config = write_config(tmp_path / "c.yaml", remote)
+    log = tmp_path / "audit.log"
+    controller = "system:serviceaccount:kube-system:deployment-controller"
+    log.write_bytes(_log_line(event("update", body=configmap(), user=controller)))
+    state = ["--config", str(config), "--state-dir", str(tmp_path / "state")]
+    result = run("replay", *state, str(log), cwd=tmp_path)
+    assert result.returncode == 0 and "excluded-user: 1" in result.stdout
+    assert git_files(remote) == []
+    result = run("replay", *state, "--no-default-excludes", str(log), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert git_files(remote) == ["live/v1/configmaps/default/demo.yaml"]

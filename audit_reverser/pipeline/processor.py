@@ -28,6 +28,7 @@ from audit_reverser.pipeline import canonical
 from audit_reverser.pipeline.commits import Action, author_for, commit_message, trailer
 from audit_reverser.pipeline.filter import Skip
 from audit_reverser.pipeline.layout import InvalidName, ObjectPath, check_reference, object_path
+from audit_reverser.pipeline.noise import NO_EXCLUSIONS, Exclusions, controlled
 from audit_reverser.pipeline.resolve import (
     NeedsApi,
     ObjectChange,
@@ -93,6 +94,7 @@ class Processor:
         keys: Mapping[Key, TargetKeys] | None = None,
         fingerprint_key: bytes = b"",
         source: ObjectSource | None = None,
+        exclusions: Exclusions = NO_EXCLUSIONS,
     ) -> None:
         self._router = Router(config)
         self._sinks = sinks
@@ -100,6 +102,7 @@ class Processor:
         self._keys = keys or {}
         self._fingerprint_key = fingerprint_key
         self._source = source
+        self._exclusions = exclusions
         self._refused_secrets: set[Key] = set()
         self._rules: dict[tuple[str, ...], bytes] = {}  # .sops.yaml per set of recipients
         self._handled: OrderedDict[AuditID, None] = OrderedDict()
@@ -140,6 +143,10 @@ class Processor:
             routes = [r for r in routes if r.explicit]
             if not routes:
                 return Skip.NOISE
+        if self._exclusions.excluded_user(event):
+            return Skip.EXCLUDED_USER
+        if self._exclusions.excluded_field_manager(event):
+            return Skip.EXCLUDED_FIELD_MANAGER
         try:  # refuse forged references before they are journaled
             check_reference(
                 api_group=ref.api_group,
@@ -173,6 +180,9 @@ class Processor:
         last_reason = Skip.UNCHANGED
         for route in routes:
             for change in changes:
+                if not route.explicit and controlled(change.body):
+                    last_reason = Skip.CONTROLLED  # generated from its owner, which is in Git
+                    continue
                 outcome = await self._submit(event, route.target, change)
                 if isinstance(outcome, Skip):
                     last_reason = outcome

@@ -1,0 +1,68 @@
+"""Changes nobody wants as commits: made by the cluster's own controllers, by tools whose
+changes are in Git already, or objects that a controller generates.
+
+- ``excluded_users``: globs over usernames (the user who sent the request, and the one it
+  impersonated); the defaults are the control plane's own components, whose writes to
+  selected objects are bookkeeping (a Deployment's revision annotation, a node's heartbeat).
+- ``excluded_field_managers``: globs over the ``fieldManager`` of the request (a GitOps
+  tool's server-side apply, e.g. ``kustomize-controller`` or ``argocd-controller``).
+- Objects with a ``controller: true`` ownerReference (the ReplicaSets of a Deployment, the
+  Pods of a Job) are generated from their owner, which is in Git; skipped unless a rule
+  names their resource.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+from audit_reverser.events import AuditEvent
+
+DEFAULT_EXCLUDED_USERS = (
+    "system:kube-controller-manager",
+    "system:kube-scheduler",
+    "system:apiserver",
+    "system:node:*",
+    "system:serviceaccount:kube-system:*",
+)
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Exclusions:
+    users: tuple[str, ...] = DEFAULT_EXCLUDED_USERS
+    field_managers: tuple[str, ...] = ()
+
+    def excluded_user(self, event: AuditEvent) -> bool:
+        names = {event.user.username, event.effective_user.username}
+        return any(fnmatch.fnmatchcase(name, glob) for name in names for glob in self.users)
+
+    def excluded_field_manager(self, event: AuditEvent) -> bool:
+        if not self.field_managers:
+            return False
+        manager = field_manager(event.request_uri)
+        return bool(manager) and any(
+            fnmatch.fnmatchcase(manager, glob) for glob in self.field_managers
+        )
+
+
+NO_EXCLUSIONS = Exclusions(users=())
+
+
+def field_manager(request_uri: str) -> str:
+    """The ``fieldManager`` query parameter of a write, or ''."""
+    values = parse_qs(urlsplit(request_uri).query).get("fieldManager") or [""]
+    return values[0]
+
+
+def controlled(body: Mapping[str, Any] | None) -> bool:
+    """True when a controller owns the object (it is generated from its owner)."""
+    if body is None:
+        return False
+    metadata = body.get("metadata")
+    owners = metadata.get("ownerReferences") if isinstance(metadata, Mapping) else None
+    return isinstance(owners, list) and any(
+        isinstance(owner, Mapping) and owner.get("controller") is True for owner in owners
+    )
