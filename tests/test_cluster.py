@@ -570,3 +570,17 @@ async def test_the_snapshot_command_commits_and_pushes(tmp_path: Path, cluster: 
     unknown = [*command, "--target", "team/nope"]
     done = await asyncio.to_thread(subprocess.run, unknown, capture_output=True, text=True)
     assert done.returncode == 2 and "--target team/nope: no such GitTarget" in done.stderr
+
+
+async def test_a_deletecollection_without_its_list_removes_what_the_api_no_longer_has(
+    cluster: Cluster, harness: Harness
+) -> None:
+    for name in ("a", "b", "c"):
+        await harness.send(event("create", name=name, body=configmap(name)))
+    cluster.add("v1/configmaps", "default", "c", configmap("c"))  # a and b are gone
+    await harness.send(
+        event("deletecollection", name=None, level="Metadata", body=None, user="bob")
+    )
+    await harness.sync()
+    assert await harness.files() == ["live/v1/configmaps/default/c.yaml"]
+    assert (await harness.log("%an %s"))[-1] == "bob [DELETE] v1/configmaps/default"

@@ -80,6 +80,31 @@ class ApiObjects:
         scope = f"/namespaces/{ref.namespace}" if resources[ref.resource] else ""
         return await self._get(f"{prefix}{scope}/{ref.resource}/{ref.name}")
 
+    async def names(self, ref: ObjectRef) -> set[str]:
+        """The names of the objects of ``ref``'s resource in its namespace (all pages)."""
+        version = ref.api_version or await self._preferred_version(ref.api_group)
+        resources = await self._discover(ref.api_group, version, refresh=False)
+        if ref.resource not in resources:
+            resources = await self._discover(ref.api_group, version, refresh=True)
+        if ref.resource not in resources:
+            group_version = f"{ref.api_group}/{version}" if ref.api_group else version
+            raise UnknownResource(f"the API serves no {ref.resource} in {group_version}")
+        prefix = f"/apis/{ref.api_group}/{version}" if ref.api_group else f"/api/{version}"
+        scope = f"/namespaces/{ref.namespace}" if resources[ref.resource] else ""
+        found: set[str] = set()
+        token = ""
+        while True:
+            query = [("limit", "500")] + ([("continue", token)] if token else [])
+            async with self._gate:
+                page = await self._api.get(f"{prefix}{scope}/{ref.resource}", query)
+            for item in (page or {}).get("items") or []:
+                name = (item.get("metadata") or {}).get("name") if isinstance(item, dict) else None
+                if isinstance(name, str):
+                    found.add(name)
+            token = str(((page or {}).get("metadata") or {}).get("continue") or "")
+            if not token:
+                return found
+
     async def _get(self, path: str) -> dict[str, Any] | None:
         now = time.monotonic()
         recent = self._recent.get(path)

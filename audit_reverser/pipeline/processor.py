@@ -23,7 +23,7 @@ from audit_reverser.encryption import sops
 from audit_reverser.encryption.keys import TargetKeys
 from audit_reverser.encryption.keys import fingerprint as fingerprint_of
 from audit_reverser.events import AuditEvent, AuditID, ObjectRef
-from audit_reverser.gitstore.types import CommitOutcome, FileChange
+from audit_reverser.gitstore.types import CommitOutcome, FileChange, TreeChange
 from audit_reverser.pipeline import canonical
 from audit_reverser.pipeline.commits import Action, author_for, commit_message, trailer
 from audit_reverser.pipeline.filter import Skip
@@ -65,7 +65,7 @@ UNKNOWN_TIME = datetime(1970, 1, 1, tzinfo=UTC)
 
 
 class CommitSink(Protocol):
-    async def submit(self, change: FileChange) -> asyncio.Future[CommitOutcome]: ...
+    async def submit(self, change: FileChange | TreeChange) -> asyncio.Future[CommitOutcome]: ...
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -170,6 +170,8 @@ class Processor:
         try:
             changes = resolve_offline(event)
         except NeedsApi as exc:
+            if event.verb == "deletecollection" and self._source is not None:
+                return await self._delete_collection(event, routes)
             read = await self._read_from_api(event, exc)
             if isinstance(read, Skip):
                 return self._skip(event, read)
@@ -304,6 +306,62 @@ class Processor:
             fingerprint=encoded.fingerprint,
         )
         return await sink.submit(file_change)
+
+    async def _delete_collection(
+        self, event: AuditEvent, routes: list[Route]
+    ) -> list[asyncio.Future[CommitOutcome]]:
+        """A ``deletecollection`` the event does not list: the files in the collection's
+        folder whose object no longer exists are removed, in one commit per target."""
+        ref = event.object_ref
+        assert ref is not None and self._source is not None
+        try:
+            existing = await self._source.names(ref)
+        except UnknownResource as exc:
+            log.warning("event %s: %s", event.audit_id, exc)
+            return self._skip(event, Skip.UNKNOWN_RESOURCE)
+        self._remember(event.audit_id)
+        secret = ref.api_group == "" and ref.resource == "secrets"
+        futures = []
+        for route in routes:
+            target = route.target
+            try:
+                keep = {
+                    object_path(
+                        target_path=target.path,
+                        api_group=ref.api_group,
+                        api_version=ref.api_version,
+                        resource=ref.resource,
+                        namespace=ref.namespace,
+                        name=name,
+                        secret=secret,
+                    ).file
+                    for name in existing
+                }
+                probe = object_path(
+                    target_path=target.path,
+                    api_group=ref.api_group,
+                    api_version=ref.api_version,
+                    resource=ref.resource,
+                    namespace=ref.namespace,
+                    name="probe",
+                )
+            except InvalidName as exc:
+                log.warning("event %s refused: %s", event.audit_id, exc)
+                continue
+            folder, subject = probe.file.rpartition("/")[0], probe.subject.rpartition("/")[0]
+            change = TreeChange(
+                prune=(folder,),
+                keep=frozenset(keep),
+                message=commit_message(action="DELETE", subject_path=subject, event=event),
+                author=author_for(event.effective_user.username),
+                time=event.time or UNKNOWN_TIME,
+            )
+            futures.append(await self._sinks[target.key].submit(change))
+        if futures:
+            self.stats.kept += 1
+        else:
+            self.stats.skip(Skip.INVALID_NAME)
+        return futures
 
     async def _read_from_api(self, event: AuditEvent, why: NeedsApi) -> list[ObjectChange] | Skip:
         """The event's change from the object as the API has it now (cluster mode)."""

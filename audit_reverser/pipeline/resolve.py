@@ -41,6 +41,9 @@ class ObjectSource(Protocol):
         """The object ``ref`` names (the parent of a subresource), as it is now; None
         when it does not exist."""
 
+    async def names(self, ref: ObjectRef) -> set[str]:
+        """The names of the objects of ``ref``'s resource in its namespace, now."""
+
 
 def resolve_from_api(event: AuditEvent, current: Mapping[str, Any] | None) -> list[ObjectChange]:
     """The event's change, given the object as the API holds it now (None: it is gone).
