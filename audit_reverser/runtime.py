@@ -73,6 +73,9 @@ class Settings:
     # How long close() may spend committing and pushing before it leaves the rest to the
     # journal; below Kubernetes' default 30 s grace period.
     shutdown_timeout_s: float = DEFAULT_SHUTDOWN_TIMEOUT_S
+    # Rules from files: a key generateWhenMissing makes goes to the state directory. From a
+    # cluster: into the cluster Secret (cluster.rules), so False here.
+    generate_keys_locally: bool = True
     # Whose changes are not commits (see pipeline.noise); the defaults skip the control plane.
     exclusions: Exclusions = field(default_factory=Exclusions)
 
@@ -235,7 +238,12 @@ class Runtime:
         keys = {}
         for target in config.targets.values():
             try:
-                keys[target.key] = resolve_keys(target, config.secrets, self.settings.state_dir)
+                keys[target.key] = resolve_keys(
+                    target,
+                    config.secrets,
+                    self.settings.state_dir,
+                    generate_locally=self.settings.generate_keys_locally,
+                )
             except ConfigError as exc:
                 if strict:
                     raise

@@ -8,6 +8,7 @@ product.
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import subprocess
 import sys
@@ -28,9 +29,11 @@ from audit_reverser.cluster.rules import ClusterRules, Collection
 from audit_reverser.cluster.snapshot import snapshot
 from audit_reverser.cluster.status import StatusReporter
 from audit_reverser.config.model import Key
+from audit_reverser.encryption import age, sops
 from audit_reverser.pipeline.filter import Skip
 from audit_reverser.runtime import Runtime, Settings
 from tests.conftest import (
+    SEED,
     Harness,
     bare_repo,
     configmap,
@@ -584,3 +587,59 @@ async def test_a_deletecollection_without_its_list_removes_what_the_api_no_longe
     await harness.sync()
     assert await harness.files() == ["live/v1/configmaps/default/c.yaml"]
     assert (await harness.log("%an %s"))[-1] == "bob [DELETE] v1/configmaps/default"
+
+
+async def test_generate_when_missing_writes_one_key_into_the_cluster_secret(
+    tmp_path: Path, cluster: Cluster, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The seed's quickstart GitTarget as written: the key lands in Secret sops-age-key."""
+    _declare_crds(cluster.api)
+    remote = await asyncio.to_thread(bare_repo, tmp_path / "remote.git")
+    quickstart = await asyncio.to_thread(
+        lambda: yaml.safe_load((SEED / "quickstart-gittarget.yaml").read_text())
+    )
+    provider = {"url": f"file://{remote}", "allowedBranches": ["*"], "push": {"maxCommits": 1}}
+    cluster.add(
+        f"{CB}/gitproviders",
+        "default",
+        "example-provider",
+        _cr("GitProvider", "example-provider", provider, "default"),
+    )
+    cluster.add(f"{CB}/gittargets", "default", "example-target", quickstart)
+    rule = {"targetRef": {"name": "example-target"}, "rules": [{"resources": ["secrets"]}]}
+    cluster.add(
+        f"{CB}/watchrules", "default", "secrets", _cr("WatchRule", "secrets", rule, "default")
+    )
+
+    for _ in range(2):  # a restart finds the key and makes no other
+        rules = ClusterRules(cluster.client)
+        config = await rules.start()
+        await rules.close()
+    key_secret = cluster.api.objects["v1/secrets", "default", "sops-age-key"]
+    [entry] = key_secret["data"]
+    assert entry.endswith(".agekey")
+    annotations = key_secret["metadata"]["annotations"]
+    assert annotations["configbutler.ai/backup-warning"] == "REMOVE_AFTER_BACKUP"
+    identity = age.Identity.parse(base64.b64decode(key_secret["data"][entry]).decode())
+    assert annotations["configbutler.ai/age-recipient"] == identity.recipient
+    assert caplog.text.count("generated the age key") == 1
+    assert "BACK UP the age key in Secret default/sops-age-key" in caplog.text
+
+    settings = Settings(state_dir=tmp_path / "state", generate_keys_locally=False)
+    runtime = await asyncio.to_thread(Runtime, config, settings)
+    await runtime.start()
+    try:
+        body = {**configmap("db"), "kind": "Secret", "data": {"password": "aHVudGVyMg=="}}
+        body.pop("metadata")
+        body["metadata"] = {"name": "db", "namespace": "default", "resourceVersion": "3"}
+        await runtime.intake.accept(
+            runtime.intake.triage([event("create", resource="secrets", name="db", body=body)])
+        )
+        assert await runtime.flush() == []
+    finally:
+        await runtime.close()
+    stored = await asyncio.to_thread(
+        git_show, remote, "live-cluster/v1/secrets/default/db.sops.yaml"
+    )
+    assert sops.decrypt(sops.load(stored), [identity])["data"] == {"password": "aHVudGVyMg=="}
+    assert not await asyncio.to_thread((tmp_path / "state" / "encryption" / "keys").exists)

@@ -118,24 +118,30 @@ class KubeApi:
     async def patch_status(self, path: str, status: dict[str, Any]) -> bool:
         """Merge ``status`` into the status subresource at ``path``; False when the object is
         gone. One try: status is reported again on the next round anyway."""
+        return await self.write("PATCH", f"{path}/status", {"status": status})
+
+    async def write(self, method: str, path: str, body: dict[str, Any]) -> bool:
+        """POST (create) or PATCH (JSON merge patch) once; False on 404 (or 409 for a POST:
+        it exists). Other failures are ApiUnavailable: the caller tries again later."""
         self.requests += 1
+        content_type = "application/merge-patch+json" if method == "PATCH" else "application/json"
         try:
             await self._client.call_api(
-                f"{path}/status",
-                "PATCH",
-                header_params={"Content-Type": "application/merge-patch+json"},
-                body={"status": status},
-                response_types_map={200: "object"},
+                path,
+                method,
+                header_params={"Content-Type": content_type},
+                body=body,
+                response_types_map={200: "object", 201: "object"},
                 auth_settings=["BearerToken"],
                 _return_http_data_only=True,
                 _request_timeout=REQUEST_TIMEOUT_S,
             )
         except ApiException as exc:
-            if exc.status == 404:
+            if exc.status == 404 or (method == "POST" and exc.status == 409):
                 return False
-            raise ApiUnavailable(f"PATCH {path}/status: {exc.status} {exc.reason}") from None
+            raise ApiUnavailable(f"{method} {path}: {exc.status} {exc.reason}") from None
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
-            raise ApiUnavailable(f"PATCH {path}/status: {exc}") from None
+            raise ApiUnavailable(f"{method} {path}: {exc}") from None
         return True
 
     async def watch(

@@ -11,16 +11,20 @@ logged and left out; the others keep working.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import logging
 import random
 import re
 from collections.abc import Awaitable, Callable, Mapping
+from datetime import UTC, datetime
 from typing import Any
 
 from audit_reverser.cluster.api import ApiUnavailable, KubeApi, WatchExpired
 from audit_reverser.config.loader import build_config, usable_part
-from audit_reverser.config.model import API_VERSION, Config
+from audit_reverser.config.model import API_VERSION, Config, GitTarget
+from audit_reverser.encryption import age
+from audit_reverser.encryption.keys import KEY_SUFFIX
 
 log = logging.getLogger(__name__)
 
@@ -107,6 +111,11 @@ def owner_of(problem: str) -> ObjectId | None:
     return match[1], namespace, name
 
 
+AGE_RECIPIENT = "configbutler.ai/age-recipient"
+BACKUP_WARNING = "configbutler.ai/backup-warning"
+BACKUP_PENDING = "REMOVE_AFTER_BACKUP"
+
+
 def _key(obj: Mapping[str, Any]) -> tuple[str, str]:
     metadata = obj.get("metadata") or {}
     return str(metadata.get("namespace") or ""), str(metadata.get("name") or "")
@@ -128,6 +137,7 @@ class ClusterRules:
         self.problems: dict[ObjectId, str] = {}  # the first problem of each broken object
         self.on_change: Callable[[Config], Awaitable[None]] | None = None
         self.rebuilds = 0
+        self._generated: dict[tuple[str, str], age.Identity] = {}
 
     def objects(self) -> dict[ObjectId, dict[str, Any]]:
         """Every custom resource as last seen (the watched objects themselves)."""
@@ -187,6 +197,58 @@ class ClusterRules:
                 except Exception:  # the watch must go on; the next change tries again
                     log.exception("applying the changed rules failed")
 
+    async def _generate_key(
+        self, target: GitTarget, secrets: dict[tuple[str, str], dict[str, Any] | None]
+    ) -> None:
+        """generateWhenMissing, in the cluster: a date-named ``*.agekey`` entry written into
+        the encryption Secret (made when missing), annotated with its recipient and the
+        backup warning. The same key is offered again until the write succeeds."""
+        encryption = target.encryption
+        if (
+            encryption is None
+            or not encryption.age_enabled
+            or not encryption.recipients.generate_when_missing
+            or not encryption.secret_name
+        ):
+            return
+        where = (target.key.namespace, encryption.secret_name)
+        secret = secrets.get(where)
+        data = (secret or {}).get("data") or {}
+        if any(name.endswith(KEY_SUFFIX) for name in data):
+            return
+        identity = self._generated.setdefault(where, age.Identity.generate())
+        now = datetime.now(UTC)
+        entry = f"{now:%Y-%m-%d}{KEY_SUFFIX}"
+        key_file = identity.key_file(now.strftime("%Y-%m-%dT%H:%M:%SZ"))
+        annotations = {AGE_RECIPIENT: identity.recipient, BACKUP_WARNING: BACKUP_PENDING}
+        encoded = {entry: base64.b64encode(key_file.encode()).decode()}
+        namespace, name = where
+        collection = f"/api/v1/namespaces/{namespace}/secrets"
+        if secret is None:
+            body = {
+                "apiVersion": "v1",
+                "kind": "Secret",
+                "type": "Opaque",
+                "metadata": {"name": name, "namespace": namespace, "annotations": annotations},
+                "data": encoded,
+            }
+            written = await self._api.write("POST", collection, body)
+        else:
+            patch = {"metadata": {"annotations": annotations}, "data": encoded}
+            written = await self._api.write("PATCH", f"{collection}/{name}", patch)
+        if not written:
+            return  # changed under us: the next rebuild reads it again
+        log.warning(
+            "GitTarget %s: generated the age key %s in Secret %s/%s (recipient %s). BACK IT UP "
+            "NOW: without it nobody can decrypt the Secrets in Git.",
+            target.key,
+            entry,
+            namespace,
+            name,
+            identity.recipient,
+        )
+        secrets[where] = await self._api.get(f"{collection}/{name}")
+
     async def _build(self) -> Config:
         documents: list[tuple[str, Mapping[str, Any]]] = []
         for collection in self.collections:
@@ -203,11 +265,29 @@ class ClusterRules:
             for target in first.targets.values()
             if target.encryption is not None and target.encryption.secret_name
         }
+        secrets: dict[tuple[str, str], dict[str, Any] | None] = {}
         for namespace, name in sorted(wanted):
-            secret = await self._api.get(f"/api/v1/namespaces/{namespace}/secrets/{name}")
-            if secret is not None:
-                documents.append(
-                    (f"Secret {namespace}/{name}", {**secret, "kind": "Secret", "apiVersion": "v1"})
+            secrets[namespace, name] = await self._api.get(
+                f"/api/v1/namespaces/{namespace}/secrets/{name}"
+            )
+        for target in first.targets.values():
+            await self._generate_key(target, secrets)
+        for (namespace, name), secret in secrets.items():
+            if secret is None:
+                continue
+            documents.append(
+                (f"Secret {namespace}/{name}", {**secret, "kind": "Secret", "apiVersion": "v1"})
+            )
+            annotations = (secret.get("metadata") or {}).get("annotations") or {}
+            if annotations.get(BACKUP_WARNING) == BACKUP_PENDING:
+                log.warning(
+                    "BACK UP the age key in Secret %s/%s: without it nobody can decrypt the "
+                    "Secrets in Git. Then: kubectl annotate secret %s -n %s %s-",
+                    namespace,
+                    name,
+                    name,
+                    namespace,
+                    BACKUP_WARNING,
                 )
         config, problems = build_config(documents, sources=(self._api.server,))
         if problems != self._problems:

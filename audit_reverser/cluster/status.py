@@ -19,7 +19,13 @@ from datetime import UTC, datetime
 from typing import Any
 
 from audit_reverser.cluster.api import ApiUnavailable, KubeApi
-from audit_reverser.cluster.rules import KINDS, ClusterRules, ObjectId
+from audit_reverser.cluster.rules import (
+    BACKUP_PENDING,
+    BACKUP_WARNING,
+    KINDS,
+    ClusterRules,
+    ObjectId,
+)
 from audit_reverser.config.model import API_VERSION, Config, Key
 from audit_reverser.encryption.keys import TargetKeys
 from audit_reverser.gitstore.health import RemoteHealth
@@ -121,12 +127,16 @@ def _target_verdict(key: Key, obj: Mapping[str, Any], state: State) -> Verdict:
         return Verdict(
             ready=False, reason="PushFailed", message=writer.last_push_error, fields=fields
         )
-    return Verdict(
-        ready=True,
-        reason="Ready",
-        message=f"writing to branch {target.branch}, folder {target.path or '/'}",
-        fields=fields,
-    )
+    message = f"writing to branch {target.branch}, folder {target.path or '/'}"
+    if target.encryption is not None and target.encryption.secret_name:
+        secret_key = Key(namespace=key.namespace, name=target.encryption.secret_name)
+        secret = state.config.secrets.get(secret_key)
+        if secret is not None and secret.annotations.get(BACKUP_WARNING) == BACKUP_PENDING:
+            message += (
+                f"; WARNING: back up the age key in Secret {secret_key}, then remove its "
+                f"{BACKUP_WARNING} annotation"
+            )
+    return Verdict(ready=True, reason="Ready", message=message, fields=fields)
 
 
 def _condition(verdict: Verdict, previous: Mapping[str, Any] | None, now: str) -> dict[str, Any]:

@@ -70,8 +70,17 @@ def _generated_key(folder: Path) -> tuple[Path, age.Identity, bool]:
     return path, identity, True
 
 
-def resolve(target: GitTarget, secrets: Mapping[Key, SecretData], state_dir: Path) -> TargetKeys:
-    """The age recipients for ``target``'s Secrets; a broken key is a ConfigError."""
+def resolve(
+    target: GitTarget,
+    secrets: Mapping[Key, SecretData],
+    state_dir: Path,
+    *,
+    generate_locally: bool = True,
+) -> TargetKeys:
+    """The age recipients for ``target``'s Secrets; a broken key is a ConfigError.
+
+    ``generate_locally`` False (rules from a cluster): generateWhenMissing writes its key
+    into the cluster Secret (cluster.rules), never to the state directory."""
     where = f"GitTarget {target.key}: spec.encryption"
     encryption = target.encryption
     if encryption is None:
@@ -98,7 +107,7 @@ def resolve(target: GitTarget, secrets: Mapping[Key, SecretData], state_dir: Pat
             raise ConfigError([f"{where}.secretRef: extractFromSecret needs a Secret"])
         recipients += [identity.recipient for _, identity in in_secret]
     generated = None
-    if options.generate_when_missing and not in_secret:
+    if options.generate_when_missing and not in_secret and generate_locally:
         if secret_key is None:
             raise ConfigError([f"{where}.secretRef: generateWhenMissing needs a Secret"])
         folder = state_dir / "encryption" / "keys" / secret_key.namespace / secret_key.name
