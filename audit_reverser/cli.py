@@ -383,7 +383,7 @@ async def _serve(
         max_backlog=args.max_backlog,
         shutdown_timeout_s=args.shutdown_timeout,
         exclusions=_exclusions(args),
-        generate_keys_locally=rules is None,
+        rules_from_files=rules is None,
     )
     _tune_interpreter_for_ingest()
     app = make_app(runtime, max_body_bytes=args.max_body_bytes, senders=senders)
@@ -548,7 +548,7 @@ async def snapshot(args: argparse.Namespace) -> int:
                 await rules.close()
         source = ApiObjects(api)
         runtime = await asyncio.to_thread(
-            _runtime, args, source, config, generate_keys_locally=config is None
+            _runtime, args, source, config, rules_from_files=config is None
         )
         wanted = {Key(namespace=t.partition("/")[0], name=t.partition("/")[2]) for t in args.target}
         unknown = wanted - set(runtime.config.targets)

@@ -73,9 +73,11 @@ class Settings:
     # How long close() may spend committing and pushing before it leaves the rest to the
     # journal; below Kubernetes' default 30 s grace period.
     shutdown_timeout_s: float = DEFAULT_SHUTDOWN_TIMEOUT_S
-    # Rules from files: a key generateWhenMissing makes goes to the state directory. From a
-    # cluster: into the cluster Secret (cluster.rules), so False here.
-    generate_keys_locally: bool = True
+    # Rules from files (True): a provider or key that cannot be used is an error at start,
+    # and a key generateWhenMissing makes goes to the state directory. From a cluster
+    # (False): such objects are left out, reported in their status, and a generated key goes
+    # into the cluster Secret (cluster.rules).
+    rules_from_files: bool = True
     # Whose changes are not commits (see pipeline.noise); the defaults skip the control plane.
     exclusions: Exclusions = field(default_factory=Exclusions)
 
@@ -148,12 +150,12 @@ class Runtime:
         self.config = config
         self.settings = settings
         self.writers: dict[tuple[str, str], BranchWriter] = {}
-        sinks, _ = self._wire(config, _remotes(config), strict=True)
+        sinks, _ = self._wire(config, _remotes(config), strict=settings.rules_from_files)
         self.sinks = sinks
         self.stats = PipelineStats()
         # Generated age keys and the fingerprint key live in the state directory: blocking
         # file access, as all of __init__ (callers build the runtime off the event loop).
-        self.keys = self._resolve_keys(config, strict=True)
+        self.keys = self._resolve_keys(config, strict=settings.rules_from_files)
         self.processor = Processor(
             config,
             sinks,
@@ -242,7 +244,7 @@ class Runtime:
                     target,
                     config.secrets,
                     self.settings.state_dir,
-                    generate_locally=self.settings.generate_keys_locally,
+                    generate_locally=self.settings.rules_from_files,
                 )
             except ConfigError as exc:
                 if strict:

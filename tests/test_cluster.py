@@ -416,7 +416,9 @@ async def test_serve_takes_its_rules_from_the_cluster_when_no_config_is_given(
     served = await asyncio.to_thread(
         start_serve, tmp_path, "--kubeconfig", str(kubeconfig), "--state-dir", str(tmp_path / "s")
     )
-    body = json.dumps(event_list(event("create", body=configmap()))).encode()
+    cluster.add("v1/configmaps", "default", "demo", configmap(data={"from": "api"}))
+    metadata_only = event("update", level="Metadata", body=None, user="jane@example.com")
+    body = json.dumps(event_list(metadata_only)).encode()
     status, _ = await asyncio.to_thread(
         request, served.port, "POST", "/audit-webhook", body, headers=JSON
     )
@@ -424,6 +426,10 @@ async def test_serve_takes_its_rules_from_the_cluster_when_no_config_is_given(
     log = await asyncio.to_thread(served.stop)
     assert "rules from the cluster: 1 GitTargets, 1 WatchRules" in log
     assert await asyncio.to_thread(git_files, remote) == ["cluster/v1/configmaps/default/demo.yaml"]
+    content = await asyncio.to_thread(git_show, remote, "cluster/v1/configmaps/default/demo.yaml")
+    assert "from: api" in content and "resourceVersion" not in content  # full, sanitized
+    authors = await asyncio.to_thread(git, remote, "log", "--format=%an", "main")
+    assert authors.split() == ["jane@example.com"]
     # A new target is snapshotted once (its status says when) and shows Ready.
     status = cluster.api.objects[f"{CB}/gittargets", "default", "live"]["status"]
     assert status["snapshot"]["lastCompletedTime"]
@@ -625,7 +631,7 @@ async def test_generate_when_missing_writes_one_key_into_the_cluster_secret(
     assert caplog.text.count("generated the age key") == 1
     assert "BACK UP the age key in Secret default/sops-age-key" in caplog.text
 
-    settings = Settings(state_dir=tmp_path / "state", generate_keys_locally=False)
+    settings = Settings(state_dir=tmp_path / "state", rules_from_files=False)
     runtime = await asyncio.to_thread(Runtime, config, settings)
     await runtime.start()
     try:
@@ -643,3 +649,43 @@ async def test_generate_when_missing_writes_one_key_into_the_cluster_secret(
     )
     assert sops.decrypt(sops.load(stored), [identity])["data"] == {"password": "aHVudGVyMg=="}
     assert not await asyncio.to_thread((tmp_path / "state" / "encryption" / "keys").exists)
+
+
+async def test_the_seed_samples_show_why_they_are_not_ready(
+    tmp_path: Path, cluster: Cluster
+) -> None:
+    """The seed's samples applied as they are: the provider's Secret git-creds is missing."""
+    _declare_crds(cluster.api)
+    samples = await asyncio.to_thread(
+        lambda: [
+            yaml.safe_load((SEED / f"quickstart-{kind}.yaml").read_text())
+            for kind in ("gitprovider", "gittarget", "watchrule")
+        ]
+    )
+    for sample in samples:
+        plural = {"GitProvider": "gitproviders", "GitTarget": "gittargets"}.get(
+            sample["kind"], "watchrules"
+        )
+        cluster.add(f"{CB}/{plural}", "default", sample["metadata"]["name"], sample)
+    rules = ClusterRules(cluster.client)
+    config = await rules.start()
+    settings = Settings(state_dir=tmp_path / "state", rules_from_files=False)
+    runtime = await asyncio.to_thread(Runtime, config, settings)
+    await runtime.start()
+    try:
+        reporter = StatusReporter(cluster.client, rules, runtime.status_state)
+        assert await reporter.report() == 3
+    finally:
+        await runtime.close()
+        await rules.close()
+
+    def condition(plural: str, name: str) -> dict[str, str]:
+        [found] = cluster.api.objects[f"{CB}/{plural}", "default", name]["status"]["conditions"]
+        return found
+
+    provider = condition("gitproviders", "example-provider")
+    assert (provider["status"], provider["reason"]) == ("False", "CredentialsInvalid")
+    assert "Secret default/git-creds not found" in provider["message"]
+    target = condition("gittargets", "example-target")
+    assert (target["status"], target["reason"]) == ("False", "ProviderNotReady")
+    assert condition("watchrules", "example-watchrule")["status"] == "True"
