@@ -46,7 +46,6 @@ log = logging.getLogger("audit_reverser")
 
 DEFAULT_LISTEN = "127.0.0.1:8080"
 DEFAULT_STATE_DIR = ".audit-reverser"
-NO_SNAPSHOT = SnapshotResult(files=0, written=False, pruned=False)
 
 
 def _listen_address(text: str) -> tuple[str, int]:
@@ -395,8 +394,8 @@ async def _serve(
         reporter = StatusReporter(api, rules, runtime.status_state)
         reporter.start()
 
-        async def take(target: GitTarget) -> SnapshotResult:
-            return await runtime.take_snapshot(target, api, source) or NO_SNAPSHOT
+        async def take(target: GitTarget) -> SnapshotResult | None:
+            return await runtime.take_snapshot(target, api, source)
 
         scheduler = SnapshotScheduler(api, rules, take)
         scheduler.start()

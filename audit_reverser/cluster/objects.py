@@ -69,6 +69,11 @@ class ApiObjects:
     async def read(self, ref: ObjectRef) -> Mapping[str, Any] | None:
         """The object ``ref`` names (its parent for a subresource) as the API has it now;
         None when it does not exist. UnknownResource when the API has no such resource."""
+        return await self._get(f"{await self._collection(ref)}/{ref.name}")
+
+    async def _collection(self, ref: ObjectRef) -> str:
+        """The path of ``ref``'s collection (in its namespace, for a namespaced resource),
+        found through discovery; UnknownResource when the API serves no such resource."""
         version = ref.api_version or await self._preferred_version(ref.api_group)
         resources = await self._discover(ref.api_group, version, refresh=False)
         if ref.resource not in resources:
@@ -78,25 +83,17 @@ class ApiObjects:
             raise UnknownResource(f"the API serves no {ref.resource} in {group_version}")
         prefix = f"/apis/{ref.api_group}/{version}" if ref.api_group else f"/api/{version}"
         scope = f"/namespaces/{ref.namespace}" if resources[ref.resource] else ""
-        return await self._get(f"{prefix}{scope}/{ref.resource}/{ref.name}")
+        return f"{prefix}{scope}/{ref.resource}"
 
     async def names(self, ref: ObjectRef) -> set[str]:
         """The names of the objects of ``ref``'s resource in its namespace (all pages)."""
-        version = ref.api_version or await self._preferred_version(ref.api_group)
-        resources = await self._discover(ref.api_group, version, refresh=False)
-        if ref.resource not in resources:
-            resources = await self._discover(ref.api_group, version, refresh=True)
-        if ref.resource not in resources:
-            group_version = f"{ref.api_group}/{version}" if ref.api_group else version
-            raise UnknownResource(f"the API serves no {ref.resource} in {group_version}")
-        prefix = f"/apis/{ref.api_group}/{version}" if ref.api_group else f"/api/{version}"
-        scope = f"/namespaces/{ref.namespace}" if resources[ref.resource] else ""
+        collection = await self._collection(ref)
         found: set[str] = set()
         token = ""
         while True:
             query = [("limit", "500")] + ([("continue", token)] if token else [])
             async with self._gate:
-                page = await self._api.get(f"{prefix}{scope}/{ref.resource}", query)
+                page = await self._api.get(collection, query)
             for item in (page or {}).get("items") or []:
                 name = (item.get("metadata") or {}).get("name") if isinstance(item, dict) else None
                 if isinstance(name, str):

@@ -212,7 +212,7 @@ class SnapshotScheduler:
         self,
         api: KubeApi,
         rules: ClusterRules,
-        run: Callable[[GitTarget], Awaitable[SnapshotResult]],
+        run: Callable[[GitTarget], Awaitable[SnapshotResult | None]],
     ) -> None:
         self._api = api
         self._rules = rules
@@ -250,10 +250,13 @@ class SnapshotScheduler:
                     continue
                 self._done.add(key)
                 try:
-                    await self._run(target)
+                    result = await self._run(target)
                 except TemporaryError as exc:  # tried again after the next change
                     self._done.discard(key)
                     log.warning("snapshot of GitTarget %s: %s", key, exc)
+                    continue
+                if result is None:  # no usable provider yet: when it is, the target is new
+                    self._done.discard(key)
                     continue
                 stamp = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
                 path = f"/apis/{API_VERSION}/namespaces/{key.namespace}/gittargets/{key.name}"
