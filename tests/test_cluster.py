@@ -423,6 +423,12 @@ async def test_serve_takes_its_rules_from_the_cluster_when_no_config_is_given(
         request, served.port, "POST", "/audit-webhook", body, headers=JSON
     )
     assert status == 200
+
+    def reported() -> bool:  # the snapshot and the status report run beside the events
+        shown = cluster.api.objects[f"{CB}/gittargets", "default", "live"].get("status") or {}
+        return "snapshot" in shown and bool(shown.get("conditions"))
+
+    await _until(reported)
     log = await asyncio.to_thread(served.stop)
     assert "rules from the cluster: 1 GitTargets, 1 WatchRules" in log
     assert await asyncio.to_thread(git_files, remote) == ["cluster/v1/configmaps/default/demo.yaml"]

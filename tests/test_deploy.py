@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -12,11 +13,32 @@ from tests.conftest import REPO_ROOT, SEED
 CRDS = REPO_ROOT / "deploy" / "crds"
 
 
-def test_the_crds_are_the_seeds_unchanged() -> None:
+# Our one extension of the seed's schema: rule-level exclusions (optional fields, so every
+# existing object stays valid).
+EXTENSIONS = {
+    "configbutler.ai_watchrules.yaml": ("excludeUsers", "excludeFieldManagers"),
+    "configbutler.ai_clusterwatchrules.yaml": ("excludeUsers", "excludeFieldManagers"),
+}
+
+
+def _spec_properties(crd: dict[str, Any]) -> dict[str, Any]:
+    schema = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+    properties: dict[str, Any] = schema["properties"]["spec"]["properties"]
+    return properties
+
+
+def test_the_crds_are_the_seeds_plus_only_the_documented_extensions() -> None:
     shipped = sorted(p.name for p in CRDS.glob("*.yaml"))
     assert shipped == sorted(p.name for p in SEED.glob("configbutler.ai_*.yaml"))
     for name in shipped:
-        assert (CRDS / name).read_bytes() == (SEED / name).read_bytes(), name
+        ours = yaml.safe_load((CRDS / name).read_text())
+        seed = yaml.safe_load((SEED / name).read_text())
+        added = EXTENSIONS.get(name, ())
+        for field in added:
+            assert _spec_properties(ours).pop(field)["type"] == "array"
+            assert field not in _spec_properties(seed)
+        assert ours == seed, name
+        assert not set(added) & set(_spec_properties(seed).get("required", ()))
 
 
 def test_every_crd_serves_v1alpha1_with_a_status_subresource() -> None:

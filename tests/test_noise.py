@@ -116,3 +116,52 @@ async def test_controller_owned_objects_are_written_only_when_a_rule_names_them(
         assert await harness.files() == ["live/apps/v1/replicasets/default/web-1.yaml"]
     finally:
         await harness.runtime.close()
+
+
+FLUX_EXCLUDED = """---
+apiVersion: configbutler.ai/v1alpha1
+kind: WatchRule
+metadata: {name: manual-only, namespace: default}
+spec:
+  targetRef: {name: manual}
+  excludeUsers: ["system:serviceaccount:flux-system:*"]
+  excludeFieldManagers: ["kustomize-*"]
+  rules: [{resources: [configmaps]}]
+---
+apiVersion: configbutler.ai/v1alpha1
+kind: GitTarget
+metadata: {name: manual, namespace: default}
+spec: {providerRef: {name: origin}, branch: main, path: manual}
+---
+apiVersion: configbutler.ai/v1alpha1
+kind: GitProvider
+metadata: {name: origin, namespace: default}
+spec: {url: "REMOTE", allowedBranches: [main]}
+"""
+
+
+async def test_a_rule_can_exclude_users_and_field_managers_for_its_target_only(
+    tmp_path: Path,
+) -> None:
+    remote = tmp_path / "remote.git"
+    documents = FLUX_EXCLUDED.replace("REMOTE", f"file://{remote}")
+    harness = await start_harness(tmp_path, documents=documents)
+    try:
+        flux = event(
+            "create", name="a", body=configmap("a"), user="system:serviceaccount:flux-system:kc"
+        )
+        applied = event(
+            "patch", name="b", body=configmap("b"), query="fieldManager=kustomize-controller"
+        )
+        manual = event("create", name="c", body=configmap("c"))
+        await harness.send(flux, applied, manual)
+        await harness.sync()
+        # 'live' (the catch-all rule) takes all three; 'manual' only the change made by hand.
+        assert await harness.files() == [
+            "live/v1/configmaps/default/a.yaml",
+            "live/v1/configmaps/default/b.yaml",
+            "live/v1/configmaps/default/c.yaml",
+            "manual/v1/configmaps/default/c.yaml",
+        ]
+    finally:
+        await harness.runtime.close()

@@ -312,20 +312,30 @@ def _target_ref(doc: _Document, spec: Mapping[str, Any]) -> Mapping[str, Any]:
     return ref
 
 
+# audit-reverser's one extension of the seed's rule schema: whose changes a rule ignores.
+EXCLUDE_FIELDS = ("excludeUsers", "excludeFieldManagers")
+
+
 def _read_watch_rule(doc: _Document) -> WatchRule | None:
     spec = doc.mapping(doc.raw, "", "spec")
-    doc.unknown_fields(spec, "spec", ("targetRef", "rules"))
+    doc.unknown_fields(spec, "spec", ("targetRef", "rules", *EXCLUDE_FIELDS))
     ref = _target_ref(doc, spec)
     rules = _read_rules(doc, spec, cluster=False)
     name = ref.get("name")
     if not isinstance(name, str) or not name or not rules:
         return None
-    return WatchRule(key=Key(namespace=doc.namespace, name=doc.name), target_name=name, rules=rules)
+    return WatchRule(
+        key=Key(namespace=doc.namespace, name=doc.name),
+        target_name=name,
+        rules=rules,
+        exclude_users=doc.strings(spec, "spec", "excludeUsers"),
+        exclude_field_managers=doc.strings(spec, "spec", "excludeFieldManagers"),
+    )
 
 
 def _read_cluster_watch_rule(doc: _Document) -> ClusterWatchRule | None:
     spec = doc.mapping(doc.raw, "", "spec")
-    doc.unknown_fields(spec, "spec", ("targetRef", "rules"))
+    doc.unknown_fields(spec, "spec", ("targetRef", "rules", *EXCLUDE_FIELDS))
     ref = _target_ref(doc, spec)
     if not ref.get("namespace"):
         doc.fail("spec.targetRef.namespace", "is required (a ClusterWatchRule has no namespace)")
@@ -337,6 +347,8 @@ def _read_cluster_watch_rule(doc: _Document) -> ClusterWatchRule | None:
         key=Key(namespace="", name=doc.name),
         target_key=Key(namespace=namespace, name=name),
         rules=rules,
+        exclude_users=doc.strings(spec, "spec", "excludeUsers"),
+        exclude_field_managers=doc.strings(spec, "spec", "excludeFieldManagers"),
     )
 
 

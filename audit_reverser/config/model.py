@@ -95,6 +95,9 @@ class WatchRule:
     key: Key
     target_name: str
     rules: tuple[ResourceRule, ...]
+    # Not commits for this rule (globs); an extension of the seed's schema, see deploy/crds.
+    exclude_users: tuple[str, ...] = ()
+    exclude_field_managers: tuple[str, ...] = ()
 
     @property
     def target_key(self) -> Key:
@@ -106,6 +109,8 @@ class ClusterWatchRule:
     key: Key
     target_key: Key
     rules: tuple[ResourceRule, ...]
+    exclude_users: tuple[str, ...] = ()
+    exclude_field_managers: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

@@ -51,6 +51,7 @@ class Skip(StrEnum):
     GONE = "gone-before-read"
     EXCLUDED_USER = "excluded-user"
     EXCLUDED_FIELD_MANAGER = "excluded-field-manager"
+    EXCLUDED_BY_RULE = "excluded-by-rule"
     CONTROLLED = "controller-owned"
     UNKNOWN_RESOURCE = "unknown-resource"
     INVALID_NAME = "invalid-name"

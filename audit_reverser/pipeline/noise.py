@@ -47,6 +47,9 @@ class Exclusions:
             fnmatch.fnmatchcase(manager, glob) for glob in self.field_managers
         )
 
+    def excludes(self, event: AuditEvent) -> bool:
+        return self.excluded_user(event) or self.excluded_field_manager(event)
+
 
 NO_EXCLUSIONS = Exclusions(users=())
 

@@ -136,8 +136,11 @@ class Processor:
         ref = event.object_ref
         if ref is None:
             return Skip.NO_OBJECT
-        routes = self._router.routes(ref, event.verb)
+        routes = self._router.routes(ref, event.verb, event)
         if not routes:
+            # A rule that selected it but excludes its user or tool says more than no-rule.
+            if self._router.routes(ref, event.verb):
+                return Skip.EXCLUDED_BY_RULE
             return Skip.NO_RULE
         if (ref.api_group, ref.resource) in NOISE_RESOURCES:
             routes = [r for r in routes if r.explicit]

@@ -12,7 +12,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from audit_reverser.config.model import Config, GitTarget, Operation, ResourceRule, Scope
-from audit_reverser.events import ObjectRef
+from audit_reverser.events import AuditEvent, ObjectRef
+from audit_reverser.pipeline.noise import Exclusions
 
 VERB_OPERATIONS: dict[str, Operation] = {
     "create": "CREATE",
@@ -74,29 +75,39 @@ class Router:
     """Answers 'which targets, and was it asked for by name?' for one object reference."""
 
     def __init__(self, config: Config) -> None:
-        self._namespaced: dict[str, list[tuple[tuple[ResourceRule, ...], GitTarget]]] = {}
-        self._cluster: list[tuple[ResourceRule, GitTarget]] = []
+        self._namespaced: dict[
+            str, list[tuple[tuple[ResourceRule, ...], GitTarget, Exclusions | None]]
+        ] = {}
+        self._cluster: list[tuple[ResourceRule, GitTarget, Exclusions | None]] = []
         for rule in config.watch_rules:
             target = config.targets[rule.target_key]
-            self._namespaced.setdefault(rule.key.namespace, []).append((rule.rules, target))
+            excluded = _exclusions(rule.exclude_users, rule.exclude_field_managers)
+            self._namespaced.setdefault(rule.key.namespace, []).append(
+                (rule.rules, target, excluded)
+            )
         for cluster_rule in config.cluster_watch_rules:
             target = config.targets[cluster_rule.target_key]
-            self._cluster.extend((r, target) for r in cluster_rule.rules)
+            excluded = _exclusions(cluster_rule.exclude_users, cluster_rule.exclude_field_managers)
+            self._cluster.extend((r, target, excluded) for r in cluster_rule.rules)
 
-    def routes(self, ref: ObjectRef, verb: str) -> list[Route]:
+    def routes(self, ref: ObjectRef, verb: str, event: AuditEvent | None = None) -> list[Route]:
+        """Targets for ``ref``; with ``event``, rules that exclude its user or field manager
+        do not count."""
         operation = VERB_OPERATIONS.get(verb)
         if operation is None:
             return []
         cluster_scoped = is_cluster_scoped(ref)
         scope: Scope = "Cluster" if cluster_scoped else "Namespaced"
-        candidates: Iterable[tuple[ResourceRule, GitTarget]] = (
-            (r, t) for r, t in self._cluster if r.scope == scope
+        candidates: Iterable[tuple[ResourceRule, GitTarget, Exclusions | None]] = (
+            (r, t, x) for r, t, x in self._cluster if r.scope == scope
         )
         if not cluster_scoped:
             namespaced = self._namespaced.get(ref.namespace, ())
-            candidates = [*candidates, *((r, t) for rules, t in namespaced for r in rules)]
+            candidates = [*candidates, *((r, t, x) for rules, t, x in namespaced for r in rules)]
         found: dict[object, Route] = {}
-        for rule, target in candidates:
+        for rule, target, excluded in candidates:
+            if excluded is not None and event is not None and excluded.excludes(event):
+                continue
             explicit = _rule_matches(rule, ref, operation)
             if explicit is None:
                 continue
@@ -104,3 +115,7 @@ class Router:
             if previous is None or (explicit and not previous.explicit):
                 found[target.key] = Route(target=target, explicit=explicit)
         return list(found.values())
+
+
+def _exclusions(users: tuple[str, ...], managers: tuple[str, ...]) -> Exclusions | None:
+    return Exclusions(users=users, field_managers=managers) if users or managers else None
