@@ -695,3 +695,35 @@ async def test_the_seed_samples_show_why_they_are_not_ready(
     target = condition("gittargets", "example-target")
     assert (target["status"], target["reason"]) == ("False", "ProviderNotReady")
     assert condition("watchrules", "example-watchrule")["status"] == "True"
+
+
+async def test_events_for_a_target_whose_provider_cannot_be_used_are_counted_not_crashed(
+    tmp_path: Path, cluster: Cluster, caplog: pytest.LogCaptureFixture
+) -> None:
+    _declare_crds(cluster.api)
+    provider = {
+        "url": "git@github.com:o/r.git",
+        "allowedBranches": ["*"],
+        "secretRef": {"name": "none"},
+    }
+    cluster.add(
+        f"{CB}/gitproviders", "default", "gh", _cr("GitProvider", "gh", provider, "default")
+    )
+    target = {"providerRef": {"name": "gh"}, "branch": "main", "path": "live"}
+    cluster.add(f"{CB}/gittargets", "default", "t", _cr("GitTarget", "t", target, "default"))
+    rule = {"targetRef": {"name": "t"}, "rules": [{"resources": ["configmaps"]}]}
+    cluster.add(f"{CB}/watchrules", "default", "r", _cr("WatchRule", "r", rule, "default"))
+    rules = ClusterRules(cluster.client)
+    config = await rules.start()
+    await rules.close()
+    settings = Settings(state_dir=tmp_path / "state", rules_from_files=False)
+    runtime = await asyncio.to_thread(Runtime, config, settings)
+    await runtime.start()
+    try:
+        await runtime.intake.accept(runtime.intake.triage([event("create", body=configmap())]))
+        assert await runtime.flush() == []
+    finally:
+        await runtime.close()
+    assert runtime.stats.skipped[Skip.TARGET_NOT_READY] == 1
+    assert "Traceback" not in caplog.text
+    assert "GitTarget default/t left out: GitProvider default/gh" in caplog.text

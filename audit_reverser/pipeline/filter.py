@@ -52,6 +52,7 @@ class Skip(StrEnum):
     EXCLUDED_USER = "excluded-user"
     EXCLUDED_FIELD_MANAGER = "excluded-field-manager"
     EXCLUDED_BY_RULE = "excluded-by-rule"
+    TARGET_NOT_READY = "target-not-ready"
     CONTROLLED = "controller-owned"
     UNKNOWN_RESOURCE = "unknown-resource"
     INVALID_NAME = "invalid-name"

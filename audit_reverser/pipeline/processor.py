@@ -146,6 +146,10 @@ class Processor:
             routes = [r for r in routes if r.explicit]
             if not routes:
                 return Skip.NOISE
+        # A target whose provider cannot be used (rules from a cluster) has no writer.
+        routes = [r for r in routes if r.target.key in self._sinks]
+        if not routes:
+            return Skip.TARGET_NOT_READY
         if self._exclusions.excluded_user(event):
             return Skip.EXCLUDED_USER
         if self._exclusions.excluded_field_manager(event):
