@@ -424,9 +424,11 @@ class Runtime:
             await asyncio.wait_for(self._finish(), self.settings.shutdown_timeout_s)
         except TimeoutError:
             log.warning(
-                "shut-down time (%.0fs) is over: %d events stay in the journal for the next start",
+                "shut-down time (%.0fs) is over: %d events stay in the journal and %d commits "
+                "in the mirrors, for the next start",
                 self.settings.shutdown_timeout_s,
                 self.journal.backlog if self.journal is not None else 0,
+                sum(w.mirror.unpushed for w in self.writers.values()),
             )
             await self.intake.stop()
         if self._checkpoints is not None:

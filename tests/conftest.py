@@ -278,7 +278,7 @@ class Served:
     def stop(self) -> str:
         """SIGTERM, as Kubernetes stops a pod; returns everything it logged."""
         self.process.terminate()
-        self.process.wait(timeout=60)
+        self.process.wait(timeout=300)  # a bound against hangs, not a time to meet
         return self.log.read_text()
 
     def kill(self) -> None:

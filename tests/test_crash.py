@@ -85,7 +85,9 @@ def test_kill_9_mid_stream_loses_nothing_and_duplicates_nothing(tmp_path: Path) 
     first_run = list(acked)
     assert first_run == list(range(len(first_run))) and 60 <= len(first_run) < BATCHES
 
-    server = start_serve(tmp_path, *args)
+    # Everything acknowledged must be committed before the process exits: a shut-down time
+    # long enough for a slow (coverage-traced) machine, so that none stays in the journal.
+    server = start_serve(tmp_path, *args, "--shutdown-timeout", "300")
     resend = [first_run[-1], *range(len(first_run), BATCHES)]
     acked_again: list[int] = []
     _post_all(server.port, resend, acked_again)
