@@ -257,6 +257,17 @@ def _cr(
     return {"apiVersion": CB, "kind": kind, "metadata": metadata, "spec": spec}
 
 
+def _one_target(cluster: Cluster, provider: dict[str, Any], path: str) -> None:
+    """GitProvider origin, GitTarget live (folder ``path``), WatchRule cms for ConfigMaps,
+    all in namespace default."""
+    origin = _cr("GitProvider", "origin", provider, "default")
+    cluster.add(f"{CB}/gitproviders", "default", "origin", origin)
+    target = {"providerRef": {"name": "origin"}, "branch": "main", "path": path}
+    cluster.add(f"{CB}/gittargets", "default", "live", _cr("GitTarget", "live", target, "default"))
+    rule = {"targetRef": {"name": "live"}, "rules": [{"resources": ["configmaps"]}]}
+    cluster.add(f"{CB}/watchrules", "default", "cms", _cr("WatchRule", "cms", rule, "default"))
+
+
 class Kubectl:
     """Changes made through the API, as kubectl makes them: watchers see them."""
 
@@ -403,13 +414,7 @@ async def test_serve_takes_its_rules_from_the_cluster_when_no_config_is_given(
     _declare_crds(cluster.api)
     remote = await asyncio.to_thread(bare_repo, tmp_path / "remote.git")
     provider = {"url": f"file://{remote}", "allowedBranches": ["*"], "push": {"maxCommits": 1}}
-    cluster.add(
-        f"{CB}/gitproviders", "default", "origin", _cr("GitProvider", "origin", provider, "default")
-    )
-    target = {"providerRef": {"name": "origin"}, "branch": "main", "path": "cluster"}
-    cluster.add(f"{CB}/gittargets", "default", "live", _cr("GitTarget", "live", target, "default"))
-    rule = {"targetRef": {"name": "live"}, "rules": [{"resources": ["configmaps"]}]}
-    cluster.add(f"{CB}/watchrules", "default", "cms", _cr("WatchRule", "cms", rule, "default"))
+    _one_target(cluster, provider, "cluster")
     server = cluster.client.server
     kubeconfig = tmp_path / "kubeconfig"
     await asyncio.to_thread(kubeconfig.write_text, yaml.safe_dump(_kubeconfig(yarl.URL(server))))
@@ -706,13 +711,7 @@ async def test_events_for_a_target_whose_provider_cannot_be_used_are_counted_not
         "allowedBranches": ["*"],
         "secretRef": {"name": "none"},
     }
-    cluster.add(
-        f"{CB}/gitproviders", "default", "gh", _cr("GitProvider", "gh", provider, "default")
-    )
-    target = {"providerRef": {"name": "gh"}, "branch": "main", "path": "live"}
-    cluster.add(f"{CB}/gittargets", "default", "t", _cr("GitTarget", "t", target, "default"))
-    rule = {"targetRef": {"name": "t"}, "rules": [{"resources": ["configmaps"]}]}
-    cluster.add(f"{CB}/watchrules", "default", "r", _cr("WatchRule", "r", rule, "default"))
+    _one_target(cluster, provider, "live")
     rules = ClusterRules(cluster.client)
     config = await rules.start()
     await rules.close()
@@ -726,4 +725,4 @@ async def test_events_for_a_target_whose_provider_cannot_be_used_are_counted_not
         await runtime.close()
     assert runtime.stats.skipped[Skip.TARGET_NOT_READY] == 1
     assert "Traceback" not in caplog.text
-    assert "GitTarget default/t left out: GitProvider default/gh" in caplog.text
+    assert "GitTarget default/live left out: GitProvider default/origin" in caplog.text
