@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import dataclasses
 import gc
 import ipaddress
@@ -22,7 +23,9 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
+import yaml
 from aiohttp import web
 
 from audit_reverser import __version__
@@ -202,6 +205,26 @@ def _parser() -> argparse.ArgumentParser:
         metavar="NAMESPACE/NAME",
         help="only these GitTargets (repeatable; default: all)",
     )
+
+    hook = commands.add_parser(
+        "webhook-config",
+        help="print the kubeconfig the kube-apiserver's --audit-webhook-config-file needs",
+        description="Print the kubeconfig file that points the kube-apiserver's audit webhook "
+        "backend (--audit-webhook-config-file) at this receiver.",
+    )
+    hook.add_argument(
+        "--url",
+        required=True,
+        help="the receiver's webhook URL, e.g. https://audit-reverser.example:8443/audit-webhook",
+    )
+    hook.add_argument("--ca", type=Path, metavar="FILE", help="CA that signed the serving cert")
+    hook.add_argument(
+        "--token-file", type=Path, metavar="FILE", help="the token serve --auth-token-file checks"
+    )
+    hook.add_argument(
+        "--client-cert", type=Path, metavar="FILE", help="client certificate for serve --client-ca"
+    )
+    hook.add_argument("--client-key", type=Path, metavar="FILE", help="its private key")
 
     replay = commands.add_parser(
         "replay",
@@ -579,6 +602,61 @@ async def snapshot(args: argparse.Namespace) -> int:
     return 1 if failures else 0
 
 
+async def webhook_config(args: argparse.Namespace) -> int:
+    print(await asyncio.to_thread(_webhook_kubeconfig, args), end="")
+    return 0
+
+
+def _webhook_kubeconfig(args: argparse.Namespace) -> str:
+    parts = urlsplit(args.url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError([f"--url {args.url!r}: expected https://HOST[:PORT]/audit-webhook"])
+    if parts.scheme == "http" and not _is_loopback(parts.hostname):
+        log.warning("--url is plain HTTP to another host: audit events would cross it unencrypted")
+    if (args.client_cert is None) != (args.client_key is None):
+        raise ConfigError(["--client-cert and --client-key go together"])
+
+    def read(option: str, path: Path) -> bytes:
+        try:
+            return path.read_bytes()
+        except OSError as exc:
+            raise ConfigError([f"{option} {path}: {exc.strerror}"]) from None
+
+    def b64(option: str, path: Path) -> str:
+        return base64.b64encode(read(option, path)).decode()
+
+    cluster: dict[str, Any] = {"server": args.url}
+    if args.ca is not None:
+        cluster["certificate-authority-data"] = b64("--ca", args.ca)
+    user: dict[str, Any] = {}
+    if args.token_file is not None:
+        token = read("--token-file", args.token_file).decode().strip()
+        if not token:
+            raise ConfigError([f"--token-file {args.token_file}: the file is empty"])
+        user["token"] = token
+    if args.client_cert is not None:
+        user["client-certificate-data"] = b64("--client-cert", args.client_cert)
+        user["client-key-data"] = b64("--client-key", args.client_key)
+    kubeconfig = {
+        "apiVersion": "v1",
+        "kind": "Config",
+        "clusters": [{"name": "audit-reverser", "cluster": cluster}],
+        "users": [{"name": "kube-apiserver", "user": user}],
+        "contexts": [
+            {
+                "name": "audit-webhook",
+                "context": {"cluster": "audit-reverser", "user": "kube-apiserver"},
+            }
+        ],
+        "current-context": "audit-webhook",
+    }
+    header = (
+        "# kube-apiserver --audit-webhook-config-file: where audit events go (audit-reverser).\n"
+        "# Contains credentials: keep it as private as the apiserver's own files.\n"
+    )
+    return header + yaml.safe_dump(kubeconfig, sort_keys=False)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(
@@ -586,7 +664,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
-    command = {"serve": serve, "replay": replay, "check": check, "snapshot": snapshot}[args.command]
+    command = {
+        "serve": serve,
+        "replay": replay,
+        "check": check,
+        "snapshot": snapshot,
+        "webhook-config": webhook_config,
+    }[args.command]
     try:
         return asyncio.run(command(args))
     except ConfigError as exc:

@@ -5,6 +5,7 @@ Real ``serve`` processes, real TLS handshakes, certificates made in the test.
 
 from __future__ import annotations
 
+import base64
 import ssl
 import subprocess
 import sys
@@ -12,6 +13,7 @@ from pathlib import Path
 
 import orjson
 import pytest
+import yaml
 
 from tests.conftest import (
     bare_repo,
@@ -156,3 +158,62 @@ def test_insecure_listens_on_every_address_with_a_warning(
     log = server.stop()
     assert server.process.returncode == 0, log
     assert "--insecure: anyone who can reach 0.0.0.0 may send audit events" in log
+
+
+def test_the_webhook_config_it_prints_gets_an_apiserver_in(
+    tmp_path: Path, setup: tuple[Path, list[str]]
+) -> None:
+    """What the kube-apiserver does with --audit-webhook-config-file, done by hand: server,
+    CA and token from the printed kubeconfig, then one POST."""
+    remote, args = setup
+    ca = Authority(tmp_path, "cluster-ca")
+    server_cert = ca.issue("audit-reverser", server=True)
+    token_file = tmp_path / "token"
+    token_file.write_text("t0ken-for-the-apiserver\n")
+    tls = ["--tls-cert", str(server_cert.cert), "--tls-key", str(server_cert.key)]
+    server = start_serve(tmp_path, *args, *tls, "--auth-token-file", str(token_file), ca=ca.cert)
+    try:
+        url = f"https://127.0.0.1:{server.port}/audit-webhook"
+        printed = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "audit_reverser",
+                "webhook-config",
+                "--url",
+                url,
+                "--ca",
+                str(ca.cert),
+                "--token-file",
+                str(token_file),
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+        kubeconfig = yaml.safe_load(printed)
+        [cluster] = kubeconfig["clusters"]
+        [user] = kubeconfig["users"]
+        authority = base64.b64decode(cluster["cluster"]["certificate-authority-data"]).decode()
+        context = ssl.create_default_context(cadata=authority)
+        headers = {"Authorization": f"Bearer {user['user']['token']}"}
+        assert cluster["cluster"]["server"] == url
+        assert _post(server.port, context=context, headers=headers)[0] == 200
+    finally:
+        server.stop()
+    assert git_subjects(remote) == ["[CREATE] v1/configmaps/default/demo"]
+
+
+def test_webhook_config_names_what_is_wrong(tmp_path: Path) -> None:
+    def run(*options: str) -> subprocess.CompletedProcess[str]:
+        command = [sys.executable, "-m", "audit_reverser", "webhook-config", *options]
+        return subprocess.run(command, capture_output=True, text=True)
+
+    for options, message in (
+        (["--url", "ftp://x/y"], "expected https://HOST[:PORT]/audit-webhook"),
+        (["--url", "https://h/a", "--ca", str(tmp_path / "none.crt")], "none.crt: No such file"),
+        (["--url", "https://h/a", "--client-cert", "c.crt"], "go together"),
+    ):
+        done = run(*options)
+        assert done.returncode == 2 and message in done.stderr, done.stderr
+        assert "Traceback" not in done.stderr
