@@ -530,6 +530,8 @@ async def test_a_snapshot_writes_what_the_rules_select_and_prunes_what_is_gone(
     )
     cluster.add("v1/configmaps", "default", "a", configmap("a"))
     cluster.add("v1/configmaps", "shop", "b", configmap("b", namespace="shop"))
+    owned = configmap("owned", ownerReferences=[{"kind": "Thing", "name": "t", "controller": True}])
+    cluster.add("v1/configmaps", "default", "owned", owned)  # generated: not in the snapshot
     remote = await asyncio.to_thread(bare_repo, tmp_path / "remote.git")
     before = {
         "live/v1/configmaps/default/stale.yaml": "gone from the cluster\n",

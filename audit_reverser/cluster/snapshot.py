@@ -27,10 +27,11 @@ from audit_reverser.errors import TemporaryError
 from audit_reverser.events import ObjectRef
 from audit_reverser.gitstore.types import FileChange, Identity, TreeChange
 from audit_reverser.gitstore.writer import BranchWriter
-from audit_reverser.pipeline.filter import EPHEMERAL_RESOURCES, Skip
+from audit_reverser.pipeline.filter import EPHEMERAL_RESOURCES
 from audit_reverser.pipeline.layout import InvalidName, object_path
+from audit_reverser.pipeline.noise import controlled
 from audit_reverser.pipeline.processor import NOISE_RESOURCES, Encoded, Processor
-from audit_reverser.pipeline.routing import Router
+from audit_reverser.pipeline.routing import Route, Router
 
 log = logging.getLogger(__name__)
 
@@ -45,12 +46,17 @@ class SnapshotResult:
     pruned: bool  # the prune commit removed files
 
 
-def _selects(router: Router, ref: ObjectRef, target: GitTarget) -> bool:
+def _route(router: Router, ref: ObjectRef, target: GitTarget) -> Route | None:
+    """The target's route for ``ref``, as the pipeline would take it (noise only by name)."""
     explicit_only = (ref.api_group, ref.resource) in NOISE_RESOURCES
-    return any(
-        route.target.key == target.key and (route.explicit or not explicit_only)
-        for route in router.routes(ref, "create")
-    )
+    for route in router.routes(ref, "create"):
+        if route.target.key == target.key and (route.explicit or not explicit_only):
+            return route
+    return None
+
+
+def _selects(router: Router, ref: ObjectRef, target: GitTarget) -> bool:
+    return _route(router, ref, target) is not None
 
 
 def _candidate(router: Router, config: Config, resource: ApiResource, target: GitTarget) -> bool:
@@ -126,8 +132,9 @@ async def snapshot(
                 )
             except InvalidName:
                 continue
-            if not _selects(router, ref, target):
-                continue
+            route = _route(router, ref, target)
+            if route is None or (not route.explicit and controlled(item)):
+                continue  # not selected, or generated from an owner that is in Git
             item.setdefault("apiVersion", resource.group_version)
             item.setdefault("kind", resource.kind)
             encoded = processor.encode(
@@ -135,8 +142,6 @@ async def snapshot(
             )
             if isinstance(encoded, Encoded) and encoded.content is not None:
                 files.append(_file(encoded, committer, now))
-            elif encoded == Skip.SECRET:
-                log.warning("snapshot of %s: Secrets left out (no working encryption)", target.key)
     subject = target.path or "/"
     stamp = f"Objects: {len(files)}\nTarget: {target.key}"
     written = await _commit(
