@@ -36,6 +36,7 @@ from audit_reverser.cluster.snapshot import SnapshotResult, SnapshotScheduler
 from audit_reverser.cluster.status import StatusReporter
 from audit_reverser.config import load_config, load_default_config
 from audit_reverser.config.model import Config, GitTarget, Key
+from audit_reverser.encryption.certs import make as make_certs
 from audit_reverser.errors import AuditReverserError, ConfigError, PermanentError
 from audit_reverser.ingest import auth
 from audit_reverser.ingest.intake import DEFAULT_MAX_BACKLOG
@@ -225,6 +226,28 @@ def _parser() -> argparse.ArgumentParser:
         "--client-cert", type=Path, metavar="FILE", help="client certificate for serve --client-ca"
     )
     hook.add_argument("--client-key", type=Path, metavar="FILE", help="its private key")
+
+    certs = commands.add_parser(
+        "certs",
+        help="make a CA, a serving certificate and an apiserver client certificate",
+        description="Write ca.crt/key, server.crt/key and client.crt/key into a folder for a "
+        "quick start with serve --tls-cert/--tls-key/--client-ca and webhook-config. Keys are "
+        "0600 and never overwritten. For production, use cert-manager or your own PKI.",
+    )
+    certs.add_argument("--out", type=Path, required=True, metavar="DIR")
+    certs.add_argument(
+        "--host",
+        action="append",
+        required=True,
+        metavar="NAME",
+        help="DNS name or IP the apiserver uses to reach serve (repeatable; the first is the CN)",
+    )
+    certs.add_argument(
+        "--client-name",
+        default="kube-apiserver",
+        help="common name of the client certificate (serve --client-name; default: %(default)s)",
+    )
+    certs.add_argument("--days", type=_positive, default=365, help="validity (default: 365)")
 
     replay = commands.add_parser(
         "replay",
@@ -602,6 +625,19 @@ async def snapshot(args: argparse.Namespace) -> int:
     return 1 if failures else 0
 
 
+async def certs(args: argparse.Namespace) -> int:
+    written = await asyncio.to_thread(
+        make_certs, args.out, hosts=args.host, client_name=args.client_name, days=args.days
+    )
+    print(f"CA:     {written.ca}  (webhook-config --ca)")
+    server_key = written.server.with_suffix(".key")
+    print(f"server: {written.server}  (serve --tls-cert, --tls-key {server_key})")
+    print(
+        f"client: {written.client}  (webhook-config --client-cert; serve --client-ca {written.ca})"
+    )
+    return 0
+
+
 async def webhook_config(args: argparse.Namespace) -> int:
     print(await asyncio.to_thread(_webhook_kubeconfig, args), end="")
     return 0
@@ -670,6 +706,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "check": check,
         "snapshot": snapshot,
         "webhook-config": webhook_config,
+        "certs": certs,
     }[args.command]
     try:
         return asyncio.run(command(args))

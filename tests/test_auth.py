@@ -217,3 +217,43 @@ def test_webhook_config_names_what_is_wrong(tmp_path: Path) -> None:
         done = run(*options)
         assert done.returncode == 2 and message in done.stderr, done.stderr
         assert "Traceback" not in done.stderr
+
+
+def test_certs_gives_a_quick_start_with_mutual_tls(
+    tmp_path: Path, setup: tuple[Path, list[str]]
+) -> None:
+    remote, args = setup
+    out = tmp_path / "pki"
+    make = [sys.executable, "-m", "audit_reverser", "certs", "--out", str(out)]
+    done = subprocess.run(
+        [*make, "--host", "127.0.0.1", "--host", "localhost"], capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr
+    assert (out / "server.key").stat().st_mode & 0o777 == 0o600
+    server = start_serve(
+        tmp_path,
+        *args,
+        "--tls-cert",
+        str(out / "server.crt"),
+        "--tls-key",
+        str(out / "server.key"),
+        "--client-ca",
+        str(out / "ca.crt"),
+        "--client-name",
+        "kube-apiserver",
+        ca=out / "ca.crt",
+    )
+    try:
+        client = _client_from(out / "ca.crt", out / "client.crt", out / "client.key")
+        assert _post(server.port, context=client)[0] == 200
+    finally:
+        server.stop()
+    assert git_subjects(remote) == ["[CREATE] v1/configmaps/default/demo"]
+    again = subprocess.run([*make, "--host", "x"], capture_output=True, text=True)
+    assert again.returncode == 2 and "never overwrites keys" in again.stderr
+
+
+def _client_from(ca: Path, cert: Path, key: Path) -> ssl.SSLContext:
+    context = ssl.create_default_context(cafile=str(ca))
+    context.load_cert_chain(str(cert), str(key))
+    return context
