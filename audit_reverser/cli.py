@@ -42,6 +42,7 @@ from audit_reverser.ingest import auth
 from audit_reverser.ingest.intake import DEFAULT_MAX_BACKLOG
 from audit_reverser.ingest.logfiles import read_chunks, size_of
 from audit_reverser.ingest.server import DEFAULT_MAX_BODY_BYTES, make_app
+from audit_reverser.metrics import exposition
 from audit_reverser.pipeline.filter import Skip
 from audit_reverser.pipeline.noise import DEFAULT_EXCLUDED_USERS, Exclusions
 from audit_reverser.runtime import DEFAULT_SHUTDOWN_TIMEOUT_S, Runtime, Settings, check_remotes
@@ -431,7 +432,12 @@ async def _serve(
         rules_from_files=rules is None,
     )
     _tune_interpreter_for_ingest()
-    app = make_app(runtime, max_body_bytes=args.max_body_bytes, senders=senders)
+    app = make_app(
+        runtime,
+        max_body_bytes=args.max_body_bytes,
+        senders=senders,
+        metrics=lambda: exposition(runtime),
+    )
     # In-flight requests get a few seconds to finish; the rest is the apiserver's to retry.
     runner = web.AppRunner(app, handle_signals=False, access_log=None, shutdown_timeout=5)
     await runner.setup()  # starts the runtime

@@ -20,12 +20,14 @@ LAYERS = [
     "ingest",
     "cluster",
     "runtime",
+    "metrics",
     "cli",
 ]
 ADAPTERS = {
     "pygit2": "gitstore",
     "cryptography": "encryption",
     "kubernetes_asyncio": "cluster",
+    "prometheus_client": "metrics",
 }
 
 

@@ -19,6 +19,7 @@ import logging
 import queue
 import random
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -47,6 +48,7 @@ class WriterStats:
     pushed_commits: int = 0
     push_failures: int = 0
     last_push_at: datetime | None = None
+    push_seconds: float = 0.0  # time spent in pushes, failed ones included
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -295,12 +297,15 @@ class BranchWriter:
         if not self.mirror.unpushed:
             self._push_deadline = None
             return 0
+        begin = time.monotonic()
         try:
             pushed = await self._blocking(self.mirror.push)
         except AuditReverserError as exc:
+            self.stats.push_seconds += time.monotonic() - begin
             self.stats.push_failures += 1
             self.last_push_error = str(exc)
             raise
+        self.stats.push_seconds += time.monotonic() - begin
         self.stats.pushes += 1
         self.stats.pushed_commits += pushed
         self.stats.last_push_at = datetime.now(UTC)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Protocol
 
 import orjson
@@ -158,7 +158,9 @@ def make_app(
     *,
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     senders: SenderPolicy | None = None,
+    metrics: Callable[[], bytes] | None = None,
 ) -> web.Application:
+    """The receiver's HTTP app; ``metrics`` (Prometheus text) is served at ``/metrics``."""
     app = web.Application(client_max_size=max_body_bytes)
     app[RECEIVER] = receiver
     app[SENDERS] = senders or SenderPolicy()
@@ -174,4 +176,13 @@ def make_app(
     app.router.add_post("/audit-webhook/{cluster}", audit_webhook)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
+    if metrics is not None:
+        render = metrics
+
+        async def serve_metrics(request: web.Request) -> web.Response:
+            return web.Response(
+                body=render(), headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"}
+            )
+
+        app.router.add_get("/metrics", serve_metrics)
     return app

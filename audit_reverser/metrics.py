@@ -1,0 +1,91 @@
+"""``/metrics`` in the Prometheus text format, read from the running pipeline at scrape time.
+
+Nothing on the hot path is touched for it: the counters the pipeline keeps anyway (events,
+skips by reason, journal backlog, commits and pushes per repository branch) are turned into
+metric families when Prometheus asks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, SummaryMetricFamily
+from prometheus_client.registry import Collector
+
+from audit_reverser.runtime import Runtime
+
+
+class _RuntimeCollector(Collector):
+    def __init__(self, runtime: Runtime) -> None:
+        self._runtime = runtime
+
+    def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily | SummaryMetricFamily]:
+        runtime = self._runtime
+        stats = runtime.stats
+        yield CounterMetricFamily(
+            "audit_reverser_events_received", "Audit events received.", value=stats.received
+        )
+        yield CounterMetricFamily(
+            "audit_reverser_events_kept", "Events that became commits.", value=stats.kept
+        )
+        skipped = CounterMetricFamily(
+            "audit_reverser_events_skipped",
+            "Events that made no commit, by reason.",
+            labels=["reason"],
+        )
+        for reason, count in sorted(stats.skipped.items()):
+            skipped.add_metric([str(reason)], count)
+        yield skipped
+        journal = runtime.journal
+        yield GaugeMetricFamily(
+            "audit_reverser_journal_backlog",
+            "Accepted events not yet committed locally.",
+            value=journal.backlog if journal is not None else 0,
+        )
+        yield GaugeMetricFamily(
+            "audit_reverser_ready", "1 when the receiver takes events.", value=int(runtime.ready())
+        )
+        labels = ["repository"]
+        commits = CounterMetricFamily("audit_reverser_commits", "Commits made.", labels=labels)
+        failed = CounterMetricFamily(
+            "audit_reverser_commit_failures", "Commits that failed (Git errors).", labels=labels
+        )
+        pushes = CounterMetricFamily(
+            "audit_reverser_pushes", "Pushes, by result.", labels=[*labels, "result"]
+        )
+        pushed = CounterMetricFamily(
+            "audit_reverser_pushed_commits", "Commits pushed.", labels=labels
+        )
+        unpushed = GaugeMetricFamily(
+            "audit_reverser_unpushed_commits", "Commits waiting in the mirror.", labels=labels
+        )
+        last = GaugeMetricFamily(
+            "audit_reverser_last_push_timestamp_seconds",
+            "When the last successful push ended.",
+            labels=labels,
+        )
+        duration = SummaryMetricFamily(
+            "audit_reverser_push_duration_seconds", "Time spent pushing.", labels=labels
+        )
+        for writer in runtime.writers.values():
+            name = [writer.name]
+            s = writer.stats
+            commits.add_metric(name, s.commits)
+            failed.add_metric(name, s.failed)
+            pushes.add_metric([writer.name, "ok"], s.pushes)
+            pushes.add_metric([writer.name, "failed"], s.push_failures)
+            pushed.add_metric(name, s.pushed_commits)
+            unpushed.add_metric(name, writer.mirror.unpushed)
+            if s.last_push_at is not None:
+                last.add_metric(name, s.last_push_at.timestamp())
+            duration.add_metric(
+                name, count_value=s.pushes + s.push_failures, sum_value=s.push_seconds
+            )
+        yield from (commits, failed, pushes, pushed, unpushed, last, duration)
+
+
+def exposition(runtime: Runtime) -> bytes:
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_RuntimeCollector(runtime))
+    return generate_latest(registry)
