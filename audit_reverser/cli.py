@@ -21,6 +21,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Sequence
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -36,6 +37,7 @@ from audit_reverser.cluster.snapshot import SnapshotResult, SnapshotScheduler
 from audit_reverser.cluster.status import StatusReporter
 from audit_reverser.config import load_config, load_default_config
 from audit_reverser.config.model import Config, GitTarget, Key
+from audit_reverser.context import EventContext
 from audit_reverser.encryption.certs import make as make_certs
 from audit_reverser.errors import AuditReverserError, ConfigError, PermanentError
 from audit_reverser.ingest import auth
@@ -66,6 +68,12 @@ def _parser() -> argparse.ArgumentParser:
         description="Kubernetes audit events in, attributed YAML commits in Git out.",
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument(
+        "--log-format",
+        default="text",
+        choices=["text", "json"],
+        help="json: one object per line, with audit_id and target on lines about an event",
+    )
     parser.add_argument(
         "--log-level",
         default="info",
@@ -699,13 +707,34 @@ def _webhook_kubeconfig(args: argparse.Namespace) -> str:
     return header + yaml.safe_dump(kubeconfig, sort_keys=False)
 
 
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line, for log pipelines (Loki, Elasticsearch...)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        line: dict[str, Any] = {
+            "time": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        for field in ("audit_id", "target"):
+            value = getattr(record, field, None)
+            if value is not None:
+                line[field] = value
+        if record.exc_info:
+            line["exception"] = self.formatException(record.exc_info)
+        return json.dumps(line, ensure_ascii=False)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    handler = logging.StreamHandler(sys.stderr)
+    handler.addFilter(EventContext())
+    if args.log_format == "json":
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=args.log_level.upper(), handlers=[handler])
     command = {
         "serve": serve,
         "replay": replay,

@@ -194,3 +194,29 @@ def test_replay_skips_the_control_plane_unless_told_otherwise(tmp_path: Path) ->
     result = run("replay", *state, "--no-default-excludes", str(log), cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert git_files(remote) == ["live/v1/configmaps/default/demo.yaml"]
+
+
+def test_json_logs_name_the_event_and_the_target(tmp_path: Path) -> None:
+    remote = bare_repo(tmp_path / "remote.git")
+    config = write_config(tmp_path / "c.yaml", remote)
+    log = tmp_path / "audit.log"
+    secret = {
+        "kind": "Secret",
+        "apiVersion": "v1",
+        "metadata": {"name": "db", "namespace": "default"},
+        "data": {"password": "aHVudGVyMg=="},
+    }
+    lines = [
+        _log_line(event("create", name="a/b", body=configmap("a/b"), audit_id="forged-1")),
+        _log_line(event("create", resource="secrets", name="db", body=secret, audit_id="secret-1")),
+    ]
+    log.write_bytes(b"".join(lines))
+    state = ["--config", str(config), "--state-dir", str(tmp_path / "state")]
+    result = run("--log-format", "json", "replay", *state, str(log), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    records = [orjson.loads(line) for line in result.stderr.splitlines()]
+    refused = [r for r in records if "refused" in r["message"]]
+    assert refused and refused[0]["audit_id"] == "forged-1" and refused[0]["level"] == "warning"
+    plaintext = [r for r in records if "never in plaintext" in r["message"]]
+    assert plaintext[0]["audit_id"] == "secret-1" and plaintext[0]["target"] == "team/live"
+    assert "hunter2" not in result.stderr and "aHVudGVyMg" not in result.stderr

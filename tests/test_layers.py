@@ -10,6 +10,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "audit_reverser"
 
 # Lowest first; a module may import its own layer and the layers before it.
 LAYERS = [
+    "context",
     "errors",
     "events",
     "config",

@@ -19,6 +19,7 @@ from datetime import UTC, datetime
 from typing import Any, Protocol
 
 from audit_reverser.config.model import Config, GitTarget, Key
+from audit_reverser.context import AUDIT_ID, TARGET
 from audit_reverser.encryption import sops
 from audit_reverser.encryption.keys import TargetKeys
 from audit_reverser.encryption.keys import fingerprint as fingerprint_of
@@ -133,6 +134,13 @@ class Processor:
 
     def routes(self, event: AuditEvent) -> list[Route] | Skip:
         """Targets for the event, or why it goes nowhere. Cheap: no object is touched."""
+        token = AUDIT_ID.set(event.audit_id)
+        try:
+            return self._routes(event)
+        finally:
+            AUDIT_ID.reset(token)
+
+    def _routes(self, event: AuditEvent) -> list[Route] | Skip:
         ref = event.object_ref
         if ref is None:
             return Skip.NO_OBJECT
@@ -169,6 +177,13 @@ class Processor:
 
     async def process(self, event: AuditEvent) -> list[asyncio.Future[CommitOutcome]]:
         """Submit the event's changes; the futures resolve when each is committed locally."""
+        token = AUDIT_ID.set(event.audit_id)
+        try:
+            return await self._process(event)
+        finally:
+            AUDIT_ID.reset(token)
+
+    async def _process(self, event: AuditEvent) -> list[asyncio.Future[CommitOutcome]]:
         routes = self.routes(event)
         if isinstance(routes, Skip):
             return self._skip(event, routes)
@@ -216,6 +231,23 @@ class Processor:
     ) -> Encoded | Skip:
         """The file of one object for ``target``: its path and sanitized (for a Secret,
         encrypted) content, None when the object is gone. ``label`` names the cause in logs."""
+        token = TARGET.set(str(target.key))
+        try:
+            return self._encode(target, ref, namespace, name, body, when=when, label=label)
+        finally:
+            TARGET.reset(token)
+
+    def _encode(
+        self,
+        target: GitTarget,
+        ref: ObjectRef,
+        namespace: str,
+        name: str,
+        body: Mapping[str, Any] | None,
+        *,
+        when: datetime,
+        label: str,
+    ) -> Encoded | Skip:
         secret = ref.api_group == "" and ref.resource == "secrets"
         keys = self._keys.get(target.key) or TargetKeys(
             problem=f"GitTarget {target.key} has no spec.encryption"
