@@ -9,10 +9,27 @@ wrote it.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from contextvars import ContextVar
 
 AUDIT_ID: ContextVar[str | None] = ContextVar("audit_id", default=None)
 TARGET: ContextVar[str | None] = ContextVar("target", default=None)
+
+
+@contextmanager
+def about(*, audit_id: str | None = None, target: str | None = None) -> Iterator[None]:
+    """Log lines written inside are about this event and/or target."""
+    tokens = []
+    if audit_id is not None:
+        tokens.append((AUDIT_ID, AUDIT_ID.set(audit_id)))
+    if target is not None:
+        tokens.append((TARGET, TARGET.set(target)))
+    try:
+        yield
+    finally:
+        for variable, token in reversed(tokens):
+            variable.reset(token)
 
 
 class EventContext(logging.Filter):

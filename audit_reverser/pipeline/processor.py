@@ -19,7 +19,7 @@ from datetime import UTC, datetime
 from typing import Any, Protocol
 
 from audit_reverser.config.model import Config, GitTarget, Key
-from audit_reverser.context import AUDIT_ID, TARGET
+from audit_reverser.context import about
 from audit_reverser.encryption import sops
 from audit_reverser.encryption.keys import TargetKeys
 from audit_reverser.encryption.keys import fingerprint as fingerprint_of
@@ -134,11 +134,8 @@ class Processor:
 
     def routes(self, event: AuditEvent) -> list[Route] | Skip:
         """Targets for the event, or why it goes nowhere. Cheap: no object is touched."""
-        token = AUDIT_ID.set(event.audit_id)
-        try:
+        with about(audit_id=event.audit_id):
             return self._routes(event)
-        finally:
-            AUDIT_ID.reset(token)
 
     def _routes(self, event: AuditEvent) -> list[Route] | Skip:
         ref = event.object_ref
@@ -177,11 +174,8 @@ class Processor:
 
     async def process(self, event: AuditEvent) -> list[asyncio.Future[CommitOutcome]]:
         """Submit the event's changes; the futures resolve when each is committed locally."""
-        token = AUDIT_ID.set(event.audit_id)
-        try:
+        with about(audit_id=event.audit_id):
             return await self._process(event)
-        finally:
-            AUDIT_ID.reset(token)
 
     async def _process(self, event: AuditEvent) -> list[asyncio.Future[CommitOutcome]]:
         routes = self.routes(event)
@@ -231,66 +225,52 @@ class Processor:
     ) -> Encoded | Skip:
         """The file of one object for ``target``: its path and sanitized (for a Secret,
         encrypted) content, None when the object is gone. ``label`` names the cause in logs."""
-        token = TARGET.set(str(target.key))
-        try:
-            return self._encode(target, ref, namespace, name, body, when=when, label=label)
-        finally:
-            TARGET.reset(token)
-
-    def _encode(
-        self,
-        target: GitTarget,
-        ref: ObjectRef,
-        namespace: str,
-        name: str,
-        body: Mapping[str, Any] | None,
-        *,
-        when: datetime,
-        label: str,
-    ) -> Encoded | Skip:
-        secret = ref.api_group == "" and ref.resource == "secrets"
-        keys = self._keys.get(target.key) or TargetKeys(
-            problem=f"GitTarget {target.key} has no spec.encryption"
-        )
-        if secret and keys.problem is not None and body is not None:
-            if target.key not in self._refused_secrets:  # once, not once per Secret
-                self._refused_secrets.add(target.key)
-                log.warning("Secrets are not written, never in plaintext: %s", keys.problem)
-            return Skip.SECRET
-        try:
-            path = object_path(
-                target_path=target.path,
-                api_group=ref.api_group,
-                api_version=ref.api_version,
-                resource=ref.resource,
-                namespace="" if is_cluster_scoped(ref) else namespace,
-                name=name,
-                secret=secret,
+        with about(target=str(target.key)):
+            secret = ref.api_group == "" and ref.resource == "secrets"
+            keys = self._keys.get(target.key) or TargetKeys(
+                problem=f"GitTarget {target.key} has no spec.encryption"
             )
-        except InvalidName as exc:
-            log.warning("%s refused: %s", label, exc)
-            return Skip.INVALID_NAME
-        fingerprint = None
-        content = None
-        if body is not None:
+            if secret and keys.problem is not None and body is not None:
+                if target.key not in self._refused_secrets:  # once, not once per Secret
+                    self._refused_secrets.add(target.key)
+                    log.warning("Secrets are not written, never in plaintext: %s", keys.problem)
+                return Skip.SECRET
             try:
-                clean = sanitize(body, api_group=ref.api_group, resource=ref.resource)
-                content = canonical.dump(clean)
-                if secret:
-                    fingerprint = fingerprint_of(self._fingerprint_key, keys.recipients, content)
-                    encrypted, metadata = sops.encrypt(
-                        canonical.ordered(clean), keys.recipients, now=when
-                    )
-                    content = canonical.dump(encrypted, trailer={"sops": metadata})
-            except RecursionError:  # only forged objects nest this deep
-                log.warning("%s refused: the object is nested too deeply", label)
-                return Skip.MALFORMED
-            except sops.SopsError as exc:
+                path = object_path(
+                    target_path=target.path,
+                    api_group=ref.api_group,
+                    api_version=ref.api_version,
+                    resource=ref.resource,
+                    namespace="" if is_cluster_scoped(ref) else namespace,
+                    name=name,
+                    secret=secret,
+                )
+            except InvalidName as exc:
                 log.warning("%s refused: %s", label, exc)
-                return Skip.MALFORMED
-        # The folder's .sops.yaml rides along with every commit until it is right.
-        also = () if keys.problem else ((path.sops_config, self._creation_rules(keys)),)
-        return Encoded(path=path, content=content, fingerprint=fingerprint, also=also)
+                return Skip.INVALID_NAME
+            fingerprint = None
+            content = None
+            if body is not None:
+                try:
+                    clean = sanitize(body, api_group=ref.api_group, resource=ref.resource)
+                    content = canonical.dump(clean)
+                    if secret:
+                        fingerprint = fingerprint_of(
+                            self._fingerprint_key, keys.recipients, content
+                        )
+                        encrypted, metadata = sops.encrypt(
+                            canonical.ordered(clean), keys.recipients, now=when
+                        )
+                        content = canonical.dump(encrypted, trailer={"sops": metadata})
+                except RecursionError:  # only forged objects nest this deep
+                    log.warning("%s refused: the object is nested too deeply", label)
+                    return Skip.MALFORMED
+                except sops.SopsError as exc:
+                    log.warning("%s refused: %s", label, exc)
+                    return Skip.MALFORMED
+            # The folder's .sops.yaml rides along with every commit until it is right.
+            also = () if keys.problem else ((path.sops_config, self._creation_rules(keys)),)
+            return Encoded(path=path, content=content, fingerprint=fingerprint, also=also)
 
     async def _submit(
         self, event: AuditEvent, target: GitTarget, change: ObjectChange
