@@ -118,7 +118,6 @@ async def snapshot(
                 name=name,
             )
             try:
-                secret = resource.group == "" and resource.name == "secrets"
                 keep.add(
                     object_path(
                         target_path=target.path,
@@ -127,7 +126,6 @@ async def snapshot(
                         resource=resource.name,
                         namespace=namespace,
                         name=name,
-                        secret=secret,
                     ).file
                 )
             except InvalidName:

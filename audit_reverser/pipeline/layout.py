@@ -55,6 +55,11 @@ def check_reference(
     return parts
 
 
+def is_secret(api_group: str, resource: str) -> bool:
+    """A core Secret: written only SOPS-encrypted, as ``{name}.sops.yaml``."""
+    return api_group == "" and resource == "secrets"
+
+
 def object_path(
     *,
     target_path: str,
@@ -63,7 +68,6 @@ def object_path(
     resource: str,
     namespace: str,
     name: str,
-    secret: bool = False,
 ) -> ObjectPath:
     if not name:
         raise InvalidName("the object has no name")
@@ -75,7 +79,7 @@ def object_path(
         name=name,
     )
     relative = "/".join(parts)
-    suffix = ".sops.yaml" if secret else ".yaml"
+    suffix = ".sops.yaml" if is_secret(api_group, resource) else ".yaml"
     prefix = f"{target_path}/" if target_path else ""
     return ObjectPath(
         file=f"{prefix}{relative}{suffix}", subject=relative, sops_config=f"{prefix}.sops.yaml"

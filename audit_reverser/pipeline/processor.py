@@ -28,7 +28,13 @@ from audit_reverser.gitstore.types import CommitOutcome, FileChange, TreeChange
 from audit_reverser.pipeline import canonical
 from audit_reverser.pipeline.commits import Action, author_for, commit_message, trailer
 from audit_reverser.pipeline.filter import Skip
-from audit_reverser.pipeline.layout import InvalidName, ObjectPath, check_reference, object_path
+from audit_reverser.pipeline.layout import (
+    InvalidName,
+    ObjectPath,
+    check_reference,
+    is_secret,
+    object_path,
+)
 from audit_reverser.pipeline.noise import NO_EXCLUSIONS, Exclusions, controlled
 from audit_reverser.pipeline.resolve import (
     NeedsApi,
@@ -226,7 +232,7 @@ class Processor:
         """The file of one object for ``target``: its path and sanitized (for a Secret,
         encrypted) content, None when the object is gone. ``label`` names the cause in logs."""
         with about(target=str(target.key)):
-            secret = ref.api_group == "" and ref.resource == "secrets"
+            secret = is_secret(ref.api_group, ref.resource)
             keys = self._keys.get(target.key) or TargetKeys(
                 problem=f"GitTarget {target.key} has no spec.encryption"
             )
@@ -243,7 +249,6 @@ class Processor:
                     resource=ref.resource,
                     namespace="" if is_cluster_scoped(ref) else namespace,
                     name=name,
-                    secret=secret,
                 )
             except InvalidName as exc:
                 log.warning("%s refused: %s", label, exc)
@@ -339,7 +344,6 @@ class Processor:
             log.warning("event %s: %s", event.audit_id, exc)
             return self._skip(event, Skip.UNKNOWN_RESOURCE)
         self._remember(event.audit_id)
-        secret = ref.api_group == "" and ref.resource == "secrets"
         futures = []
         for route in routes:
             target = route.target
@@ -352,7 +356,6 @@ class Processor:
                         resource=ref.resource,
                         namespace=ref.namespace,
                         name=name,
-                        secret=secret,
                     ).file
                     for name in existing
                 }
