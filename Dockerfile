@@ -1,21 +1,32 @@
-# audit-reverser: build wheels in one stage, run them in a slim, non-root final stage.
-FROM python:3.12-slim AS build
+# audit-reverser: wheels are built in one stage and installed, from those wheels only, into a
+# slim final stage that runs as a non-root user. `docker build -t audit-reverser .`
+# .ci/dockerfile-steps runs these same steps in clean virtual environments on every CI run.
+ARG PYTHON=python:3.12-slim
+
+FROM ${PYTHON} AS build
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY audit_reverser ./audit_reverser
-RUN pip wheel --no-cache-dir --wheel-dir /wheels .
+# Binary wheels only: nothing is compiled, so no compiler is needed here or later.
+RUN pip wheel --no-cache-dir --only-binary=:all: --wheel-dir /wheels .
 
-FROM python:3.12-slim
+FROM ${PYTHON}
+ARG VERSION=0.1.0
 LABEL org.opencontainers.image.title="audit-reverser" \
       org.opencontainers.image.description="Kubernetes audit events in, attributed YAML commits in Git out" \
+      org.opencontainers.image.version="${VERSION}" \
       org.opencontainers.image.licenses="Apache-2.0"
-COPY --from=build /wheels /wheels
-RUN pip install --no-cache-dir --no-index --find-links=/wheels audit-reverser \
-    && rm -rf /wheels \
-    && useradd --uid 10001 --no-create-home --home-dir /state audit-reverser
+ENV PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
+# The wheels are mounted for this one step, so they never become a layer of the image.
+RUN --mount=type=bind,from=build,source=/wheels,target=/wheels \
+    pip install --no-cache-dir --no-index --find-links=/wheels audit-reverser \
+    && groupadd --gid 10001 audit-reverser \
+    && useradd --uid 10001 --gid 10001 --no-create-home --home-dir /state audit-reverser
 USER 10001
-# All state (mirrors) lives in this volume; the root filesystem can be read-only.
+# All state (the journal, the mirrors, generated keys) lives in this volume; the root
+# filesystem can be read-only.
 VOLUME ["/state"]
 WORKDIR /state
-EXPOSE 8080
-ENTRYPOINT ["audit-reverser", "serve", "--state-dir", "/state"]
+EXPOSE 8443
+ENTRYPOINT ["audit-reverser", "serve"]
+CMD ["--state-dir", "/state"]

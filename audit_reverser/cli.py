@@ -53,6 +53,8 @@ log = logging.getLogger("audit_reverser")
 
 DEFAULT_LISTEN = "127.0.0.1:8080"
 DEFAULT_STATE_DIR = ".audit-reverser"
+# A renewed serving certificate (cert-manager, a Secret volume) is picked up this often.
+CERTIFICATE_RELOAD_INTERVAL_S = 30.0
 
 
 def _listen_address(text: str) -> tuple[str, int]:
@@ -68,18 +70,25 @@ def _parser() -> argparse.ArgumentParser:
         description="Kubernetes audit events in, attributed YAML commits in Git out.",
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    parser.add_argument(
-        "--log-format",
-        default="text",
-        choices=["text", "json"],
-        help="json: one object per line, with audit_id and target on lines about an event",
-    )
-    parser.add_argument(
-        "--log-level",
-        default="info",
-        choices=["debug", "info", "warning", "error"],
-        help="default: info",
-    )
+
+    def logging_options(sub: argparse.ArgumentParser, *, top: bool) -> None:
+        # Accepted before and after the command (`audit-reverser serve --log-format json`, as
+        # container args after the image's entrypoint give it); a command's own default is
+        # SUPPRESS so that it never undoes a value given before the command.
+        sub.add_argument(
+            "--log-format",
+            default="text" if top else argparse.SUPPRESS,
+            choices=["text", "json"],
+            help="json: one object per line, with audit_id and target on lines about an event",
+        )
+        sub.add_argument(
+            "--log-level",
+            default="info" if top else argparse.SUPPRESS,
+            choices=["debug", "info", "warning", "error"],
+            help="default: info",
+        )
+
+    logging_options(parser, top=True)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def config_option(sub: argparse.ArgumentParser) -> None:
@@ -268,6 +277,8 @@ def _parser() -> argparse.ArgumentParser:
     noise_options(replay)
     replay.add_argument("--cluster", default="", help="cluster name for the Cluster: trailer")
     replay.add_argument("files", nargs="+", metavar="FILE")
+    for sub in (serve, check, snap, hook, certs, replay):
+        logging_options(sub, top=False)
     return parser
 
 
@@ -450,6 +461,7 @@ async def _serve(
     runner = web.AppRunner(app, handle_signals=False, access_log=None, shutdown_timeout=5)
     await runner.setup()  # starts the runtime
     reporter = scheduler = None
+    reloading: asyncio.Task[None] | None = None
     if rules is not None and api is not None and source is not None:
         reporter = StatusReporter(api, rules, runtime.status_state)
         reporter.start()
@@ -479,6 +491,10 @@ async def _serve(
             log.info("listening on %s://%s:%s/audit-webhook", scheme, *address[:2])
         if runtime.settings.create_local_remotes:
             log.info("embedded default config: every write goes to ./audit-repo.git")
+        if context is not None:
+            reloading = asyncio.create_task(
+                _reload_certificate(auth.CertificateReloader(context, args.tls_cert, args.tls_key))
+            )
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -487,12 +503,24 @@ async def _serve(
         log.info("stopping: finishing accepted events and pushing")
         runtime.accepting = False
     finally:
+        if reloading is not None:
+            reloading.cancel()
         if scheduler is not None:
             await scheduler.close()
         if reporter is not None:
             await reporter.close()
         await runner.cleanup()
     return 0
+
+
+async def _reload_certificate(reloader: auth.CertificateReloader) -> None:
+    while True:
+        await asyncio.sleep(CERTIFICATE_RELOAD_INTERVAL_S)
+        try:
+            if await asyncio.to_thread(reloader.reload_if_changed):
+                log.info("serving certificate changed on disk: reloaded")
+        except PermanentError as exc:
+            log.error("serving certificate changed but does not load, keeping the old one: %s", exc)
 
 
 class _Progress:

@@ -5,6 +5,7 @@ Real ``serve`` processes, real TLS handshakes, certificates made in the test.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import ssl
 import subprocess
@@ -15,6 +16,8 @@ import orjson
 import pytest
 import yaml
 
+from audit_reverser.errors import PermanentError
+from audit_reverser.ingest import auth
 from tests.conftest import (
     bare_repo,
     configmap,
@@ -257,3 +260,42 @@ def _client_from(ca: Path, cert: Path, key: Path) -> ssl.SSLContext:
     context = ssl.create_default_context(cafile=str(ca))
     context.load_cert_chain(str(cert), str(key))
     return context
+
+
+async def test_a_renewed_serving_certificate_is_served_without_a_restart(tmp_path: Path) -> None:
+    """cert-manager renews into the same files; new handshakes get the new certificate, a
+    half-written renewal is refused and the old certificate stays."""
+    ca = await asyncio.to_thread(Authority, tmp_path, "ca")
+    cert, key = tmp_path / "tls.crt", tmp_path / "tls.key"
+
+    def install(name: str) -> None:
+        issued = ca.issue(name, server=True)
+        cert.write_bytes(issued.cert.read_bytes())
+        key.write_bytes(issued.key.read_bytes())
+
+    await asyncio.to_thread(install, "first")
+    context = await asyncio.to_thread(auth.server_context, cert, key)
+    reloader = await asyncio.to_thread(auth.CertificateReloader, context, cert, key)
+    client = await asyncio.to_thread(ssl.create_default_context, cafile=ca.cert)
+    server = await asyncio.start_server(lambda r, w: w.close(), "127.0.0.1", 0, ssl=context)
+    port = server.sockets[0].getsockname()[1]
+
+    async def served_name() -> str:
+        _, writer = await asyncio.open_connection("127.0.0.1", port, ssl=client)
+        peer = writer.get_extra_info("peercert")
+        writer.close()
+        return str(next(v for rdn in peer["subject"] for k, v in rdn if k == "commonName"))
+
+    try:
+        assert await served_name() == "first"
+        assert not await asyncio.to_thread(reloader.reload_if_changed)
+        await asyncio.to_thread(install, "renewed")
+        assert await asyncio.to_thread(reloader.reload_if_changed)
+        assert await served_name() == "renewed"
+        await asyncio.to_thread(key.write_text, "-----BEGIN PRIVATE KEY-----\nhalf\n")
+        with pytest.raises(PermanentError, match="tls.key"):
+            await asyncio.to_thread(reloader.reload_if_changed)
+        assert await served_name() == "renewed"
+    finally:
+        server.close()
+        await server.wait_closed()

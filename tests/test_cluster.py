@@ -47,8 +47,12 @@ from tests.conftest import (
     start_serve,
     write_config,
 )
+from tests.rbac import Authorizer, request_attributes
+from tests.test_deploy import rbac_documents
 
 JSON = {"Content-Type": "application/json"}
+TOKEN = "test-token"
+RBAC = rbac_documents()  # read here: the check runs inside the event loop
 
 
 @dataclass
@@ -68,7 +72,7 @@ def _kubeconfig(url: yarl.URL) -> dict[str, Any]:
         "apiVersion": "v1",
         "kind": "Config",
         "clusters": [{"name": "kmock", "cluster": {"server": str(url).rstrip("/")}}],
-        "users": [{"name": "audit-reverser", "user": {"token": "test-token"}}],
+        "users": [{"name": "audit-reverser", "user": {"token": TOKEN}}],
         "contexts": [{"name": "kmock", "context": {"cluster": "kmock", "user": "audit-reverser"}}],
         "current-context": "kmock",
     }
@@ -86,6 +90,22 @@ async def cluster() -> AsyncIterator[Cluster]:
             yield Cluster(emulator, client)
         finally:
             await client.close()
+        _assert_the_install_allows_every_request(emulator)
+
+
+def _assert_the_install_allows_every_request(emulator: kmock.KubernetesEmulator) -> None:
+    """What audit-reverser asked of the API (not the test's own requests, which carry no
+    token) is what the RBAC in deploy/ (with the example key RoleBinding) allows."""
+    authorizer = Authorizer(("audit-reverser", "audit-reverser"), RBAC)
+    denied = {
+        str(attributes)
+        for request in emulator
+        if request.headers.get("Authorization") == f"Bearer {TOKEN}"
+        and not authorizer.allows(
+            attributes := request_attributes(request.method.value, request.url.path, request.params)
+        )
+    }
+    assert not denied, f"deploy/rbac.yaml does not allow: {sorted(denied)}"
 
 
 @pytest.fixture

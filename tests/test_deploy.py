@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -9,6 +10,7 @@ import yaml
 
 from audit_reverser.config.loader import build_config
 from tests.conftest import REPO_ROOT, SEED
+from tests.rbac import Authorizer, request_attributes
 
 CRDS = REPO_ROOT / "deploy" / "crds"
 
@@ -62,3 +64,266 @@ def test_the_seed_samples_load_as_cluster_objects() -> None:
     config, problems = build_config(documents)
     assert problems == []
     assert {str(k) for k in config.targets} == {"default/example-target"}
+
+
+# --- the install manifests (deploy/) ------------------------------------------------------
+
+DEPLOY = REPO_ROOT / "deploy"
+NAMESPACE = "audit-reverser"
+CLUSTER_SCOPED = {
+    "Namespace",
+    "CustomResourceDefinition",
+    "ClusterRole",
+    "ClusterRoleBinding",
+    "ClusterWatchRule",
+}
+
+
+def documents(path: Path) -> list[dict[str, Any]]:
+    return [doc for doc in yaml.safe_load_all(path.read_text()) if doc is not None]
+
+
+def rbac_documents() -> list[dict[str, Any]]:
+    """The roles and bindings a user applies: the install's, and the example RoleBinding for
+    generated keys in namespace default."""
+    return documents(DEPLOY / "rbac.yaml") + documents(DEPLOY / "examples/keys-rolebinding.yaml")
+
+
+def _kustomization_objects(folder: Path) -> list[dict[str, Any]]:
+    kustomization = yaml.safe_load((folder / "kustomization.yaml").read_text())
+    objects = []
+    for resource in kustomization["resources"]:
+        path = (folder / resource).resolve()
+        assert path.is_relative_to(folder.resolve()), f"{resource}: kustomize refuses files outside"
+        objects += documents(path) if path.is_file() else _kustomization_objects(path)
+    return objects
+
+
+def _one(objects: list[dict[str, Any]], kind: str) -> dict[str, Any]:
+    [found] = [o for o in objects if o["kind"] == kind]
+    return found
+
+
+def test_kustomize_installs_every_manifest_in_the_folder_and_each_is_well_formed() -> None:
+    kustomization = yaml.safe_load((DEPLOY / "kustomization.yaml").read_text())
+    listed = {str(Path(r)) for r in kustomization["resources"]}
+    present = {str(p.relative_to(DEPLOY)) for p in DEPLOY.glob("*.yaml")} - {"kustomization.yaml"}
+    present |= {str(p.relative_to(DEPLOY)) for p in (DEPLOY / "crds").glob("*.yaml")}
+    assert listed == present
+    objects = _kustomization_objects(DEPLOY)
+    kinds = sorted(o["kind"] for o in objects)
+    assert kinds == sorted(
+        ["CustomResourceDefinition"] * 4
+        + ["Namespace", "ServiceAccount", "PersistentVolumeClaim", "Deployment", "Service"]
+        + ["PodDisruptionBudget", "ClusterRole", "ClusterRole", "ClusterRole"]
+        + ["ClusterRoleBinding", "ClusterRoleBinding"]
+    )
+    for obj in objects:
+        assert obj["apiVersion"] and obj["metadata"]["name"], obj
+        if obj["kind"] in CLUSTER_SCOPED:
+            assert "namespace" not in obj["metadata"], obj["metadata"]
+        else:
+            assert obj["metadata"]["namespace"] == NAMESPACE, obj["metadata"]
+
+
+def test_the_deployment_runs_serve_hardened_with_its_volumes_probes_and_limits() -> None:
+    from audit_reverser.cli import _parser
+
+    objects = _kustomization_objects(DEPLOY)
+    deployment = _one(objects, "Deployment")
+    pod = deployment["spec"]["template"]["spec"]
+    [container] = pod["containers"]
+    # The arguments are serve's (the image's entrypoint) and its parser takes them.
+    args = _parser().parse_args(["serve", *container["args"]])
+    assert args.in_cluster and not args.config and not args.insecure
+    assert args.client_ca and args.client_name == ["kube-apiserver"]
+    assert args.listen == ("0.0.0.0", container["ports"][0]["containerPort"])
+    mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert set(mounts.values()) == set(volumes)
+    for path in (args.state_dir, args.tls_cert, args.tls_key, args.client_ca):
+        assert any(Path(path).is_relative_to(m) for m in mounts), path
+    # State outlives the pod; the root filesystem is read-only, /tmp is a volume.
+    claim = volumes[mounts[str(args.state_dir)]]["persistentVolumeClaim"]["claimName"]
+    assert claim == _one(objects, "PersistentVolumeClaim")["metadata"]["name"]
+    assert deployment["spec"]["strategy"]["type"] == "Recreate"  # ReadWriteOnce state
+    assert "/tmp" in mounts
+    # Non-root, no privileges, and what the image's USER is.
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["securityContext"]["runAsUser"] == int(_dockerfile_final_stage()["USER"][0])
+    assert pod["securityContext"]["seccompProfile"]["type"] == "RuntimeDefault"
+    hardening = container["securityContext"]
+    assert hardening["readOnlyRootFilesystem"] is True
+    assert hardening["allowPrivilegeEscalation"] is False
+    assert hardening["capabilities"]["drop"] == ["ALL"]
+    assert pod["serviceAccountName"] == _one(objects, "ServiceAccount")["metadata"]["name"]
+    # Probes ask the endpoints serve has, over the port it listens on.
+    port_names = {p["name"] for p in container["ports"]}
+    probes = {name: container[name]["httpGet"] for name in ("livenessProbe", "readinessProbe")}
+    assert probes["livenessProbe"]["path"] == "/healthz"
+    assert probes["readinessProbe"]["path"] == "/readyz"
+    assert all(p["port"] in port_names and p["scheme"] == "HTTPS" for p in probes.values())
+    assert container["resources"]["requests"] and container["resources"]["limits"]["memory"]
+    # SIGTERM commits and pushes within --shutdown-timeout: the grace period is longer.
+    assert pod["terminationGracePeriodSeconds"] > args.shutdown_timeout
+    # The image is the one kustomize sets.
+    kustomization = yaml.safe_load((DEPLOY / "kustomization.yaml").read_text())
+    assert container["image"] == kustomization["images"][0]["name"]
+
+
+def test_the_service_and_the_budget_select_the_pod() -> None:
+    objects = _kustomization_objects(DEPLOY)
+    pod = _one(objects, "Deployment")["spec"]["template"]
+    labels = pod["metadata"]["labels"]
+    service = _one(objects, "Service")
+    assert service["spec"]["selector"].items() <= labels.items()
+    ports = {p["name"] for p in pod["spec"]["containers"][0]["ports"]}
+    assert all(p["targetPort"] in ports for p in service["spec"]["ports"])
+    budget = _one(objects, "PodDisruptionBudget")
+    assert budget["spec"]["selector"]["matchLabels"].items() <= labels.items()
+    # One replica: a budget of minAvailable 1 would block every node drain.
+    assert budget["spec"] == {**budget["spec"], "maxUnavailable": 1}
+
+
+def test_rbac_bindings_name_roles_and_the_service_account_that_exist() -> None:
+    objects = _kustomization_objects(DEPLOY) + documents(DEPLOY / "examples/keys-rolebinding.yaml")
+    roles = {o["metadata"]["name"] for o in objects if o["kind"] == "ClusterRole"}
+    account = _one(objects, "ServiceAccount")["metadata"]
+    for binding in (o for o in objects if o["kind"].endswith("Binding")):
+        assert binding["roleRef"]["name"] in roles
+        assert binding["subjects"] == [
+            {"kind": "ServiceAccount", "name": account["name"], "namespace": account["namespace"]}
+        ]
+    # Writes: only our kinds' status, and Secrets only where a RoleBinding says so.
+    for role in (o for o in objects if o["kind"] == "ClusterRole"):
+        for rule in role["rules"]:
+            written = set(rule["verbs"]) - {"get", "list", "watch"}
+            if written and role["metadata"]["name"] != "audit-reverser-keys":
+                assert rule["apiGroups"] == ["configbutler.ai"] and all(
+                    r.endswith("/status") for r in rule["resources"]
+                ), rule
+    assert not any(
+        o["kind"] == "ClusterRoleBinding" and o["roleRef"]["name"] == "audit-reverser-keys"
+        for o in objects
+    )
+
+
+def test_rbac_allows_what_audit_reverser_asks_and_refuses_other_writes() -> None:
+    """The requests the code makes are checked in every cluster test (test_cluster.py); here,
+    the other side: what it must not be able to do."""
+    authorizer = Authorizer((NAMESPACE, NAMESPACE), rbac_documents())
+
+    def allowed(method: str, path: str, **query: str) -> bool:
+        return authorizer.allows(request_attributes(method, path, query))
+
+    assert allowed("GET", "/apis/configbutler.ai/v1alpha1/gittargets", watch="true")
+    assert allowed("PATCH", "/apis/configbutler.ai/v1alpha1/namespaces/a/gittargets/t/status")
+    assert allowed("GET", "/apis/example.com/v1/namespaces/a/widgets/w")
+    assert allowed("POST", "/api/v1/namespaces/default/secrets")
+    assert not allowed("POST", "/api/v1/namespaces/kube-system/secrets")
+    assert not allowed("PATCH", "/api/v1/namespaces/team/secrets/sops-age-key")
+    assert not allowed("PATCH", "/apis/configbutler.ai/v1alpha1/namespaces/a/gittargets/t")
+    assert not allowed("DELETE", "/api/v1/namespaces/a/configmaps/c")
+    assert not allowed("GET", "/api/v1/configmaps", watch="true")
+    assert not allowed("POST", "/api/v1/namespaces/a/pods/p/exec")
+
+
+def test_the_examples_load_as_the_rules_they_show() -> None:
+    examples = DEPLOY / "examples"
+    for path in examples.glob("*.yaml"):
+        for doc in documents(path):
+            assert doc["apiVersion"] and doc["kind"] and doc["metadata"]["name"], path
+    quickstart = [
+        (str(path), doc)
+        for name in ("quickstart.yaml", "git-credentials.yaml")
+        for path in [examples / name]
+        for doc in documents(path)
+    ]
+    config, problems = build_config(quickstart)
+    assert problems == []
+    assert {str(k) for k in config.targets} == {"default/example-target"}
+    assert len(config.watch_rules) == len(config.cluster_watch_rules) == 1
+    [configmap] = documents(examples / "rules-configmap.yaml")
+    rules = list(yaml.safe_load_all(configmap["data"]["rules.yaml"]))
+    secret = {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": {"name": "git-creds", "namespace": NAMESPACE},
+        "stringData": {"username": "audit-reverser", "password": "x"},
+    }
+    config, problems = build_config([("rules.yaml", d) for d in [*rules, secret]])
+    assert problems == [] and len(config.targets) == 1
+
+
+def test_cert_manager_issues_the_secrets_the_deployment_mounts() -> None:
+    folder = DEPLOY / "cert-manager"
+    objects = _kustomization_objects(folder)
+    issuers = {o["metadata"]["name"] for o in objects if o["kind"] == "Issuer"}
+    certificates = {o["metadata"]["name"]: o["spec"] for o in objects if o["kind"] == "Certificate"}
+    assert all(spec["issuerRef"]["name"] in issuers for spec in certificates.values())
+    assert all(o["metadata"]["namespace"] == NAMESPACE for o in objects)
+    deployment = _one(_kustomization_objects(DEPLOY), "Deployment")["spec"]["template"]["spec"]
+    [tls] = [v for v in deployment["volumes"] if "secret" in v]
+    serving = certificates["audit-reverser-tls"]
+    assert serving["secretName"] == tls["secret"]["secretName"]
+    assert "server auth" in serving["usages"]
+    assert "audit-reverser.audit-reverser.svc" in serving["dnsNames"]
+    client = certificates["audit-reverser-apiserver-client"]
+    assert "client auth" in client["usages"]
+    assert f"--client-name={client['commonName']}" in deployment["containers"][0]["args"]
+    # Both are signed by the CA whose ca.crt lands beside tls.crt: what --client-ca trusts.
+    ca_issuer = next(o for o in objects if o["kind"] == "Issuer" and "ca" in o["spec"])
+    assert serving["issuerRef"]["name"] == client["issuerRef"]["name"]
+    assert serving["issuerRef"]["name"] == ca_issuer["metadata"]["name"]
+    assert certificates["audit-reverser-ca"]["isCA"] is True
+
+
+# --- the image (Dockerfile) ---------------------------------------------------------------
+
+
+def _dockerfile_stages() -> list[dict[str, list[str]]]:
+    """Each stage's instructions, continuation lines joined, comments dropped."""
+    text = (REPO_ROOT / "Dockerfile").read_text().replace("\\\n", " ")
+    stages: list[dict[str, list[str]]] = []
+    arguments: dict[str, str] = {}  # ARGs before the first FROM, which FROM lines may use
+    for line in text.splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        instruction, _, rest = line.partition(" ")
+        if instruction == "FROM":
+            stages.append({})
+            for name, value in arguments.items():
+                rest = rest.replace(f"${{{name}}}", value)
+        elif not stages:
+            assert instruction == "ARG", line
+            name, _, value = rest.partition("=")
+            arguments[name] = value
+            continue
+        stages[-1].setdefault(instruction, []).append(rest.strip())
+    return stages
+
+
+def _dockerfile_final_stage() -> dict[str, list[str]]:
+    return _dockerfile_stages()[-1]
+
+
+def test_the_image_is_multi_stage_non_root_and_runs_serve() -> None:
+    stages = _dockerfile_stages()
+    assert len(stages) >= 2
+    final = stages[-1]
+    base = final["FROM"][0]
+    assert base.startswith("python:3.") and "-slim" in base
+    # Built elsewhere, installed here from wheels only: no compiler reaches the final image.
+    assert not any(
+        tool in run for run in final.get("RUN", []) for tool in ("gcc", "build-essential", "apt")
+    )
+    assert any("--no-index" in run for run in final["RUN"])
+    user = final["USER"][0]
+    assert user.isdecimal() and int(user) != 0  # numeric: runAsNonRoot can check it
+    assert json.loads(final["ENTRYPOINT"][0])[:2] == ["audit-reverser", "serve"]
+    assert json.loads(final["VOLUME"][0]) == ["/state"]
+    assert "--state-dir" in json.loads(final["CMD"][0])
+    labels = " ".join(final["LABEL"])
+    for label in ("title", "description", "licenses", "version"):
+        assert f"org.opencontainers.image.{label}=" in labels

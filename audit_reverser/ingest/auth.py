@@ -83,10 +83,7 @@ def load_token(path: Path) -> bytes:
 def server_context(cert: Path, key: Path, client_ca: Path | None = None) -> ssl.SSLContext:
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
-    try:
-        context.load_cert_chain(cert, key)
-    except (OSError, ssl.SSLError) as exc:
-        raise PermanentError(f"--tls-cert {cert} / --tls-key {key}: {_reason(exc)}") from exc
+    _load_chain(context, cert, key)
     if client_ca is not None:
         try:
             context.load_verify_locations(cafile=client_ca)
@@ -94,6 +91,50 @@ def server_context(cert: Path, key: Path, client_ca: Path | None = None) -> ssl.
             raise PermanentError(f"--client-ca {client_ca}: {_reason(exc)}") from exc
         context.verify_mode = ssl.CERT_OPTIONAL
     return context
+
+
+def _load_chain(context: ssl.SSLContext, cert: Path, key: Path) -> None:
+    try:
+        context.load_cert_chain(cert, key)
+    except (OSError, ssl.SSLError) as exc:
+        raise PermanentError(f"--tls-cert {cert} / --tls-key {key}: {_reason(exc)}") from exc
+
+
+class CertificateReloader:
+    """Puts a renewed serving certificate into the running TLS context.
+
+    cert-manager renews certificates well before they expire and the kubelet swaps the files
+    of a Secret volume in place; without a reload the old certificate would be served until
+    it expires and the apiserver's batches would start failing. New handshakes use the new
+    certificate, open connections keep theirs. A pair that does not load (a half-written
+    renewal) is reported and the old one kept.
+    """
+
+    def __init__(self, context: ssl.SSLContext, cert: Path, key: Path) -> None:
+        self._context = context
+        self._cert = cert
+        self._key = key
+        self._seen = self._signature()
+
+    def _signature(self) -> tuple[tuple[int, int], ...]:
+        signature = []
+        for path in (self._cert, self._key):
+            try:
+                stat = path.stat()
+            except OSError:
+                signature.append((-1, -1))
+            else:
+                signature.append((stat.st_mtime_ns, stat.st_size))
+        return tuple(signature)
+
+    def reload_if_changed(self) -> bool:
+        """Load the files again when they changed since the last look; True when reloaded."""
+        signature = self._signature()
+        if signature == self._seen:
+            return False
+        self._seen = signature
+        _load_chain(self._context, self._cert, self._key)
+        return True
 
 
 def policy(
