@@ -143,7 +143,7 @@ def a_day_in_a_cluster() -> list[Step]:
         ),
         _step("create", _deployment(2), **APPS),
         _step("patch", _deployment(5), response=scale, subresource="scale", **APPS),
-        _step("patch", _deployment(7, "web:2"), **APPS, **ARGO),  # type: ignore[arg-type]
+        _step("patch", _deployment(7, "web:2"), **APPS, **ARGO),
         _step("create", _secret("czNjcjN0"), resource="secrets", name="db"),
         _step("patch", _secret("bjN3LXMzY3IzdA=="), resource="secrets", name="db"),
         _step(
@@ -189,7 +189,7 @@ def a_day_in_a_cluster() -> list[Step]:
             name="web-6d4b-x",
             subresource="status",
             changes=False,
-            **NODE,  # type: ignore[arg-type]
+            **NODE,
         ),
         _step(
             "create",
@@ -197,7 +197,7 @@ def a_day_in_a_cluster() -> list[Step]:
             resource="events",
             name="web.1",
             changes=False,
-            **NODE,  # type: ignore[arg-type]
+            **NODE,
         ),
         _step(
             "update",
@@ -254,7 +254,7 @@ def a_day_in_a_cluster() -> list[Step]:
 
 
 def _non_resource(path: str) -> dict[str, Any]:
-    item = event("get", time=next(_times), **NODE)  # type: ignore[arg-type]
+    item = event("get", time=next(_times), **NODE)
     del item["objectRef"]
     item["requestURI"] = path
     return item
