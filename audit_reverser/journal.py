@@ -151,6 +151,7 @@ class Journal:
         self.segment_bytes = segment_bytes
         self.retain_s = retain_s
         self.min_free_bytes = min_free_bytes
+        self._disk_problem: str | None = None
         # One thread for all journal I/O: writes, fsyncs, checkpoints and deletions are
         # ordered, and never queue behind Git work in the default executor.
         self._io = ThreadPoolExecutor(1, thread_name_prefix="journal")
@@ -223,6 +224,27 @@ class Journal:
         _sync_directory(self.directory)
 
     # -- appends (event loop) ----------------------------------------------------------------
+
+    @property
+    def unwritable(self) -> str | None:
+        """Why an append would fail, as last seen by :meth:`look_at_disk`, or None."""
+        return self.broken or self._disk_problem
+
+    async def look_at_disk(self) -> None:
+        """See, without writing, whether appends can work: a folder we may not write to (a
+        read-only volume) or less free space than the reserve makes :attr:`unwritable` say
+        so until it is mended. Runs in the journal's I/O thread, so that readiness checks
+        never touch the disk."""
+        loop = asyncio.get_running_loop()
+        self._disk_problem = await loop.run_in_executor(self._io, self._disk_state)
+
+    def _disk_state(self) -> str | None:
+        if not os.access(self.directory, os.W_OK):
+            return f"{self.directory} is not writable"
+        free = _free_bytes(self.directory)
+        if free is not None and free < self.min_free_bytes:
+            return f"{free} bytes free in {self.directory}, below the reserve {self.min_free_bytes}"
+        return None
 
     @property
     def backlog(self) -> int:

@@ -7,20 +7,24 @@ metric families when Prometheus asks.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterator
 
 from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, SummaryMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
+from audit_reverser.gitstore.writer import PUSH_SECONDS_BUCKETS
 from audit_reverser.runtime import Runtime
+
+Family = CounterMetricFamily | GaugeMetricFamily | HistogramMetricFamily
 
 
 class _RuntimeCollector(Collector):
     def __init__(self, runtime: Runtime) -> None:
         self._runtime = runtime
 
-    def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily | SummaryMetricFamily]:
+    def collect(self) -> Iterator[Family]:
         runtime = self._runtime
         stats = runtime.stats
         yield CounterMetricFamily(
@@ -37,6 +41,22 @@ class _RuntimeCollector(Collector):
         for reason, count in sorted(stats.skipped.items()):
             skipped.add_metric([str(reason)], count)
         yield skipped
+        batches = CounterMetricFamily(
+            "audit_reverser_webhook_batches",
+            "EventList requests to /audit-webhook, by HTTP status of the answer.",
+            labels=["code"],
+        )
+        for code, count in sorted(stats.batches.items()):
+            batches.add_metric([str(code)], count)
+        yield batches
+        targets = CounterMetricFamily(
+            "audit_reverser_target_changes",
+            "Changes handed to Git, per GitTarget (namespace/name).",
+            labels=["target"],
+        )
+        for target, count in sorted(stats.kept_by_target.items()):
+            targets.add_metric([target], count)
+        yield targets
         journal = runtime.journal
         yield GaugeMetricFamily(
             "audit_reverser_journal_backlog",
@@ -65,8 +85,10 @@ class _RuntimeCollector(Collector):
             "When the last successful push ended.",
             labels=labels,
         )
-        duration = SummaryMetricFamily(
-            "audit_reverser_push_duration_seconds", "Time spent pushing.", labels=labels
+        duration = HistogramMetricFamily(
+            "audit_reverser_push_duration_seconds",
+            "How long pushes took, failed ones included.",
+            labels=labels,
         )
         for writer in runtime.writers.values():
             name = [writer.name]
@@ -79,9 +101,16 @@ class _RuntimeCollector(Collector):
             unpushed.add_metric(name, writer.mirror.unpushed)
             if s.last_push_at is not None:
                 last.add_metric(name, s.last_push_at.timestamp())
-            duration.add_metric(
-                name, count_value=s.pushes + s.push_failures, sum_value=s.push_seconds
-            )
+            # One count per bound, and a last one for longer pushes (the +Inf bucket).
+            cumulative = list(itertools.accumulate(s.push_histogram))
+            buckets = [
+                *(
+                    (str(bound), count)
+                    for bound, count in zip(PUSH_SECONDS_BUCKETS, cumulative, strict=False)
+                ),
+                ("+Inf", cumulative[-1]),
+            ]
+            duration.add_metric(name, buckets=buckets, sum_value=s.push_seconds)
         yield from (commits, failed, pushes, pushed, unpushed, last, duration)
 
 

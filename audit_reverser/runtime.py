@@ -371,6 +371,7 @@ class Runtime:
     async def _checkpoint_loop(self, journal: Journal) -> None:
         while True:
             await asyncio.sleep(CHECKPOINT_INTERVAL_S)
+            await journal.look_at_disk()
             try:
                 await journal.checkpoint()
             except OSError as exc:  # progress is saved on the next round; the records stay
@@ -396,12 +397,26 @@ class Runtime:
             self._lock = None
 
     def ready(self) -> bool:
-        return (
-            self.accepting
-            and self.intake.running
-            and all(w.running for w in self.writers.values())
-            and (self.journal is None or self.journal.broken is None)
-        )
+        return all(ok for _, ok, _ in self.readiness() if ok is not None)
+
+    def readiness(self) -> list[tuple[str, bool | None, str]]:
+        """What /readyz checks: (name, passed, detail). Remotes are reported with None: an
+        unreachable remote does not make us unready, because commits wait in the mirror
+        while a pod that is not ready leaves the Service, and the apiserver then drops
+        events once its buffer is full."""
+        problem = self.journal.unwritable if self.journal is not None else None
+        checks: list[tuple[str, bool | None, str]] = [
+            ("started", self.accepting, "" if self.accepting else "starting or stopping"),
+            ("pipeline", self.intake.running, ""),
+            ("journal", problem is None, problem or ""),
+        ]
+        for writer in self.writers.values():
+            checks.append((f"writer {writer.name}", writer.running, ""))
+            if writer.last_push_error is not None:
+                waiting = f"{writer.mirror.unpushed} commits wait in the mirror"
+                detail = f"last push failed ({waiting}): {writer.last_push_error}"
+                checks.append((f"remote {writer.name}", None, detail))
+        return checks
 
     async def flush(self) -> list[str]:
         """Hand every queued event to Git and push; returns one line per failed push."""

@@ -389,6 +389,9 @@ class _Borrowed:
     def ready(self) -> bool:
         return self._runtime.ready()
 
+    def readiness(self) -> list[tuple[str, bool | None, str]]:
+        return self._runtime.readiness()
+
     async def start(self) -> None: ...
 
     async def close(self) -> None: ...

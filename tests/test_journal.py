@@ -268,3 +268,26 @@ async def test_segments_rotate_and_every_record_survives(tmp_path: Path) -> None
     again, recovery = await _recovered(tmp_path)
     assert [r.audit_id for r in recovery.pending] == [f"id-{n}" for n in range(10)]
     await again.close()
+
+
+async def test_readyz_goes_false_while_the_journal_cannot_be_written(tmp_path: Path) -> None:
+    """Below the free-space reserve every batch would get 503: the pod says it is not ready
+    (and why), and is ready again once space is freed, without a restart."""
+    settings = {"journal": True, "journal_min_free_bytes": 1 << 62}  # more than any disk
+    harness = await start_harness(tmp_path, settings=settings)
+    try:
+        async with http_client(harness) as client:
+            assert harness.runtime.journal is not None
+            await harness.runtime.journal.look_at_disk()  # as it does every 0.2 s
+            response = await client.get("/readyz", params={"verbose": ""})
+            assert response.status == 503
+            text = await response.text()
+            assert "[-]journal failed: " in text and "below the reserve" in text
+            assert "readyz check failed" in text
+            harness.runtime.journal.min_free_bytes = 0  # space freed
+            await harness.runtime.journal.look_at_disk()
+            response = await client.get("/readyz", params={"verbose": ""})
+            assert response.status == 200 and "[+]journal ok" in await response.text()
+            assert (await client.get("/readyz")).status == 200
+    finally:
+        await harness.runtime.close()

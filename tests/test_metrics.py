@@ -39,6 +39,7 @@ def test_metrics_show_events_skips_commits_and_pushes(tmp_path: Path) -> None:
         assert before[("audit_reverser_ready", ())] == 1
         batch = event_list(event("create", body=configmap()), event("get", body=configmap()))
         assert request(served.port, "POST", "/audit-webhook", orjson.dumps(batch))[0] == 200
+        assert request(served.port, "POST", "/audit-webhook", b"{not json")[0] == 400
         repository = (("repository", f"{remote}#main"),)
         deadline = time.monotonic() + 30  # a bound against hangs, not a speed to meet
         while True:
@@ -57,3 +58,10 @@ def test_metrics_show_events_skips_commits_and_pushes(tmp_path: Path) -> None:
     assert after[("audit_reverser_unpushed_commits", repository)] == 0
     assert after[("audit_reverser_last_push_timestamp_seconds", repository)] > 0
     assert after[("audit_reverser_journal_backlog", ())] == 0
+    assert after[("audit_reverser_webhook_batches_total", (("code", "200"),))] == 1
+    assert after[("audit_reverser_webhook_batches_total", (("code", "400"),))] == 1
+    assert after[("audit_reverser_target_changes_total", (("target", "team/live"),))] == 1
+    assert after[("audit_reverser_push_duration_seconds_count", repository)] == 1
+    assert (
+        after[("audit_reverser_push_duration_seconds_bucket", (("le", "+Inf"), *repository))] == 1
+    )

@@ -16,6 +16,7 @@ from tests.conftest import (
     configmap,
     event,
     git_subjects,
+    http_client,
     start_harness,
     write_config,
 )
@@ -60,6 +61,12 @@ async def test_commits_wait_locally_while_the_remote_is_away(
     failures = await eager.runtime.flush()
     assert len(failures) == 1 and "5 commits kept in" in failures[0]
     assert writer.stats.commits == 5 and writer.stats.push_failures >= 1
+    # Still ready (events are taken, commits wait), and /readyz?verbose says why to look.
+    async with http_client(eager) as client:
+        response = await client.get("/readyz", params={"verbose": ""})
+        text = await response.text()
+    assert response.status == 200, text
+    assert f"[!]remote {writer.name} warning: last push failed (5 commits wait" in text
 
     await asyncio.to_thread((tmp_path / "away.git").rename, eager.remote)
     pushes = writer.stats.pushes

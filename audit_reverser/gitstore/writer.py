@@ -13,6 +13,7 @@ auditID, and same path) is answered with that commit instead of being committed 
 from __future__ import annotations
 
 import asyncio
+import bisect
 import concurrent.futures
 import contextlib
 import logging
@@ -21,7 +22,7 @@ import random
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
@@ -38,6 +39,11 @@ RETRY_MIN_S = 1.0
 RETRY_MAX_S = 60.0
 
 
+# Upper bounds (seconds) of the push duration histogram: a push to a nearby server takes
+# tenths of a second, a backlog after an outage or a slow remote tens of seconds.
+PUSH_SECONDS_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+
+
 @dataclass(kw_only=True, slots=True)
 class WriterStats:
     commits: int = 0
@@ -49,6 +55,12 @@ class WriterStats:
     push_failures: int = 0
     last_push_at: datetime | None = None
     push_seconds: float = 0.0  # time spent in pushes, failed ones included
+    # Pushes (failed ones included) per PUSH_SECONDS_BUCKETS bound, the last for longer ones.
+    push_histogram: list[int] = field(default_factory=lambda: [0] * (len(PUSH_SECONDS_BUCKETS) + 1))
+
+    def pushed_in(self, seconds: float) -> None:
+        self.push_seconds += seconds
+        self.push_histogram[bisect.bisect_left(PUSH_SECONDS_BUCKETS, seconds)] += 1
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -301,11 +313,11 @@ class BranchWriter:
         try:
             pushed = await self._blocking(self.mirror.push)
         except AuditReverserError as exc:
-            self.stats.push_seconds += time.monotonic() - begin
+            self.stats.pushed_in(time.monotonic() - begin)
             self.stats.push_failures += 1
             self.last_push_error = str(exc)
             raise
-        self.stats.push_seconds += time.monotonic() - begin
+        self.stats.pushed_in(time.monotonic() - begin)
         self.stats.pushes += 1
         self.stats.pushed_commits += pushed
         self.stats.last_push_at = datetime.now(UTC)

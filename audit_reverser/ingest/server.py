@@ -38,6 +38,8 @@ class Receiver(Protocol):
 
     def ready(self) -> bool: ...
 
+    def readiness(self) -> list[tuple[str, bool | None, str]]: ...
+
     async def start(self) -> None: ...
 
     async def close(self) -> None: ...
@@ -88,6 +90,19 @@ def refusal(code: int, message: str, *, retry_after: int | None = None) -> web.H
 
 
 async def audit_webhook(request: web.Request) -> web.Response:
+    status = 500
+    try:
+        response = await _take_batch(request)
+        status = response.status
+        return response
+    except web.HTTPException as exc:
+        status = exc.status
+        raise
+    finally:
+        request.app[RECEIVER].intake.stats.batches[status] += 1
+
+
+async def _take_batch(request: web.Request) -> web.Response:
     try:
         request.app[SENDERS].check(
             request.headers.get("Authorization"),
@@ -148,9 +163,19 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
-    if request.app[RECEIVER].ready():
-        return web.Response(text="ok")
-    return web.Response(status=503, text="not ready")
+    """503 unless events can be taken; ``?verbose`` lists the checks, as the apiserver's
+    own /readyz does ([+] passed, [-] failed, [!] reported only)."""
+    receiver = request.app[RECEIVER]
+    ready = receiver.ready()
+    status = 200 if ready else 503
+    if "verbose" not in request.query:
+        return web.Response(status=status, text="ok" if ready else "not ready")
+    lines = []
+    for name, ok, detail in receiver.readiness():
+        mark, word = {True: ("+", "ok"), False: ("-", "failed"), None: ("!", "warning")}[ok]
+        lines.append(f"[{mark}]{name} {word}" + (f": {detail}" if detail else ""))
+    lines.append(f"readyz check {'passed' if ready else 'failed'}")
+    return web.Response(status=status, text="\n".join(lines) + "\n")
 
 
 def make_app(

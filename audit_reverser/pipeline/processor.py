@@ -212,6 +212,7 @@ class Processor:
                     last_reason = outcome
                 else:
                     futures.append(outcome)
+                    self.stats.kept_by_target[str(route.target.key)] += 1
         if futures:
             self.stats.kept += 1
         else:
@@ -379,6 +380,7 @@ class Processor:
                 time=event.time or UNKNOWN_TIME,
             )
             futures.append(await self._sinks[target.key].submit(change))
+            self.stats.kept_by_target[str(target.key)] += 1
         if futures:
             self.stats.kept += 1
         else:

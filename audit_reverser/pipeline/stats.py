@@ -1,4 +1,4 @@
-"""Counters of what happened to events, shown in replay summaries and (later) metrics."""
+"""Counters of what happened to events, shown in replay summaries and in /metrics."""
 
 from __future__ import annotations
 
@@ -13,6 +13,8 @@ class PipelineStats:
     received: int = 0
     kept: int = 0
     skipped: Counter[Skip] = field(default_factory=Counter)
+    kept_by_target: Counter[str] = field(default_factory=Counter)  # "namespace/name"
+    batches: Counter[int] = field(default_factory=Counter)  # webhook requests by HTTP status
 
     def skip(self, reason: Skip, count: int = 1) -> None:
         self.skipped[reason] += count
