@@ -462,3 +462,33 @@ async def test_a_forged_secret_with_a_non_string_value_is_refused_without_showin
     assert await harness.files() == []
     assert harness.runtime.stats.skipped[Skip.MALFORMED] == 1
     assert "987654321" not in caplog.text and "data.pin" in caplog.text
+
+
+async def test_the_encryption_key_secret_itself_is_never_committed(tmp_path: Path) -> None:
+    """A rule selecting every Secret still leaves out the one holding the target's age key:
+    encrypted to itself it would be no backup, only the look of one."""
+    identity = age.Identity.generate()
+    keys = {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": {"name": "sops-keys", "namespace": "team"},
+        "stringData": {"main.agekey": identity.key_file("2026-11-25")},
+    }
+    harness = await start_harness(
+        tmp_path,
+        encryption="\n  encryption: {provider: sops, secretRef: {name: sops-keys},"
+        " age: {enabled: true, recipients: {extractFromSecret: true}}}",
+        documents="---\n" + yaml.safe_dump(keys),
+    )
+    try:
+        for name in ("sops-keys", "db"):
+            body = secret(name=name)
+            body["metadata"]["namespace"] = "team"
+            await harness.send(
+                event("create", resource="secrets", namespace="team", name=name, body=body)
+            )
+        await harness.sync()
+    finally:
+        await harness.runtime.close()
+    assert await harness.files() == ["live/.sops.yaml", "live/v1/secrets/team/db.sops.yaml"]
+    assert harness.runtime.stats.skipped[Skip.OWN_SECRET] == 1

@@ -29,7 +29,7 @@ from audit_reverser.gitstore.types import FileChange, Identity, TreeChange
 from audit_reverser.gitstore.writer import BranchWriter
 from audit_reverser.pipeline.filter import EPHEMERAL_RESOURCES
 from audit_reverser.pipeline.layout import InvalidName, object_path
-from audit_reverser.pipeline.noise import controlled
+from audit_reverser.pipeline.noise import controlled, is_own_secret, own_secrets
 from audit_reverser.pipeline.processor import NOISE_RESOURCES, Encoded, Processor
 from audit_reverser.pipeline.routing import Route, Router
 
@@ -95,6 +95,7 @@ async def snapshot(
 ) -> SnapshotResult:
     """Write the target's snapshot and prune commits; returns what they did."""
     router = Router(config)
+    secrets = own_secrets(config)
     now = datetime.now(UTC)
     files: list[FileChange] = []
     keep: set[str] = set()
@@ -133,6 +134,8 @@ async def snapshot(
             route = _route(router, ref, target)
             if route is None or (not route.explicit and controlled(item)):
                 continue  # not selected, or generated from an owner that is in Git
+            if is_own_secret(ref, secrets):
+                continue
             item.setdefault("apiVersion", resource.group_version)
             item.setdefault("kind", resource.kind)
             encoded = processor.encode(

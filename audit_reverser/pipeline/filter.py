@@ -58,6 +58,7 @@ class Skip(StrEnum):
     INVALID_NAME = "invalid-name"
     STALE = "older-than-stored"
     UNCHANGED = "unchanged"
+    OWN_SECRET = "audit-reverser-secret"
     REJECTED = "commit-failed"
 
 

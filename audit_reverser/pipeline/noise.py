@@ -9,6 +9,9 @@ changes are in Git already, or objects that a controller generates.
 - Objects with a ``controller: true`` ownerReference (the ReplicaSets of a Deployment, the
   Pods of a Job) are generated from their owner, which is in Git; skipped unless a rule
   names their resource.
+- The Secrets audit-reverser itself uses (GitProvider credentials, GitTarget encryption
+  keys): even encrypted, a deploy key does not belong in the repository it opens, and an age
+  key encrypted to itself is no backup, only a false sense of one.
 """
 
 from __future__ import annotations
@@ -19,7 +22,8 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
-from audit_reverser.events import AuditEvent
+from audit_reverser.config.model import Config
+from audit_reverser.events import AuditEvent, ObjectRef
 
 DEFAULT_EXCLUDED_USERS = (
     "system:kube-controller-manager",
@@ -68,4 +72,25 @@ def controlled(body: Mapping[str, Any] | None) -> bool:
     owners = metadata.get("ownerReferences") if isinstance(metadata, Mapping) else None
     return isinstance(owners, list) and any(
         isinstance(owner, Mapping) and owner.get("controller") is True for owner in owners
+    )
+
+
+def own_secrets(config: Config) -> frozenset[tuple[str, str]]:
+    """(namespace, name) of the Secrets the configuration names for audit-reverser's own use."""
+    names = {
+        (provider.key.namespace, provider.secret_name)
+        for provider in config.providers.values()
+        if provider.secret_name
+    }
+    names.update(
+        (target.key.namespace, target.encryption.secret_name)
+        for target in config.targets.values()
+        if target.encryption is not None and target.encryption.secret_name
+    )
+    return frozenset(names)
+
+
+def is_own_secret(ref: ObjectRef, secrets: frozenset[tuple[str, str]]) -> bool:
+    return (
+        ref.api_group == "" and ref.resource == "secrets" and (ref.namespace, ref.name) in secrets
     )

@@ -35,7 +35,13 @@ from audit_reverser.pipeline.layout import (
     is_secret,
     object_path,
 )
-from audit_reverser.pipeline.noise import NO_EXCLUSIONS, Exclusions, controlled
+from audit_reverser.pipeline.noise import (
+    NO_EXCLUSIONS,
+    Exclusions,
+    controlled,
+    is_own_secret,
+    own_secrets,
+)
 from audit_reverser.pipeline.resolve import (
     NeedsApi,
     ObjectChange,
@@ -104,6 +110,7 @@ class Processor:
         exclusions: Exclusions = NO_EXCLUSIONS,
     ) -> None:
         self._router = Router(config)
+        self._own_secrets = own_secrets(config)
         self._sinks = sinks
         self.stats = stats
         self._keys = keys or {}
@@ -120,6 +127,7 @@ class Processor:
     ) -> None:
         """New rules, targets and keys; the next event is routed by them."""
         self._router = Router(config)
+        self._own_secrets = own_secrets(config)
         self._sinks = sinks
         self._keys = keys
         self._refused_secrets.clear()
@@ -157,6 +165,8 @@ class Processor:
             routes = [r for r in routes if r.explicit]
             if not routes:
                 return Skip.NOISE
+        if is_own_secret(ref, self._own_secrets):
+            return Skip.OWN_SECRET
         # A target whose provider cannot be used (rules from a cluster) has no writer.
         routes = [r for r in routes if r.target.key in self._sinks]
         if not routes:
