@@ -1,3 +1,4 @@
+# syntax=docker/dockerfile:1
 # audit-reverser: wheels are built in one stage and installed, from those wheels only, into a
 # slim final stage that runs as a non-root user. `docker build -t audit-reverser .`
 # .ci/dockerfile-steps runs these same steps in clean virtual environments on every CI run.

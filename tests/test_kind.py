@@ -52,12 +52,19 @@ def _cluster() -> dict[str, Any]:
     return config
 
 
-def _apiserver(config: dict[str, Any]) -> dict[str, Any]:
+def _apiservers(config: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The apiServer part of each kubeadm ClusterConfiguration patch, by apiVersion, with
+    v1beta4's list of extraArgs read as v1beta3's map."""
     [node] = config["nodes"]
-    [patch] = node["kubeadmConfigPatches"]
-    cluster_configuration: dict[str, Any] = yaml.safe_load(patch)
-    assert cluster_configuration["kind"] == "ClusterConfiguration"
-    return dict(cluster_configuration["apiServer"])
+    found = {}
+    for patch in node["kubeadmConfigPatches"]:
+        cluster_configuration: dict[str, Any] = yaml.safe_load(patch)
+        assert cluster_configuration["kind"] == "ClusterConfiguration"
+        apiserver = dict(cluster_configuration["apiServer"])
+        if isinstance(apiserver["extraArgs"], list):
+            apiserver["extraArgs"] = {a["name"]: a["value"] for a in apiserver["extraArgs"]}
+        found[cluster_configuration["apiVersion"]] = apiserver
+    return found
 
 
 def _overlay() -> list[dict[str, Any]]:
@@ -105,7 +112,10 @@ def test_the_apiserver_gets_the_policy_and_webhook_through_mounts_that_line_up()
     assert config["kind"] == "Cluster" and config["apiVersion"] == "kind.x-k8s.io/v1alpha4"
     [mount] = config["nodes"][0]["extraMounts"]
     assert mount["hostPath"] == f"./{_script_value('work')}/audit"
-    apiserver = _apiserver(config)
+    apiservers = _apiservers(config)
+    assert set(apiservers) == {"kubeadm.k8s.io/v1beta3", "kubeadm.k8s.io/v1beta4"}
+    apiserver = apiservers["kubeadm.k8s.io/v1beta3"]
+    assert apiservers["kubeadm.k8s.io/v1beta4"] == apiserver  # the same settings for both
     [volume] = apiserver["extraVolumes"]
     assert volume["hostPath"] == mount["containerPath"]  # node path into the static pod
     arguments = apiserver["extraArgs"]
