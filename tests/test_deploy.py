@@ -255,6 +255,24 @@ def test_the_examples_load_as_the_rules_they_show() -> None:
     assert problems == [] and len(config.targets) == 1
 
 
+def test_the_service_monitor_scrapes_the_service_over_its_tls() -> None:
+    [monitor] = documents(DEPLOY / "examples" / "servicemonitor.yaml")
+    objects = _kustomization_objects(DEPLOY)
+    service = _one(objects, "Service")
+    # kustomize's `labels` put app.kubernetes.io/name on every object it installs.
+    kustomization = yaml.safe_load((DEPLOY / "kustomization.yaml").read_text())
+    labels = {**service["metadata"].get("labels", {}), **kustomization["labels"][0]["pairs"]}
+    assert monitor["spec"]["selector"]["matchLabels"].items() <= labels.items()
+    assert monitor["metadata"]["namespace"] == service["metadata"]["namespace"]
+    [endpoint] = monitor["spec"]["endpoints"]
+    assert endpoint["port"] in {p["name"] for p in service["spec"]["ports"]}
+    assert (endpoint["path"], endpoint["scheme"]) == ("/metrics", "https")
+    certificates = documents(DEPLOY / "cert-manager" / "certificates.yaml")
+    serving = next(c for c in certificates if c["metadata"]["name"] == "audit-reverser-tls")
+    assert endpoint["tlsConfig"]["serverName"] in serving["spec"]["dnsNames"]
+    assert endpoint["tlsConfig"]["ca"]["secret"]["name"] == serving["spec"]["secretName"]
+
+
 def test_cert_manager_issues_the_secrets_the_deployment_mounts() -> None:
     folder = DEPLOY / "cert-manager"
     objects = _kustomization_objects(folder)
@@ -327,3 +345,31 @@ def test_the_image_is_multi_stage_non_root_and_runs_serve() -> None:
     labels = " ".join(final["LABEL"])
     for label in ("title", "description", "licenses", "version"):
         assert f"org.opencontainers.image.{label}=" in labels
+
+
+def test_every_manifest_and_policy_file_is_one_the_tests_check() -> None:
+    """A new file in deploy/, kind/ or policy/ needs a test of its own: add it here with one."""
+    checked = {
+        *(f"deploy/{p.name}" for p in DEPLOY.glob("*.yaml")),  # through kustomization.yaml
+        *(f"deploy/crds/{p.name}" for p in (DEPLOY / "crds").glob("*.yaml")),
+        "deploy/examples/keys-rolebinding.yaml",  # RBAC tests, every cluster test
+        "deploy/examples/git-credentials.yaml",  # loads with the quickstart
+        "deploy/examples/quickstart.yaml",
+        "deploy/examples/rules-configmap.yaml",
+        "deploy/examples/age-key.yaml",  # shape only: it holds a placeholder
+        "deploy/examples/servicemonitor.yaml",
+        "deploy/cert-manager/kustomization.yaml",
+        "deploy/cert-manager/certificates.yaml",
+        "kind/cluster.yaml",  # tests/test_kind.py
+        "kind/kustomization.yaml",
+        "kind/quickstart.yaml",
+        "policy/recommended.yaml",  # tests/test_policy.py
+        "policy/minimal.yaml",
+    }
+    present = {
+        str(p.relative_to(REPO_ROOT))
+        for folder in ("deploy", "kind", "policy")
+        for p in (REPO_ROOT / folder).rglob("*.yaml")
+        if ".work" not in p.parts
+    }
+    assert present == checked
