@@ -22,10 +22,11 @@ ENV PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
 RUN --mount=type=bind,from=build,source=/wheels,target=/wheels \
     pip install --no-cache-dir --no-index --find-links=/wheels audit-reverser \
     && groupadd --gid 10001 audit-reverser \
-    && useradd --uid 10001 --gid 10001 --no-create-home --home-dir /state audit-reverser
+    && useradd --uid 10001 --gid 10001 --no-create-home --home-dir /state audit-reverser \
+    && mkdir /state && chown 10001:10001 /state
 USER 10001
-# All state (the journal, the mirrors, generated keys) lives in this volume; the root
-# filesystem can be read-only.
+# All state (the journal, the mirrors, generated keys) lives in this volume, which Docker
+# creates owned by the user above; the root filesystem can be read-only.
 VOLUME ["/state"]
 WORKDIR /state
 EXPOSE 8443

@@ -341,6 +341,8 @@ def test_the_image_is_multi_stage_non_root_and_runs_serve() -> None:
     assert user.isdecimal() and int(user) != 0  # numeric: runAsNonRoot can check it
     assert json.loads(final["ENTRYPOINT"][0])[:2] == ["audit-reverser", "serve"]
     assert json.loads(final["VOLUME"][0]) == ["/state"]
+    # A volume Docker makes for /state takes the folder's owner: the user must own it.
+    assert any(f"chown {user}:{user} /state" in run for run in final["RUN"])
     assert "--state-dir" in json.loads(final["CMD"][0])
     labels = " ".join(final["LABEL"])
     for label in ("title", "description", "licenses", "version"):
