@@ -241,10 +241,15 @@ class Journal:
     def _disk_state(self) -> str | None:
         if not os.access(self.directory, os.W_OK):
             return f"{self.directory} is not writable"
-        free = _free_bytes(self.directory)
-        if free is not None and free < self.min_free_bytes:
+        free = self._into_reserve(0)
+        if free is not None:
             return f"{free} bytes free in {self.directory}, below the reserve {self.min_free_bytes}"
         return None
+
+    def _into_reserve(self, adding: int) -> int | None:
+        """The free bytes when ``adding`` more would cut into the reserve, else None."""
+        free = _free_bytes(self.directory)
+        return free if free is not None and free - adding < self.min_free_bytes else None
 
     @property
     def backlog(self) -> int:
@@ -295,8 +300,7 @@ class Journal:
 
     def _write(self, data: bytes, last_seq: int) -> None:
         assert self._file is not None
-        free = _free_bytes(self.directory)
-        if free is not None and free - len(data) < self.min_free_bytes:
+        if self._into_reserve(len(data)) is not None:
             raise OSError(errno.ENOSPC, "less than the reserved free space left")
         size = self._file.size
         try:
