@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import runpy
 from pathlib import Path
 from typing import Any
 
@@ -300,26 +301,19 @@ def test_cert_manager_issues_the_secrets_the_deployment_mounts() -> None:
 
 
 def _dockerfile_stages() -> list[dict[str, list[str]]]:
-    """Each stage's instructions, continuation lines joined, comments dropped."""
-    text = (REPO_ROOT / "Dockerfile").read_text().replace("\\\n", " ")
-    stages: list[dict[str, list[str]]] = []
-    arguments: dict[str, str] = {}  # ARGs before the first FROM, which FROM lines may use
-    for line in text.splitlines():
-        line = line.strip()
-        if not line or line.startswith("#"):
-            continue
-        instruction, _, rest = line.partition(" ")
-        if instruction == "FROM":
-            stages.append({})
-            for name, value in arguments.items():
-                rest = rest.replace(f"${{{name}}}", value)
-        elif not stages:
-            assert instruction == "ARG", line
-            name, _, value = rest.partition("=")
-            arguments[name] = value
-            continue
-        stages[-1].setdefault(instruction, []).append(rest.strip())
-    return stages
+    """Each stage's instructions as .ci/dockerfile-steps reads them, FROM's ARGs resolved."""
+    parse = runpy.run_path(str(REPO_ROOT / ".ci" / "dockerfile-steps"))["parse"]
+    arguments, stages = parse((REPO_ROOT / "Dockerfile").read_text())
+    result: list[dict[str, list[str]]] = []
+    for steps in stages:
+        stage: dict[str, list[str]] = {}
+        for instruction, rest in steps:
+            if instruction == "FROM":
+                for name, value in arguments.items():
+                    rest = rest.replace(f"${{{name}}}", value)
+            stage.setdefault(instruction, []).append(rest)
+        result.append(stage)
+    return result
 
 
 def _dockerfile_final_stage() -> dict[str, list[str]]:
