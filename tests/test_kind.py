@@ -27,7 +27,7 @@ from cryptography import x509
 from audit_reverser.config.loader import build_config
 from tests.conftest import REPO_ROOT
 from tests.gitservers import require
-from tests.test_deploy import documents
+from tests.test_deploy import _kustomization_objects, documents
 
 KIND = REPO_ROOT / "kind"
 SHELLCHECK = shutil.which("shellcheck") or str(Path(sys.executable).parent / "shellcheck")
@@ -69,8 +69,6 @@ def _apiservers(config: dict[str, Any]) -> dict[str, dict[str, Any]]:
 
 def _overlay() -> list[dict[str, Any]]:
     """kind/kustomization.yaml applied to deploy/: its JSON patches (op add) and image."""
-    from tests.test_deploy import _kustomization_objects
-
     kustomization = yaml.safe_load((KIND / "kustomization.yaml").read_text())
     assert kustomization["resources"] == ["../deploy"]
     objects = _kustomization_objects(REPO_ROOT / "deploy")
