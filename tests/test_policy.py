@@ -49,7 +49,6 @@ class Step:
 
     event: dict[str, Any]
     after: dict[str, Any] | None = None
-    changes: bool = False
 
 
 @dataclass
@@ -86,13 +85,12 @@ def _step(
     after: dict[str, Any] | None = None,
     *,
     response: dict[str, Any] | None = None,
-    changes: bool = True,
     **options: Any,
 ) -> Step:
     """A full-detail (RequestResponse) event; ``response`` when it is not ``after``."""
     body = response if response is not None else after
     item = event(verb, body=body, request=body, time=next(_times), **options)
-    return Step(item, after, changes)
+    return Step(item, after)
 
 
 def _deployment(replicas: int, image: str = "web:1") -> Any:
@@ -131,9 +129,9 @@ def a_day_in_a_cluster() -> list[Step]:
     )
     return [
         _step("create", configmap("app", data={"mode": "a"}), name="app"),
-        _step("get", configmap("app"), name="app", changes=False),
-        _step("list", None, name=None, changes=False),
-        _step("watch", None, name=None, changes=False),
+        _step("get", configmap("app"), name="app"),
+        _step("list", None, name=None),
+        _step("watch", None, name=None),
         _step(
             "update",
             configmap("app", data={"mode": "b"}),
@@ -170,7 +168,6 @@ def a_day_in_a_cluster() -> list[Step]:
             name="web-6d4b",
             user="system:serviceaccount:kube-system:deployment-controller",
             groups=["system:serviceaccounts", "system:serviceaccounts:kube-system"],
-            changes=False,
         ),
         _step(
             "update",
@@ -180,7 +177,6 @@ def a_day_in_a_cluster() -> list[Step]:
             namespace="kube-system",
             name="kube-scheduler",
             user="system:kube-scheduler",
-            changes=False,
         ),
         _step(
             "patch",
@@ -188,7 +184,6 @@ def a_day_in_a_cluster() -> list[Step]:
             resource="pods",
             name="web-6d4b-x",
             subresource="status",
-            changes=False,
             **NODE,
         ),
         _step(
@@ -196,7 +191,6 @@ def a_day_in_a_cluster() -> list[Step]:
             _obj("Event", "v1", "web.1", "default"),
             resource="events",
             name="web.1",
-            changes=False,
             **NODE,
         ),
         _step(
@@ -205,7 +199,6 @@ def a_day_in_a_cluster() -> list[Step]:
             resource="endpoints",
             name="web",
             user="system:kube-controller-manager",
-            changes=False,
         ),
         # Requests that are not state, status reports of operators and of audit-reverser.
         _step(
@@ -215,7 +208,6 @@ def a_day_in_a_cluster() -> list[Step]:
             resource="pods",
             name="web-6d4b-x",
             subresource="exec",
-            changes=False,
         ),
         _step(
             "create",
@@ -225,7 +217,6 @@ def a_day_in_a_cluster() -> list[Step]:
             namespace=None,
             name=None,
             user="system:serviceaccount:monitoring:prometheus",
-            changes=False,
         ),
         _step(
             "update",
@@ -235,7 +226,6 @@ def a_day_in_a_cluster() -> list[Step]:
             name="web-tls",
             subresource="status",
             user=f"{SA}:cert-manager:cert-manager",
-            changes=False,
         ),
         _step(
             "patch",
@@ -246,7 +236,6 @@ def a_day_in_a_cluster() -> list[Step]:
             name="live",
             subresource="status",
             user=f"{SA}:audit-reverser:audit-reverser",
-            changes=False,
         ),
         # And the end of the app's config.
         _step("delete", None, response=status, name="app"),
@@ -271,7 +260,7 @@ def _steps() -> list[Step]:
             item.pop("apiVersion", None)
             body = item.get("responseObject")
             if item.get("verb") in ("delete", "deletecollection"):
-                steps.append(Step(item, None, changes=True))
+                steps.append(Step(item, None))
             else:
                 steps.append(Step(item, body if isinstance(body, dict) else None))
     return steps
@@ -291,7 +280,7 @@ async def _run(
         for step in steps:
             if step.after is not None and step.event.get("objectRef"):
                 api.objects[_key(step.event["objectRef"])] = step.after
-            elif step.changes and step.event["verb"] == "delete":
+            elif step.event["verb"] == "delete":
                 api.objects.pop(_key(step.event["objectRef"]), None)
             item = step.event if policy is None else apply(policy, step.event)
             if item is not None:
