@@ -37,9 +37,7 @@ sys.path.insert(0, str(REPO))
 
 from audit_reverser.pipeline.filter import classify_raw  # noqa: E402
 
-CORPUS = REPO.parent / "shared" / "corpus" / "audit"
-if not CORPUS.is_dir():
-    CORPUS = REPO / "shared" / "corpus" / "audit"
+CORPUS = REPO / "tests" / "data" / "audit-corpus"
 BATCH = 400
 KEPT = 2
 APISERVER_CEILING = 400 * 10  # events/s: webhook batch max size x throttle QPS

@@ -32,11 +32,9 @@ from audit_reverser.runtime import Runtime, Settings
 from tests.gitservers import HTTP_BACKEND, SSHD, GitHttpServer, SshServer, require
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-CORPUS = REPO_ROOT.parent / "shared" / "corpus" / "audit"
-SEED = REPO_ROOT.parent / "shared" / "reference" / "seed-crds"
-if not CORPUS.is_dir():  # a checkout with shared/ inside it
-    CORPUS = REPO_ROOT / "shared" / "corpus" / "audit"
-    SEED = REPO_ROOT / "shared" / "reference" / "seed-crds"
+# Test data lives in the repository: a user's clone has nothing beside it.
+CORPUS = REPO_ROOT / "tests" / "data" / "audit-corpus"
+SEED = REPO_ROOT / "tests" / "data" / "seed-crds"
 
 _ids = itertools.count(1)
 
