@@ -25,9 +25,10 @@ from audit_reverser.ha.connection import Connection
 
 GROUP = "writers"
 DEFAULT_PREFIX = "audit-reverser"
-# Longer than any apiserver retry of one batch; the remote's history covers anything older
-# (the writer skips Audit-IDs it finds there).
-DEFAULT_SEEN_TTL_S = 3600.0
+# Longer than any apiserver retry of one batch (as the file journal keeps its auditIDs); the
+# remote's history covers anything older (the writer skips Audit-IDs it finds there). Each
+# seen-key costs ~90 bytes of Redis memory for this long (docs/ha.md).
+DEFAULT_SEEN_TTL_S = 600.0
 
 # KEYS: the lanes set, then for each event its seen-key and its lanes' stream keys.
 # ARGV: ttl ms, group, then for each event: cluster, auditID, event JSON, number of lanes.
@@ -178,7 +179,8 @@ class Lane:
 
     async def read(self, count: int = 100, block_s: float | None = None) -> list[Entry]:
         """The next entries: first those delivered to us before and not acknowledged, then
-        new ones (waiting up to ``block_s`` for one when there is none)."""
+        new ones (waiting up to ``block_s`` for one when there is none; at most the
+        connection's timeout, below which the socket's own timeout lies)."""
         client = self.connection.client
         with self.connection.errors(f"reading lane {self.name}"):
             if self._cursor is not None:
@@ -190,7 +192,7 @@ class Lane:
                     self._cursor = entries[-1].entry_id
                     return entries
                 self._cursor = None
-            block = None if block_s is None else int(block_s * 1000)
+            block = None if block_s is None else int(min(block_s, self.connection.timeout_s) * 1000)
             answer = await client.xreadgroup(
                 GROUP, self.consumer, {self.key: ">"}, count=count, block=block
             )
