@@ -74,7 +74,7 @@ class LaneDriver:
                     self._held.clear()
                 except TemporaryError as exc:
                     log.error(
-                        "lane %s: %s; trying again in %.0fs", self.lane.name, exc, self.retry_s
+                        "lane %s: %s; trying again in %gs", self.lane.name, exc, self.retry_s
                     )
                     await asyncio.sleep(self.retry_s)
         finally:
