@@ -73,9 +73,7 @@ class LaneDriver:
                     log.warning("lane %s: %s", self.lane.name, exc)
                     self._held.clear()
                 except TemporaryError as exc:
-                    log.error(
-                        "lane %s: %s; trying again in %gs", self.lane.name, exc, self.retry_s
-                    )
+                    log.error("lane %s: %s; trying again in %gs", self.lane.name, exc, self.retry_s)
                     await asyncio.sleep(self.retry_s)
         finally:
             keeper.cancel()

@@ -32,31 +32,32 @@ DEFAULT_SEEN_TTL_S = 600.0
 
 # KEYS: the lanes set, then for each event its seen-key and its lanes' stream keys.
 # ARGV: ttl ms, group, then for each event: cluster, auditID, event JSON, number of lanes.
+# The seen-key is set after the entries: Redis does not roll back a script that fails
+# half-way (out of memory), and an entry without its seen-key can only be a duplicate (the
+# writer skips Audit-IDs it has), where a seen-key without its entry would be a lost event.
 _APPEND = """
 local ttl, group = ARGV[1], ARGV[2]
 local k, a, added = 2, 3, 0
 while a <= #ARGV do
   local cluster, id, event, lanes = ARGV[a], ARGV[a + 1], ARGV[a + 2], tonumber(ARGV[a + 3])
-  local fresh = redis.call('SET', KEYS[k], '1', 'NX', 'PX', ttl)
-  for i = 1, lanes do
-    local stream = KEYS[k + i]
-    if fresh then
+  if redis.call('EXISTS', KEYS[k]) == 0 then
+    for i = 1, lanes do
+      local stream = KEYS[k + i]
       if redis.call('EXISTS', stream) == 0 then
         redis.call('XGROUP', 'CREATE', stream, group, '0', 'MKSTREAM')
         redis.call('SADD', KEYS[1], stream)
       end
       redis.call('XADD', stream, '*', 'id', id, 'cluster', cluster, 'event', event)
     end
+    redis.call('SET', KEYS[k], '1', 'PX', ttl)
+    added = added + 1
   end
-  if fresh then added = added + 1 end
   k = k + lanes + 1
   a = a + 4
 end
 return added
 """
 
-# Acknowledged and deleted in one step: never pending without its entry, never deleted
-# while still pending.
 _ACKNOWLEDGE = """
 redis.call('XACK', KEYS[1], ARGV[1], unpack(ARGV, 2))
 return redis.call('XDEL', KEYS[1], unpack(ARGV, 2))
@@ -120,14 +121,14 @@ class StreamJournal:
         Raises :class:`~.connection.RedisUnavailable` when Redis cannot be reached or does
         not confirm durability in time: then nothing may be acknowledged (it may or may not
         be stored; a retry stores it at most once)."""
+        if not batch:
+            return 0
         keys: list[str] = [f"{self.prefix}:lanes"]
         args: list[Any] = [int(self.seen_ttl_s * 1000), GROUP]
         for item in batch:
             keys.append(self._seen_key(item.cluster, item.audit_id))
             keys.extend(self.stream_key(lane) for lane in item.lanes)
             args.extend((item.cluster, item.audit_id, item.event, len(item.lanes)))
-        if not batch:
-            return 0
         with self.connection.errors("appending events"):
             async with self.connection.client.pipeline(transaction=False) as pipe:
                 await self._append(keys=keys, args=args, client=pipe)
