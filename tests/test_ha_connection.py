@@ -142,3 +142,17 @@ async def test_missing_redis_replicas_fail_the_write(redis_server: RedisServer) 
 def test_negative_replicas_is_a_config_error() -> None:
     with pytest.raises(ConfigError, match="--journal-replicas -1"):
         asyncio.run(connect(JournalSettings(url="redis://127.0.0.1", replicas=-1)))
+
+
+async def test_aof_switched_off_while_running_is_found_by_the_next_check(
+    redis_server: RedisServer,
+) -> None:
+    """What a readiness probe will see when someone turns durability off under us."""
+    connection = await _connect(redis_server)
+    try:
+        await connection.check()
+        await connection.client.config_set("appendonly", "no")
+        with pytest.raises(RedisRefused, match="appendonly"):
+            await connection.check()
+    finally:
+        await connection.close()
