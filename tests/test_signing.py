@@ -19,11 +19,15 @@ from typing import Any
 
 import kmock
 import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import dsa, rsa
 
 from audit_reverser.cli import main
 from audit_reverser.cluster.objects import ApiObjects
 from audit_reverser.cluster.rules import ClusterRules
 from audit_reverser.cluster.status import StatusReporter
+from audit_reverser.encryption.sshsig import SigningKey
+from audit_reverser.errors import ConfigError
 from audit_reverser.pipeline.filter import Skip
 from audit_reverser.runtime import Runtime, Settings
 from tests.conftest import (
@@ -124,11 +128,17 @@ def split_signature(raw: bytes) -> tuple[bytes, bytes]:
     return b"\n".join(kept) + b"\n\n" + message, b"\n".join(signature) + b"\n"
 
 
-def ssh_keygen_verify(folder: Path, payload: bytes, signature: bytes, signers: Path) -> bool:
+def ssh_keygen_verify(
+    folder: Path,
+    payload: bytes,
+    signature: bytes,
+    signers: Path,
+    identity: str = COMMITTER["committerEmail"],
+) -> bool:
     sig_file = folder / "commit.sig"
     sig_file.write_bytes(signature)
     done = subprocess.run(
-        ["ssh-keygen", "-Y", "verify", "-f", str(signers), "-I", COMMITTER["committerEmail"]]
+        ["ssh-keygen", "-Y", "verify", "-f", str(signers), "-I", identity]
         + ["-n", "git", "-s", str(sig_file)],
         input=payload,
         capture_output=True,
@@ -409,3 +419,30 @@ async def test_in_a_cluster_an_unusable_signing_key_shows_in_the_status_and_comm
     assert "Secret default/s: signingKey: cannot read the private key" in condition["message"]
     assert runtime.stats.skipped[Skip.TARGET_NOT_READY] == 1
     assert await asyncio.to_thread(git_files, remote) == []
+
+
+def test_pem_keys_sign_and_weak_or_unusable_keys_are_refused(tmp_path: Path) -> None:
+    pem = tmp_path / "pem"
+    subprocess.run(
+        ["ssh-keygen", "-q", "-t", "rsa", "-b", "2048", "-m", "PEM", "-N", "", "-f", str(pem)],
+        check=True,
+    )
+    key = SigningKey.load(pem.read_bytes(), None, source="pem")
+    public = pem.with_suffix(".pub").read_text().split()
+    assert key.public_key == " ".join(public[:2]) and key.deterministic
+    payload = b"tree 4b825dc642cb6eb9a060e54bf8d69288fbee4904\n\nmessage\n"
+    (tmp_path / "allowed").write_text(f"someone {key.public_key}\n")
+    assert ssh_keygen_verify(tmp_path, payload, key.sign(payload), tmp_path / "allowed", "someone")
+
+    weak = rsa.generate_private_key(public_exponent=65537, key_size=1024)
+    dsa_key = dsa.generate_private_key(key_size=2048)
+    cases = (
+        (weak, serialization.PrivateFormat.OpenSSH, "RSA key of 1024 bits"),
+        (dsa_key, serialization.PrivateFormat.PKCS8, "DSA keys cannot sign"),
+    )
+    for unusable, form, why in cases:
+        text = unusable.private_bytes(
+            serialization.Encoding.PEM, form, serialization.NoEncryption()
+        )
+        with pytest.raises(ConfigError, match=why):
+            SigningKey.load(text, None, source="Secret x: signingKey")
