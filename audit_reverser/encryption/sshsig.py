@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import textwrap
 
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes
@@ -134,8 +133,9 @@ class SigningKey:
             + _string(HASH_ALGORITHM)
             + _string(self._signature(signed))
         )
-        lines = textwrap.wrap(base64.b64encode(blob).decode(), 70)
-        return b"\n".join([ARMOR_BEGIN, *(line.encode() for line in lines), ARMOR_END]) + b"\n"
+        text = base64.b64encode(blob)
+        lines = [text[i : i + 70] for i in range(0, len(text), 70)]
+        return b"\n".join([ARMOR_BEGIN, *lines, ARMOR_END]) + b"\n"
 
     def _signature(self, data: bytes) -> bytes:
         """An SSH signature blob: the algorithm name, then the signature in its encoding."""
