@@ -365,6 +365,7 @@ def test_a_signing_key_that_cannot_be_used_makes_the_provider_not_ready(tmp_path
             **key.secret(),
             "committerEmail": "",
         },
+        "is not a Git identity": key.secret(committerEmail="Audit Bot <bot@example.com>"),
     }
     for problem, secret in cases.items():
         status, result = check_json(tmp_path, secret)
@@ -446,3 +447,53 @@ def test_pem_keys_sign_and_weak_or_unusable_keys_are_refused(tmp_path: Path) -> 
         )
         with pytest.raises(ConfigError, match=why):
             SigningKey.load(text, None, source="Secret x: signingKey")
+
+
+async def test_providers_sharing_a_branch_sign_with_one_key(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A second provider for the same repository branch, with another key and no committer:
+    one history, so every commit is signed with the first signing provider's key."""
+    key, other = await asyncio.gather(
+        asyncio.to_thread(make_key, tmp_path),
+        asyncio.to_thread(make_key, tmp_path, name="other"),
+    )
+    remote = tmp_path / "remote.git"
+    second = f"""---
+apiVersion: configbutler.ai/v1alpha1
+kind: GitProvider
+metadata: {{name: second, namespace: team}}
+spec:
+  url: file://{remote}
+  allowedBranches: ["main"]
+  secretRef: {{name: second-creds}}
+---
+apiVersion: configbutler.ai/v1alpha1
+kind: GitTarget
+metadata: {{name: other, namespace: team}}
+spec: {{providerRef: {{name: second}}, branch: main, path: other}}
+---
+apiVersion: configbutler.ai/v1alpha1
+kind: ClusterWatchRule
+metadata: {{name: other}}
+spec:
+  targetRef: {{name: other, namespace: team}}
+  rules: [{{scope: Namespaced, resources: ["*"]}}]
+---
+apiVersion: v1
+kind: Secret
+metadata: {{name: second-creds, namespace: team}}
+stringData: {json.dumps({"signingKey": other.private})}
+"""
+    harness = await start_harness(tmp_path, secret=key.secret(), documents=second)
+    try:
+        await harness.send(event("create", body=configmap()))
+        await harness.sync()
+    finally:
+        await harness.runtime.close()
+    assert await harness.files() == [
+        "live/v1/configmaps/default/demo.yaml",
+        "other/v1/configmaps/default/demo.yaml",
+    ]
+    await asyncio.to_thread(assert_all_signed, remote, key, tmp_path, at_least=2)
+    assert "GitProviders team/origin, team/second sign with different keys" in caplog.text
