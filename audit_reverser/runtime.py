@@ -240,6 +240,8 @@ class Runtime:
         self.config = config
         self.settings = settings
         self.writers: dict[tuple[str, str], BranchWriter] = {}
+        # What each writer signs with (fingerprints, committer): logged when it changes.
+        self._signing: dict[str, tuple[frozenset[str], Identity]] = {}
         sinks, _ = self._wire(config, _remotes(config), strict=settings.rules_from_files)
         self.sinks = sinks
         self.stats = PipelineStats()
@@ -335,7 +337,21 @@ class Runtime:
         that does not sign (nothing unsigned once one signs), then the first by name."""
         chosen_key = min(signings, key=lambda k: (signings[k].key is None, str(k)))
         chosen = signings[chosen_key]
-        fingerprints = {s.key.fingerprint for s in signings.values() if s.key is not None}
+        committer = chosen.committer or self.settings.committer
+        writer.mirror.committer = committer
+        writer.mirror.signer = chosen.key.sign if chosen.key is not None else None
+        fingerprints = frozenset(s.key.fingerprint for s in signings.values() if s.key)
+        if self._signing.get(writer.key, (frozenset(), committer)) == (fingerprints, committer):
+            return  # rules are rebuilt every minute in a cluster: say it once
+        self._signing[writer.key] = (fingerprints, committer)
+        if chosen.key is not None:
+            log.info(
+                "%s: signing commits with %s as %s <%s>",
+                writer.name,
+                chosen.key.fingerprint,
+                committer.name,
+                committer.email,
+            )
         if len(fingerprints) > 1:
             log.warning(
                 "%s: GitProviders %s sign with different keys; commits are signed with the "
@@ -344,8 +360,6 @@ class Runtime:
                 ", ".join(sorted(map(str, signings))),
                 chosen_key,
             )
-        writer.mirror.committer = chosen.committer or self.settings.committer
-        writer.mirror.signer = chosen.key.sign if chosen.key is not None else None
 
     def _resolve_keys(self, config: Config, *, strict: bool) -> dict[Key, TargetKeys]:
         keys = {}
