@@ -47,7 +47,14 @@ from audit_reverser.ingest.server import DEFAULT_MAX_BODY_BYTES, make_app
 from audit_reverser.metrics import exposition
 from audit_reverser.pipeline.filter import Skip
 from audit_reverser.pipeline.noise import DEFAULT_EXCLUDED_USERS, Exclusions
-from audit_reverser.runtime import DEFAULT_SHUTDOWN_TIMEOUT_S, Runtime, Settings, check_remotes
+from audit_reverser.runtime import (
+    DEFAULT_COMMITTER,
+    DEFAULT_SHUTDOWN_TIMEOUT_S,
+    ProviderCheck,
+    Runtime,
+    Settings,
+    check_remotes,
+)
 
 log = logging.getLogger("audit_reverser")
 
@@ -601,10 +608,11 @@ async def check(args: argparse.Namespace) -> int:
                         "url": r.health.remote,
                         "branch": r.health.branch,
                         "targets": [str(t) for t in r.targets],
-                        "ready": r.health.ready,
-                        "reason": r.health.reason,
-                        "message": r.health.message,
+                        "ready": r.ready,
+                        "reason": r.reason,
+                        "message": r.message,
                         "checks": [dataclasses.asdict(c) for c in r.health.checks],
+                        "signing": _signing_json(r),
                     }
                     for r in results
                 ],
@@ -619,8 +627,34 @@ async def check(args: argparse.Namespace) -> int:
             print(f"  ok    branch allowed (allowedBranches: {allowed})")
             for item in health.checks:
                 print(f"  {'ok' if item.ok else 'FAIL':5} {item.name}: {item.detail}")
-            print("  Ready" if health.ready else f"  Not ready: {health.reason}")
-    return 0 if all(r.health.ready for r in results) else 1
+            _print_signing(result)
+            print("  Ready" if result.ready else f"  Not ready: {result.reason}")
+    return 0 if all(r.ready for r in results) else 1
+
+
+def _print_signing(result: ProviderCheck) -> None:
+    """The signing key's public half, to register with the committer's account."""
+    if result.signing_problem is not None:
+        print(f"  FAIL  signing: {result.signing_problem}")
+        return
+    committer = result.signing.committer or DEFAULT_COMMITTER
+    key = result.signing.key
+    if key is None:
+        print(f"  -     signing: off, committer {committer.name} <{committer.email}>")
+        return
+    print(f"  ok    signing: {key.fingerprint} as {committer.name} <{committer.email}>")
+    print(f"        {key.public_key}")
+
+
+def _signing_json(result: ProviderCheck) -> dict[str, Any]:
+    key = result.signing.key
+    committer = result.signing.committer or DEFAULT_COMMITTER
+    return {
+        "committer": {"name": committer.name, "email": committer.email},
+        "publicKey": key.public_key if key is not None else None,
+        "fingerprint": key.fingerprint if key is not None else None,
+        "problem": result.signing_problem,
+    }
 
 
 async def snapshot(args: argparse.Namespace) -> int:

@@ -82,9 +82,12 @@ def verdicts(
         if problem is not None:
             found[oid] = Verdict(ready=False, reason=_reason_of(problem), message=problem)
         elif kind == "GitProvider" and key in state.provider_problems:
-            found[oid] = Verdict(
-                ready=False, reason="CredentialsInvalid", message=state.provider_problems[key]
-            )
+            message = state.provider_problems[key]
+            # Nothing is committed unsigned: a signing key that cannot be used stops the
+            # provider as credentials that cannot be used do.
+            signing = any(k in message for k in ("signingKey", "committerName", "committerEmail"))
+            reason = "SigningKeyInvalid" if signing else "CredentialsInvalid"
+            found[oid] = Verdict(ready=False, reason=reason, message=message)
         elif kind == "GitProvider":
             health = state.health.get(key)
             if health is None:

@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
+
+# Signs a commit: the raw commit object (without a signature) in, an armored signature out
+# (SSHSIG, "-----BEGIN SSH SIGNATURE-----"...), which goes into the commit's gpgsig header.
+Signer = Callable[[bytes], bytes]
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
