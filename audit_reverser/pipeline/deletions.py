@@ -6,7 +6,7 @@ controller emptying a namespace, the garbage collector deleting an owner's depen
 apiserver releasing a CRD). That write is a ``[DELETE]`` commit in the name of the person who
 asked, so requests are remembered here, each memory bounded (least recently used goes):
 
-- by object: the delete (or deletecollection) that named it;
+- by object: the delete that named it, or the deletecollection that listed it;
 - by uid: a dependent's owner deleted (the garbage collector's cascade);
 - by namespace: the namespace deleted (what the namespace controller deletes in it).
 
@@ -109,7 +109,9 @@ class Deletions:
         keys = [object_key(event)]
         response = event.response_object
         if event.verb == "deletecollection":
-            keys = [object_key(event, name="")]  # the collection, whatever it held
+            # Only the listed items: a collection remembered as a whole would hold whatever
+            # is made in it later (a namespace's deletion is remembered as the namespace's).
+            keys = []
             items = response.get("items") if response is not None else None
             for item in items if isinstance(items, list) else ():
                 name, uid = _metadata(item).get("name"), _metadata(item).get("uid")
@@ -128,7 +130,7 @@ class Deletions:
 
     def pending(self, event: AuditEvent) -> bool:
         """True when someone asked for the deletion of the object ``event`` writes, or of its
-        collection or namespace: a write by anyone may be the one that finishes it."""
+        namespace: a write by anyone may be the one that finishes it."""
         ref = event.object_ref
         if ref is None:
             return False
@@ -141,20 +143,17 @@ class Deletions:
     ) -> bool:
         if group == "" and resource == "namespaces":
             return (cluster, group, resource, "", name) in self._by_object
-        return (
-            (cluster, group, resource, namespace, name) in self._by_object
-            or (cluster, group, resource, namespace, "") in self._by_object
-            or (bool(namespace) and namespace_key(cluster, namespace) in self._by_object)
+        return (cluster, group, resource, namespace, name) in self._by_object or (
+            bool(namespace) and namespace_key(cluster, namespace) in self._by_object
         )
 
     def requester(self, event: AuditEvent, namespace: str, name: str) -> Request | None:
         """Who asked for the deletion of this object that ``event`` finished: a person when
-        one is known (the object's own request, its collection's, its owner's or its
-        namespace's), else the controller that asked, else None."""
+        one is known (the object's own request, its owner's or its namespace's), else the
+        controller that asked, else None."""
         key = object_key(event, namespace=namespace, name=name)
         candidates = [
             self._by_object.get(key),
-            self._by_object.get(object_key(event, namespace=namespace, name="")),
             *(self._by_uid.get(uid) for uid in self._owners.get(key, ())),
         ]
         if namespace:
@@ -165,8 +164,11 @@ class Deletions:
     def seen(
         self, event: AuditEvent, namespace: str, name: str, body: Mapping[str, Any] | None
     ) -> None:
-        """Remember the uid and owners of an object written, or forget one that is gone."""
+        """Remember the uid and owners of an object written, or forget one that is gone (or
+        made anew: an old request is not the new object's)."""
         key = object_key(event, namespace=namespace, name=name)
+        if event.verb == "create":
+            self._by_object.pop(key, None)
         if body is None:
             self._by_object.pop(key, None)
             self._uids.pop(key, None)
