@@ -4,7 +4,8 @@ message on each GitProvider, GitTarget, WatchRule and ClusterWatchRule; ``lastCo
 
 Written with merge patches to the status subresource, and only when something other than
 the time changed, so that no write storm follows a busy day. Our own status writes never
-come back as commits: writes to ``status`` subresources are skipped by the cheap filter.
+come back as commits (writes to ``status`` subresources are skipped, unless one finishes a
+deletion, which ours never do) nor as rule changes (rules.py ignores changes of status).
 """
 
 from __future__ import annotations

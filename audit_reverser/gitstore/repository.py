@@ -243,7 +243,10 @@ class Mirror:
         staged = False
         for entry in change.files:
             staged = self._stage(entry) or staged
-        for folder in change.prune:
+        folders = [*change.prune]
+        for pattern in change.prune_matching:
+            folders += self._tree.folders_matching(pattern)
+        for folder in folders:
             for path in self._tree.files_under(folder):
                 if path not in change.keep:
                     self._tree.set(path, None)

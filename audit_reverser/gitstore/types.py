@@ -48,10 +48,13 @@ class CommitOutcome:
 class TreeChange:
     """One commit of many files (a snapshot), or of the removals under some folders (a
     prune): ``files`` are set as a FileChange sets its file (fingerprints included); files
-    under ``prune`` folders that are not in ``keep`` are removed. None when nothing changes."""
+    under ``prune`` folders that are not in ``keep`` are removed. ``prune_matching`` are
+    folders given as patterns, each path segment matched with :func:`fnmatch.fnmatchcase`
+    (``live/*/v1/widgets``). None when nothing changes."""
 
     files: tuple[FileChange, ...] = ()
     prune: tuple[str, ...] = ()
+    prune_matching: tuple[str, ...] = ()
     keep: frozenset[str] = frozenset()
     message: str
     author: Identity
