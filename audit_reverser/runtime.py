@@ -22,6 +22,7 @@ from pathlib import Path
 
 from audit_reverser.cluster.api import KubeApi
 from audit_reverser.cluster.objects import ApiObjects
+from audit_reverser.cluster.resync import ResyncResult, resync_target
 from audit_reverser.cluster.snapshot import SnapshotResult, snapshot
 from audit_reverser.cluster.status import State
 from audit_reverser.config.model import Config, GitProvider, GitTarget, Key, PushPolicy
@@ -289,6 +290,24 @@ class Runtime:
         if writer is None:
             return None
         return await snapshot(
+            api=api,
+            objects=objects,
+            config=self.config,
+            target=target,
+            processor=self.processor,
+            writer=writer,
+            committer=self.settings.committer,
+        )
+
+    async def resync(
+        self, target: GitTarget, api: KubeApi, objects: ApiObjects
+    ) -> ResyncResult | None:
+        """Compare ``target``'s folder with the cluster (see
+        :mod:`audit_reverser.cluster.resync`); None when it has no writer."""
+        writer = self.sinks.get(target.key)
+        if writer is None:
+            return None
+        return await resync_target(
             api=api,
             objects=objects,
             config=self.config,
