@@ -97,7 +97,8 @@ async def resync_target(
         )
         # Events older than what the resync writes must not bring the old state back.
         processor.remember_versions(writer, listing.versions)
-    outcome = await done
+    # Shielded: a resync cancelled at shut-down must not cancel the writer's future.
+    outcome = await asyncio.shield(done)
     return ResyncResult(
         objects=len(listed.files),
         files_set=outcome.files_set,

@@ -39,7 +39,7 @@ from audit_reverser.pipeline.routing import Route, Router
 log = logging.getLogger(__name__)
 
 PAGE = 500
-YIELD_EVERY = 50
+YIELD_EVERY = 10  # objects encoded between two turns of the event loop (about 5 ms)
 _PROBE = "snapshot-probe"
 
 
@@ -231,8 +231,9 @@ async def snapshot(
             )
         )
         processor.remember_versions(writer, listing.versions)
-    written = (await snapshot_done).commit_id is not None
-    pruned = (await prune_done).commit_id is not None
+    # Shielded: a snapshot cancelled at shut-down must not cancel the writer's futures.
+    written = (await asyncio.shield(snapshot_done)).commit_id is not None
+    pruned = (await asyncio.shield(prune_done)).commit_id is not None
     log.info(
         "snapshot of GitTarget %s: %d objects, %s, %s",
         target.key,
