@@ -32,6 +32,8 @@ from aiohttp import web
 from audit_reverser import __version__
 from audit_reverser.cluster.api import KubeApi
 from audit_reverser.cluster.objects import ApiObjects
+from audit_reverser.cluster.resync import DEFAULT_INTERVAL_S as DEFAULT_RESYNC_INTERVAL_S
+from audit_reverser.cluster.resync import Resyncer, ResyncResult, ResyncStats
 from audit_reverser.cluster.rules import ClusterRules
 from audit_reverser.cluster.snapshot import SnapshotResult, SnapshotScheduler
 from audit_reverser.cluster.status import StatusReporter
@@ -62,6 +64,7 @@ DEFAULT_LISTEN = "127.0.0.1:8080"
 DEFAULT_STATE_DIR = ".audit-reverser"
 # A renewed serving certificate (cert-manager, a Secret volume) is picked up this often.
 CERTIFICATE_RELOAD_INTERVAL_S = 30.0
+MAX_RESYNC_INTERVAL_S = 7 * 24 * 3600
 
 
 def _listen_address(text: str) -> tuple[str, int]:
@@ -164,6 +167,14 @@ def _parser() -> argparse.ArgumentParser:
         "--in-cluster",
         action="store_true",
         help="read objects with the pod's service account",
+    )
+    cluster.add_argument(
+        "--resync-interval",
+        type=_resync_interval,
+        default=DEFAULT_RESYNC_INTERVAL_S,
+        metavar="SECONDS",
+        help="compare each GitTarget's folder with the cluster at start and then this often; "
+        "what differs becomes one [RESYNC] commit (default: 600; 0: never)",
     )
     security = serve.add_argument_group("sender authentication")
     security.add_argument(
@@ -338,6 +349,18 @@ def _seconds(text: str) -> float:
     return value
 
 
+def _resync_interval(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if value != 0 and not 1 <= value <= MAX_RESYNC_INTERVAL_S:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not 0 (never) or a number of seconds from 1 to {MAX_RESYNC_INTERVAL_S}"
+        )
+    return value
+
+
 def _runtime(
     args: argparse.Namespace,
     source: ApiObjects | None = None,
@@ -458,17 +481,30 @@ async def _serve(
         rules_from_files=rules is None,
     )
     _tune_interpreter_for_ingest()
+    resyncs = ResyncStats() if api is not None and args.resync_interval else None
     app = make_app(
         runtime,
         max_body_bytes=args.max_body_bytes,
         senders=senders,
-        metrics=lambda: exposition(runtime),
+        metrics=lambda: exposition(runtime, resyncs),
     )
     # In-flight requests get a few seconds to finish; the rest is the apiserver's to retry.
     runner = web.AppRunner(app, handle_signals=False, access_log=None, shutdown_timeout=5)
     await runner.setup()  # starts the runtime
-    reporter = scheduler = None
+    reporter = scheduler = resyncer = None
     reloading: asyncio.Task[None] | None = None
+    if resyncs is not None and api is not None and source is not None:
+
+        async def resync(target: GitTarget) -> ResyncResult | None:
+            return await runtime.resync(target, api, source)
+
+        resyncer = Resyncer(
+            interval_s=args.resync_interval,
+            targets=lambda: runtime.config.targets.values(),
+            run=resync,
+            stats=resyncs,
+        )
+        resyncer.start()
     if rules is not None and api is not None and source is not None:
         reporter = StatusReporter(api, rules, runtime.status_state)
         reporter.start()
@@ -512,6 +548,8 @@ async def _serve(
     finally:
         if reloading is not None:
             reloading.cancel()
+        if resyncer is not None:
+            await resyncer.close()
         if scheduler is not None:
             await scheduler.close()
         if reporter is not None:

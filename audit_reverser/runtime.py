@@ -22,6 +22,7 @@ from pathlib import Path
 
 from audit_reverser.cluster.api import KubeApi
 from audit_reverser.cluster.objects import ApiObjects
+from audit_reverser.cluster.resync import ResyncResult, resync_target
 from audit_reverser.cluster.snapshot import SnapshotResult, snapshot
 from audit_reverser.cluster.status import State
 from audit_reverser.config.model import Config, GitProvider, GitTarget, Key, PushPolicy
@@ -421,6 +422,24 @@ class Runtime:
             processor=self.processor,
             writer=writer,
             committer=writer.mirror.committer,
+        )
+
+    async def resync(
+        self, target: GitTarget, api: KubeApi, objects: ApiObjects
+    ) -> ResyncResult | None:
+        """Compare ``target``'s folder with the cluster (see
+        :mod:`audit_reverser.cluster.resync`); None when it has no writer."""
+        writer = self.sinks.get(target.key)
+        if writer is None:
+            return None
+        return await resync_target(
+            api=api,
+            objects=objects,
+            config=self.config,
+            target=target,
+            processor=self.processor,
+            writer=writer,
+            committer=self.settings.committer,
         )
 
     async def status_state(self) -> State:

@@ -93,6 +93,8 @@ class Mirror:
         # path -> (fingerprint, blob id) of files committed with a FileChange.fingerprint
         self._fingerprints: dict[str, tuple[str, bytes]] = {}
         self._fingerprints_changed = False
+        # Files set and removed by the last TreeChange committed (a resync reports them).
+        self.tree_counts = (0, 0)
 
     @property
     def repo(self) -> pygit2.Repository:
@@ -240,9 +242,8 @@ class Mirror:
             raise MirrorWriteFailed(f"cannot commit {what} in {self.path}: {exc}") from exc
 
     def _commit_tree(self, change: TreeChange) -> str | None:
-        staged = False
-        for entry in change.files:
-            staged = self._stage(entry) or staged
+        written = sum(self._stage(entry) for entry in change.files)
+        removed = 0
         folders = [*change.prune]
         for pattern in change.prune_matching:
             folders += self._tree.folders_matching(pattern)
@@ -252,8 +253,9 @@ class Mirror:
                     self._tree.set(path, None)
                     if self._fingerprints.pop(path, None) is not None:
                         self._fingerprints_changed = True
-                    staged = True
-        if not staged:
+                    removed += 1
+        self.tree_counts = (written, removed)
+        if not written and not removed:
             return None
         return self._make_commit(change.message, change.author, change.time)
 

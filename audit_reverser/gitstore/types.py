@@ -38,10 +38,13 @@ class FileChange:
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class CommitOutcome:
-    """The commit id made for a change (None when it altered nothing), and by which writer."""
+    """The commit id made for a change (None when it altered nothing), and by which writer;
+    for a TreeChange also how many files its commit set and removed."""
 
     commit_id: str | None
     writer: str = ""
+    files_set: int = 0
+    files_removed: int = 0
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

@@ -161,6 +161,21 @@ class Processor:
             if version is not None and version > self._versions.get(key, -1):
                 self._versions[key] = version
 
+    def wrote_newer(self, sink: CommitSink, path: str, resource_version: str) -> bool:
+        """Whether an event wrote ``path`` through ``sink`` at a newer resourceVersion."""
+        version = _rv_number(resource_version)
+        stored = self._versions.get((id(sink), path))
+        return version is not None and stored is not None and stored > version
+
+    def remember_versions(self, sink: CommitSink, versions: Mapping[str, str]) -> None:
+        """Files written from the API (a resync) at these resourceVersions: from now on an
+        event older than them is stale, as if an event had written them."""
+        for path, resource_version in versions.items():
+            version = _rv_number(resource_version)
+            key = (id(sink), path)
+            if version is not None and version > self._versions.get(key, -1):
+                self._versions[key] = version
+
     def routes(self, event: AuditEvent) -> list[Route] | Skip:
         """Targets for the event, or why it goes nowhere. Cheap: no object is touched."""
         with about(audit_id=event.audit_id):
