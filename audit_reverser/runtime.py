@@ -92,12 +92,12 @@ def _provider_secret(
 ) -> tuple[Mapping[str, bytes] | None, str]:
     """The data of a provider's ``secretRef`` Secret (None without one) and its name."""
     if provider.secret_name is None:
-        return None, "no Secret (GitProvider spec.secretRef is not set)"
+        return None, f"no Secret ({provider.kind} spec.secretRef is not set)"
     key = Key(namespace=provider.key.namespace, name=provider.secret_name)
     found = config.secrets.get(key)
     if found is None:
         raise ConfigError(
-            [f"GitProvider {provider.key}: spec.secretRef.name: Secret {key} not found"]
+            [f"{provider.kind} {provider.key}: spec.secretRef.name: Secret {key} not found"]
         )
     return found.data, f"Secret {key}"
 
@@ -108,7 +108,7 @@ def provider_transport(config: Config, provider: GitProvider) -> LocalTransport 
     try:
         return transport_for(provider.url, secret, source)
     except RepositoryError as exc:
-        raise ConfigError([f"GitProvider {provider.key}: {exc}"]) from None
+        raise ConfigError([f"{provider.kind} {provider.key}: {exc}"]) from None
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -135,7 +135,7 @@ def provider_signing(config: Config, provider: GitProvider) -> CommitSigning:
     secret, source = _provider_secret(config, provider)
     if not secret:
         return CommitSigning()
-    where = f"GitProvider {provider.key}: {source}"
+    where = f"{provider.kind} {provider.key}: {source}"
     name = _secret_text(secret, "committerName", where)
     email = _secret_text(secret, "committerEmail", where)
     committer = None
