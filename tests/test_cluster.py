@@ -918,10 +918,15 @@ async def test_a_flux_git_repository_in_the_cluster_is_watched_like_our_own_kind
     cluster.add(f"{FLUX}/gitrepositories", "team", "origin", git_repository(f"file://{first}"))
     cluster.add(f"{CB}/gittargets", "team", "live", target("live", FLUX_REF))
     cluster.add(f"{CB}/clusterwatchrules", "", "to-live", every_configmap("live"))
+    # SSH without a deploy key: its target says so (a GitRepository gets no status of ours).
+    keyless = git_repository("ssh://git@127.0.0.1:1/r.git", name="keyless")
+    cluster.add(f"{FLUX}/gitrepositories", "team", "keyless", keyless)
+    cluster.add(f"{CB}/gittargets", "team", "k", target("k", {**FLUX_REF, "name": "keyless"}))
 
     rules = ClusterRules(cluster.client)
     config = await rules.start()
-    runtime = await asyncio.to_thread(Runtime, config, Settings(state_dir=tmp_path / "state"))
+    settings = Settings(state_dir=tmp_path / "state", rules_from_files=False)
+    runtime = await asyncio.to_thread(Runtime, config, settings)
     await runtime.start()
     rules.on_change = runtime.reconfigure
     reporter = StatusReporter(cluster.client, rules, runtime.status_state)
@@ -936,13 +941,17 @@ async def test_a_flux_git_repository_in_the_cluster_is_watched_like_our_own_kind
         await send("a")
         await reporter.report()
         assert _condition(cluster, "live")[:2] == ("True", "Ready")
-        # Flux's own status updates change no rules; a new URL takes effect without restart.
+        status, reason, message = _condition(cluster, "k")
+        assert (status, reason) == ("False", "ProviderNotReady")
+        assert message.startswith("GitRepository team/keyless: remote ssh://git@127.0.0.1:1/r")
+        assert "SSH needs a deploy key" in message
+        # A new URL takes effect without restart.
         await kubectl.apply("gitrepositories", git_repository(f"file://{second}"))
         await _until(lambda: runtime.config.providers[FLUX_KEY].url == f"file://{second}")
         await send("b")
         # Gone: the target is not ready, and says which GitRepository it misses.
         await kubectl.delete("gitrepositories", git_repository(""))
-        await _until(lambda: not runtime.config.targets)
+        await _until(lambda: list(runtime.config.targets) == [Key(namespace="team", name="k")])
         await reporter.report()
     finally:
         await runtime.close()

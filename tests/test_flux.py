@@ -4,12 +4,15 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import io
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 
+from audit_reverser.cli import main
 from audit_reverser.config.loader import load_config
 from audit_reverser.config.model import Key
 from audit_reverser.errors import ConfigError
@@ -197,3 +200,14 @@ async def test_what_is_wrong_with_a_flux_reference_is_named(tmp_path: Path) -> N
         for p in problems
     )
     assert any("duplicate GitRepository team/twice" in p for p in problems)
+
+
+def test_check_probes_a_git_repository_like_a_provider(tmp_path: Path) -> None:
+    remote = bare_repo(tmp_path / "remote.git")
+    config = tmp_path / "config.yaml"
+    documents = [git_repository(f"file://{remote}"), target("live", FLUX_REF, branch="audit")]
+    config.write_text(yaml.safe_dump_all(documents))
+    with contextlib.redirect_stdout(io.StringIO()) as out:
+        status = main(["check", "--config", str(config)])
+    assert status == 0
+    assert out.getvalue().startswith(f"GitRepository team/origin: {remote} branch audit\n")
