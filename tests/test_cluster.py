@@ -922,6 +922,11 @@ async def test_a_flux_git_repository_in_the_cluster_is_watched_like_our_own_kind
     keyless = git_repository("ssh://git@127.0.0.1:1/r.git", name="keyless")
     cluster.add(f"{FLUX}/gitrepositories", "team", "keyless", keyless)
     cluster.add(f"{CB}/gittargets", "team", "k", target("k", {**FLUX_REF, "name": "keyless"}))
+    # Workload identity is not supported: its target says so.
+    cloud = git_repository("https://github.com/o/r.git", name="cloud")
+    cloud["spec"]["provider"] = "github"
+    cluster.add(f"{FLUX}/gitrepositories", "team", "cloud", cloud)
+    cluster.add(f"{CB}/gittargets", "team", "c", target("c", {**FLUX_REF, "name": "cloud"}))
 
     rules = ClusterRules(cluster.client)
     config = await rules.start()
@@ -945,6 +950,14 @@ async def test_a_flux_git_repository_in_the_cluster_is_watched_like_our_own_kind
         assert (status, reason) == ("False", "ProviderNotReady")
         assert message.startswith("GitRepository team/keyless: remote ssh://git@127.0.0.1:1/r")
         assert "SSH needs a deploy key" in message
+        assert _condition(cluster, "c") == (
+            "False",
+            "ProviderNotFound",
+            "GitTarget team/c: spec.providerRef.name: GitRepository team/cloud not found: it "
+            "cannot be used: GitRepository team/cloud (GitRepository cloud): spec.provider: "
+            "'github' (workload identity) is not supported: give the GitRepository a "
+            "spec.secretRef with the credentials",
+        )
         # A new URL takes effect without restart.
         await kubectl.apply("gitrepositories", git_repository(f"file://{second}"))
         await _until(lambda: runtime.config.providers[FLUX_KEY].url == f"file://{second}")

@@ -307,6 +307,18 @@ class ClusterRules:
         )
         secrets[where] = await self._api.get(f"{collection}/{name}")
 
+    def _why_no_git_repository(self, problem: str, problems: list[str]) -> str:
+        """A GitTarget's 'GitRepository NS/NAME not found', with why: Flux is not there, or
+        the GitRepository is, but broken (its own problem; it gets no status of ours)."""
+        missing = re.search(rf"{FLUX_GIT_REPOSITORY} (\S+) not found$", problem)
+        if not problem.startswith("GitTarget ") or missing is None:
+            return problem
+        if self.flux.unavailable is not None:
+            return f"{problem} ({self.flux.unavailable})"
+        own = f"{FLUX_GIT_REPOSITORY} {missing[1]} ("
+        broken = next((p for p in problems if p.startswith(own)), None)
+        return f"{problem}: it cannot be used: {broken}" if broken else problem
+
     async def _build(self) -> Config:
         documents: list[tuple[str, Mapping[str, Any]]] = []
         for collection in [*self.collections, self.flux]:
@@ -348,11 +360,7 @@ class ClusterRules:
                     BACKUP_WARNING,
                 )
         config, problems = build_config(documents, sources=(self._api.server,))
-        if self.flux.unavailable is not None:
-            problems = [
-                f"{p} ({self.flux.unavailable})" if f"{FLUX_GIT_REPOSITORY} " in p else p
-                for p in problems
-            ]
+        problems = [self._why_no_git_repository(p, problems) for p in problems]
         if problems != self._problems:
             for problem in problems:
                 log.error("cluster rules: %s", problem)
