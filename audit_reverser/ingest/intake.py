@@ -9,6 +9,10 @@ commit: while Git falls behind, the backlog waits on disk, so memory stays flat 
 size, and a start after a crash reads it from where it is. Without a journal (``replay``,
 whose files are their own record) accepted events wait in a queue under the same bound.
 
+The worker hands the processor, with each event, the events for the same object queued
+behind it (in memory, read from the journal with it): one read of the object from the API
+answers them all.
+
 A journal record is marked done once every commit its event made is in the local repository
 (or its event made none). A commit that failed for a temporary reason holds the record: it
 is processed again on the next start.
@@ -19,7 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -40,6 +44,15 @@ DEFAULT_MAX_BACKLOG = 100_000
 DEFAULT_WINDOW = 1_024
 # ... and their JSON, so that large objects cannot make the window large.
 DEFAULT_WINDOW_BYTES = 8 * 1024 * 1024
+
+_ObjectKey = tuple[str, str, str, str, str]  # cluster, group, resource, namespace, name
+
+
+def _object_of(event: AuditEvent) -> _ObjectKey | None:
+    ref = event.object_ref
+    if ref is None or not ref.name:
+        return None
+    return (event.cluster, ref.api_group, ref.resource, ref.namespace, ref.name)
 
 
 class Overloaded(TemporaryError):
@@ -89,12 +102,20 @@ class Intake:
         # Every journal seq up to this one has been handed to the processor (or skipped).
         self._handed = 0
         self._moved = asyncio.Event()
+        self._waiting: dict[_ObjectKey, deque[AuditEvent]] = {}  # taken in, per object
 
     def triage(self, items: Iterable[object], *, cluster: str = "", source: str = "") -> Triage:
         result = Triage()
         for raw in items:
             self.stats.received += 1
             reason = classify_raw(raw) if isinstance(raw, Mapping) else Skip.MALFORMED
+            # A status write is almost always bookkeeping, but it may finish a deletion.
+            if (
+                reason is Skip.STATUS
+                and isinstance(raw, Mapping)
+                and self.processor.may_finish_deletion(raw, cluster=cluster)
+            ):
+                reason = None
             if reason is None:
                 assert isinstance(raw, Mapping)
                 try:
@@ -130,6 +151,7 @@ class Intake:
             for event in triage.kept:
                 await self._wait_for_room()
                 self._take(0)
+                self._index(event)
                 self._queue.put_nowait(event)
             return
         if self.journal.backlog + len(triage.kept) > self.max_backlog:
@@ -142,6 +164,31 @@ class Intake:
             for event, raw in zip(triage.kept, triage.raw, strict=True)
         ]
         await self.journal.append(entries)
+
+    def _index(self, event: AuditEvent) -> None:
+        key = _object_of(event)
+        if key is not None:
+            self._waiting.setdefault(key, deque()).append(event)
+
+    def _later(self, event: AuditEvent) -> list[AuditEvent]:
+        """Take ``event`` out of the index; the events for its object still queued."""
+        key = _object_of(event)
+        waiting = self._waiting.get(key) if key is not None else None
+        if key is None or waiting is None:
+            return []
+        for position, queued in enumerate(waiting):
+            if queued is event:
+                del waiting[position]
+                break
+        if not waiting:
+            del self._waiting[key]
+        seen = {event.audit_id}  # the same auditID queued twice is one event
+        later = []
+        for other in waiting:
+            if other.audit_id not in seen:
+                seen.add(other.audit_id)
+                later.append(other)
+        return later
 
     def start(self) -> None:
         work = self._run_queue() if self.journal is None else self._run_journal(self.journal)
@@ -194,12 +241,16 @@ class Intake:
             batch = await journal.read(
                 self.window - self.in_memory, self.window_bytes - self._in_memory_bytes
             )
-            for record in batch.records:
+            taken = []
+            for record in batch.records:  # all indexed first: each sees those behind it
                 event = self._decode(record)
                 if event is None:
                     journal.done(record.seq)
                     continue
                 self._take(len(record.event))
+                self._index(event)
+                taken.append((event, record))
+            for event, record in taken:
                 await self._handle(event, record.seq, len(record.event))
                 # A read can return a whole window of backlog: let requests in between
                 # events, so that catching up never holds an acknowledgement back.
@@ -230,8 +281,9 @@ class Intake:
         self._room.set()
 
     async def _handle(self, event: AuditEvent, seq: int | None, size: int) -> None:
+        later = self._later(event)
         try:
-            futures = await self.processor.process(event)
+            futures = await self.processor.process(event, later)
         except TemporaryError as exc:
             log.error("event %s held for the next start: %s", event.audit_id, exc)
             self._release(size)
