@@ -9,8 +9,9 @@ batch, each a new ConfigMap) back to back, as the apiserver does. Then:
 2. kill -9, and a restart with the same backlog in the journal and the remote still hung:
    peak RSS once it is ready and has read what it may;
 3. kill -9, and a restart with a remote that answers (a bare repository; a new provider URL,
-   so a fresh mirror): peak RSS while the whole backlog is committed and pushed, and how
-   long that took; every event is then checked to be in the remote exactly once.
+   so a fresh mirror): how long until the whole backlog is committed locally, and until it
+   is pushed, with the peak RSS at each point; every event is then checked to be in the
+   remote exactly once.
 
 The deployment's memory limit (deploy/deployment.yaml) is printed beside the figures.
 
@@ -171,9 +172,10 @@ class Serve:
         return 0.0
 
     def gauge(self, name: str) -> float:
+        """A metric summed over its labels (NaN when the server has no such metric)."""
         text = urllib.request.urlopen(f"http://127.0.0.1:{self.port}/metrics").read().decode()
-        found = re.search(rf"^{name} (\S+)$", text, re.M)
-        return float(found.group(1)) if found else float("nan")
+        found = re.findall(rf"^{name}(?:{{[^}}]*}})? (\S+)$", text, re.M)
+        return sum(float(value) for value in found) if found else float("nan")
 
     def kill(self) -> None:
         self.process.kill()
@@ -258,11 +260,19 @@ def main() -> None:
         start = time.perf_counter()
         try:
             while server.gauge("audit_reverser_journal_backlog") > 0:
-                time.sleep(0.5)
+                time.sleep(0.2)
             drained = time.perf_counter() - start
             print(
-                f"restart with the backlog, remote answering: committed in {drained:.1f} s "
-                f"({writes / drained:,.0f}/s), peak RSS {server.memory_mib('VmHWM'):.0f} MiB"
+                f"restart with the backlog, remote answering: committed locally in "
+                f"{drained:.1f} s ({writes / drained:,.0f}/s), peak RSS "
+                f"{server.memory_mib('VmHWM'):.0f} MiB"
+            )
+            while server.gauge("audit_reverser_unpushed_commits") > 0:
+                time.sleep(0.2)
+            pushed = time.perf_counter() - start
+            print(
+                f"  and pushed in {pushed:.1f} s ({writes / pushed:,.0f}/s), peak RSS "
+                f"{server.memory_mib('VmHWM'):.0f} MiB"
             )
         finally:
             server.process.terminate()
