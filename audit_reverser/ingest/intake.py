@@ -103,6 +103,9 @@ class Intake:
         self._handed = 0
         self._moved = asyncio.Event()
         self._waiting: dict[_ObjectKey, deque[AuditEvent]] = {}  # taken in, per object
+        # Events just accepted, parsed, by seq: while the worker keeps up, it takes them from
+        # here instead of decoding its read-back again. At most a window of them.
+        self._fresh: dict[int, AuditEvent] = {}
 
     def triage(self, items: Iterable[object], *, cluster: str = "", source: str = "") -> Triage:
         result = Triage()
@@ -163,7 +166,11 @@ class Intake:
             (event.audit_id, cluster, orjson.dumps(raw))
             for event, raw in zip(triage.kept, triage.raw, strict=True)
         ]
-        await self.journal.append(entries)
+        seqs = await self.journal.append(entries)
+        for seq, event in zip(seqs, triage.kept, strict=True):
+            if len(self._fresh) >= self.window:
+                break
+            self._fresh[seq] = event
 
     def _index(self, event: AuditEvent) -> None:
         key = _object_of(event)
@@ -243,7 +250,7 @@ class Intake:
             )
             taken = []
             for record in batch.records:  # all indexed first: each sees those behind it
-                event = self._decode(record)
+                event = self._parsed(record)
                 if event is None:
                     journal.done(record.seq)
                     continue
@@ -257,6 +264,13 @@ class Intake:
                 await asyncio.sleep(0)
             self._handed = batch.through
             self._moved.set()
+
+    def _parsed(self, record: Record) -> AuditEvent | None:
+        # Seqs are read in order: any older entry was read before it was cached.
+        while self._fresh and next(iter(self._fresh)) < record.seq:
+            del self._fresh[next(iter(self._fresh))]
+        event = self._fresh.pop(record.seq, None)
+        return event if event is not None else self._decode(record)
 
     def _decode(self, record: Record) -> AuditEvent | None:
         try:
