@@ -3,9 +3,9 @@
 Targets that point at the same repository branch (by normalized URL) share one writer, so
 their commits form one ordered history; its push policy is the most eager of its providers.
 
-With a journal (``serve``), start-up recovers first: records the last run accepted but did
-not commit are queued again before anything new is accepted, each writer learns which of
-their commits it already made (see :meth:`BranchWriter.recover`), and the processor learns
+With a journal (``serve``), start-up recovers first: the intake reads the records the last
+run accepted but did not commit from the journal before anything new, each writer learns
+which of their commits it already made (see :meth:`BranchWriter.recover`), and the processor learns
 the auditIDs already handled and the newest resourceVersions committed.
 """
 
@@ -43,7 +43,7 @@ from audit_reverser.gitstore.transport import (
 )
 from audit_reverser.gitstore.types import Identity
 from audit_reverser.gitstore.writer import BranchWriter
-from audit_reverser.ingest.intake import DEFAULT_MAX_BACKLOG, Intake
+from audit_reverser.ingest.intake import DEFAULT_MAX_BACKLOG, DEFAULT_WINDOW, Intake
 from audit_reverser.journal import DEFAULT_MIN_FREE_BYTES, Journal, SegmentFile
 from audit_reverser.pipeline.noise import Exclusions
 from audit_reverser.pipeline.processor import Processor
@@ -65,7 +65,9 @@ class Settings:
     # Only the embedded default creates a missing local remote: for a configured one, a
     # missing repository is far more likely a typo than a wish.
     create_local_remotes: bool = False
-    queue_size: int = 10_000
+    # Events held in memory between the journal (or a replayed file) and the local commit;
+    # a larger backlog waits on disk, in the journal.
+    queue_size: int = DEFAULT_WINDOW
     # serve journals what it acknowledges; replay reads files that are their own record.
     journal: bool = False
     max_backlog: int = DEFAULT_MAX_BACKLOG
@@ -270,7 +272,7 @@ class Runtime:
         self.intake = Intake(
             self.processor,
             journal=self.journal,
-            queue_size=settings.queue_size,
+            window=settings.queue_size,
             max_backlog=settings.max_backlog,
         )
         self.accepting = False
@@ -510,7 +512,6 @@ class Runtime:
             }
         )
         await journal.checkpoint()
-        self.intake.resume(recovery.pending)
 
     async def _checkpoint_loop(self, journal: Journal) -> None:
         while True:
