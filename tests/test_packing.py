@@ -12,7 +12,7 @@ import pygit2
 import pytest
 
 from audit_reverser.gitstore import packing
-from audit_reverser.gitstore.repository import MAX_PACKS, Mirror
+from audit_reverser.gitstore.repository import Mirror
 from audit_reverser.gitstore.transport import LocalTransport
 from audit_reverser.gitstore.types import FileChange, Identity
 from tests.conftest import bare_repo, git, git_files, git_show
@@ -145,18 +145,68 @@ def test_delta_encoding_matches_gits_reader(tmp_path: Path, size: int) -> None:
     assert repo[oid].data == target + b"\0" * packing.MIN_DELTA_SIZE
 
 
-def test_many_small_packs_are_merged_after_a_push(tmp_path: Path) -> None:
+def test_packs_are_merged_geometrically_after_pushes(tmp_path: Path) -> None:
+    """One pack per batch; after each push the small ones are merged, so the count stays
+    logarithmic: 64 batches leave at most log2(64) + 1 packs, and nothing is lost."""
     remote = bare_repo(tmp_path / "remote.git")
     mirror = _mirror(tmp_path, remote)
-    for change in _changes(MAX_PACKS + 5):
-        mirror.commit(change)
-        mirror.save()  # one pack per batch of one
     packs = mirror.path / "objects" / "pack"
-    assert len(list(packs.glob("*.pack"))) > MAX_PACKS
-    mirror.push()
-    assert len(list(packs.glob("*.pack"))) <= 2
+    for change in _changes(64):
+        if mirror.commit(change) is not None:
+            mirror.save()  # one pack per batch of one
+            mirror.push()
+        assert len(list(packs.glob("*.pack"))) <= 7
+    assert len(list(packs.glob("*.idx"))) == len(list(packs.glob("*.pack")))
     git(mirror.path, "fsck", "--strict", "--full", "--no-dangling")
+    git(remote, "fsck", "--strict", "--full", "--no-dangling")
     assert git_files(remote) == git_files(mirror.path)
+
+
+def test_a_push_to_a_local_remote_hands_over_the_batch_pack(tmp_path: Path) -> None:
+    """The remote receives the pack the batch wrote, byte for byte: no deltas recomputed."""
+    remote = bare_repo(tmp_path / "remote.git")
+    mirror = _mirror(tmp_path, remote)
+    for change in _changes(30):
+        mirror.commit(change)
+    mirror.save()
+    [ours] = (mirror.path / "objects" / "pack").glob("*.pack")
+    assert mirror.push() == mirror_commits(mirror)
+    assert (remote / "objects" / "pack" / ours.name).read_bytes() == ours.read_bytes()
+    git(remote, "fsck", "--strict", "--full", "--no-dangling")
+    assert git_files(remote) == git_files(mirror.path)
+
+
+def mirror_commits(mirror: Mirror) -> int:
+    return int(git(mirror.path, "rev-list", "--count", "main"))
+
+
+def test_merging_packs_keeps_one_copy_of_repeated_objects(tmp_path: Path) -> None:
+    """An object written again in a later pack (a file set back to an earlier content), with
+    a delta based on it there, is kept once, and the delta still reads back."""
+    repo = pygit2.init_repository(str(tmp_path / "r.git"), bare=True)
+    pack_dir = tmp_path / "r.git" / "objects" / "pack"
+    base = b"line of text\n" * 100
+    target = base + b"one more line\n"
+    first = packing.NewObjects(lambda oid: (0, b""))
+    first.add(packing.BLOB, b"something else" * 50)
+    shared = first.add(packing.BLOB, base)
+    one = first.write_pack(pack_dir)
+    second = packing.NewObjects(lambda oid: (0, b""))
+    second.add(packing.BLOB, base)
+    second.add(packing.BLOB, target, delta_of=shared)
+    two = second.write_pack(pack_dir)
+    assert one is not None and two is not None
+    merged = packing.merge_packs([one, two], tmp_path)
+    for old in (one, two):
+        old.unlink()
+        old.with_suffix(".idx").unlink()
+    merged.rename(pack_dir / merged.name)
+    merged.with_suffix(".idx").rename(pack_dir / merged.with_suffix(".idx").name)
+    git(tmp_path / "r.git", "fsck", "--full", "--strict")
+    listing = git(tmp_path / "r.git", "verify-pack", "-v", str(pack_dir / merged.name))
+    assert sum(1 for line in listing.splitlines() if " blob " in line) == 3
+    repo = pygit2.Repository(str(tmp_path / "r.git"))
+    assert repo[pygit2.Oid(raw=packing.object_id(packing.BLOB, target))].data == target
 
 
 def test_an_interrupted_pack_is_cleaned_up_and_the_branch_is_untouched(tmp_path: Path) -> None:

@@ -22,7 +22,8 @@ import pygit2
 from pygit2.enums import DeltaStatus, SortMode
 
 from audit_reverser.errors import MirrorWriteFailed, RemoteUnavailable, RepositoryError
-from audit_reverser.gitstore.packing import BLOB, COMMIT, NewObjects, object_id
+from audit_reverser.gitstore.localpush import RemoteMoved, can_push_directly, push_packs
+from audit_reverser.gitstore.packing import BLOB, COMMIT, NewObjects, merge_packs, object_id
 from audit_reverser.gitstore.transport import LocalTransport, Transport
 from audit_reverser.gitstore.trees import WorkingTree
 from audit_reverser.gitstore.types import FileChange, Identity, TreeChange
@@ -32,8 +33,10 @@ log = logging.getLogger(__name__)
 REMOTE_NAME = "origin"
 # Pushes that find the remote moved again, in a row, before we give up until the next try.
 MAX_REPLAYS = 5
-# More packs than this (one is written per batch) are merged into one after a push.
-MAX_PACKS = 16
+# After a push the smallest packs (one is written per batch) are merged until each pack is
+# at least this many times the size of the next smaller one: a geometric progression, so a
+# mirror holds O(log n) packs and each byte is copied O(log n) times over its life.
+GEOMETRIC_FACTOR = 2
 
 # libgit2 caches parsed objects up to 256 MiB by default; a long-running writer only ever
 # needs the trees on the paths it changes.
@@ -91,6 +94,9 @@ class Mirror:
         # path -> (fingerprint, blob id) of files committed with a FileChange.fingerprint
         self._fingerprints: dict[str, tuple[str, bytes]] = {}
         self._fingerprints_changed = False
+        # The packs written since the remote last had all our commits: what a push to a local
+        # remote hands over. None when unknown (commits of an earlier run): libgit2 pushes.
+        self._outgoing: list[Path] | None = None
 
     @property
     def repo(self) -> pygit2.Repository:
@@ -165,10 +171,13 @@ class Mirror:
         if remote is None:
             # Empty remote branch: everything local (if anything) is still to be pushed.
             self.unpushed = sum(1 for _ in self.repo.walk(_oid(local))) if local else 0
+            self._outgoing = None if local else []
         elif local is None or local == remote:
             self.repo.references.create(self._local_ref, _oid(remote), force=True)
             self.unpushed = 0
+            self._outgoing = []
         else:
+            self._outgoing = None
             ahead, behind = self.repo.ahead_behind(_oid(local), _oid(remote))
             if behind and ahead:
                 self._moved_to(local)
@@ -301,9 +310,11 @@ class Mirror:
             return
         assert self._head is not None
         try:
-            self._objects.write_pack(self.path / "objects" / "pack")
+            pack = self._objects.write_pack(self.path / "objects" / "pack")
             self.repo.references.create(self._local_ref, _oid(self._head), force=True)
             self._sync_ref()
+            if pack is not None and self._outgoing is not None:
+                self._outgoing.append(pack)
             if self._fingerprints_changed:
                 _save_fingerprints(self._fingerprint_file, self._fingerprints)
                 self._fingerprints_changed = False
@@ -347,13 +358,18 @@ class Mirror:
                 return 0
             try:
                 self._push_once()
-            except RemoteUnavailable:
+            except RemoteUnavailable as exc:
                 remote = self._fetch()
                 if remote is None or self._contains(self._head, remote):
+                    if isinstance(exc, RemoteMoved):
+                        # It moved back, or was deleted: libgit2 works out what it lacks.
+                        self._outgoing = None
+                        continue
                     raise  # the remote did not move: a transport or permission problem
                 self._replay_onto(remote)
                 continue
             pushed, self.unpushed = self.unpushed, 0
+            self._outgoing = []
             self._consolidate()
             return pushed
         raise RemoteUnavailable(
@@ -363,6 +379,21 @@ class Mirror:
 
     def _push_once(self) -> None:
         assert self._head is not None
+        if (
+            isinstance(self.transport, LocalTransport)
+            and self._outgoing is not None
+            and can_push_directly(self.transport.path, self._local_ref)
+        ):
+            old = self._target(self._tracking_ref)
+            if old is not None and not self._contains(self._head, old):
+                # Never forced: the remote's tip must be in what we push, as git checks.
+                raise RemoteMoved(f"{self.branch} of {self.transport.display} moved")
+            push_packs(self.transport.path, self._local_ref, old, self._head, self._outgoing)
+        else:
+            self._push_with_libgit2()
+        self.repo.references.create(self._tracking_ref, _oid(self._head), force=True)
+
+    def _push_with_libgit2(self) -> None:
         callbacks = self.transport.callbacks()
         refspec = f"{self._local_ref}:{self._local_ref}"
         try:
@@ -374,7 +405,6 @@ class Mirror:
         if callbacks.rejected:
             reason = "; ".join(f"{ref}: {msg}" for ref, msg in callbacks.rejected.items())
             raise RemoteUnavailable(f"push to {self.transport.display} was rejected: {reason}")
-        self.repo.references.create(self._tracking_ref, _oid(self._head), force=True)
 
     def _contains(self, commit: bytes, ancestor: bytes) -> bool:
         return commit == ancestor or self.repo.descendant_of(_oid(commit), _oid(ancestor))
@@ -415,25 +445,24 @@ class Mirror:
         )
 
     def _consolidate(self) -> None:
-        """Merge the packs into one when there are many (each batch writes one)."""
+        """Merge the smallest packs into one where they break the geometric progression."""
         pack_dir = self.path / "objects" / "pack"
-        indexes = sorted(pack_dir.glob("pack-*.idx"), key=lambda p: p.stat().st_size)
-        if len(indexes) <= MAX_PACKS:
+        packs = sorted(
+            (path for path in pack_dir.glob("pack-*.pack") if _mergeable(path)),
+            key=lambda path: path.stat().st_size,
+        )
+        merged = packs[: _rollup([path.stat().st_size for path in packs])]
+        if len(merged) < 2:
             return
-        # All but the largest: what the last merge made stays, so work does not grow with
-        # the age of the mirror.
-        merged = indexes[:-1]
-        builder = pygit2.PackBuilder(self.repo)
-        for index in merged:
-            for oid in _index_ids(index.read_bytes()):
-                builder.add(_oid(oid))
-        builder.write(str(pack_dir))
-        for index in merged:
-            for suffix in (".pack", ".idx", ".rev"):
-                index.with_suffix(suffix).unlink(missing_ok=True)
+        merge_packs(merged, pack_dir)
+        for pack in merged:
+            for suffix in (".idx", ".rev", ".bitmap", ".pack"):
+                pack.with_suffix(suffix).unlink(missing_ok=True)
+        # git's multi-pack index (if someone made one here) would name the removed packs.
+        (pack_dir / "multi-pack-index").unlink(missing_ok=True)
         # libgit2 keeps the removed packs open until the repository is opened again.
         self._repo = pygit2.Repository(str(self.path))
-        log.info("%s: merged %d packs into one", self.path, len(merged))
+        log.debug("%s: merged %d packs into one", self.path, len(merged))
 
 
 def _changes(commit: pygit2.Commit) -> list[tuple[str, bytes | None]]:
@@ -461,11 +490,26 @@ def _rebased(data: bytes, tree: bytes, parent: bytes | None) -> bytes:
     return b"\n".join(lines) + separator + message
 
 
-def _index_ids(index: bytes) -> list[bytes]:
-    """The object ids listed in a version 2 pack index."""
-    count = int.from_bytes(index[8 + 255 * 4 : 8 + 256 * 4], "big")
-    start = 8 + 256 * 4
-    return [index[start + 20 * i : start + 20 * (i + 1)] for i in range(count)]
+def _mergeable(pack: Path) -> bool:
+    """A pack with its index, which nobody asked to keep as it is."""
+    return pack.with_suffix(".idx").is_file() and not (
+        pack.with_suffix(".keep").exists() or pack.with_suffix(".promisor").exists()
+    )
+
+
+def _rollup(sizes: list[int]) -> int:
+    """How many of the smallest packs (``sizes`` ascending) to merge so that the packs left
+    and the merged one form a geometric progression (git's ``repack --geometric``)."""
+    split = 0
+    for i in range(len(sizes) - 1, 0, -1):
+        if sizes[i] < GEOMETRIC_FACTOR * sizes[i - 1]:
+            split = i + 1  # the larger of the pair cannot stay in the progression either
+            break
+    total = sum(sizes[:split])
+    while split < len(sizes) and sizes[split] < GEOMETRIC_FACTOR * total:
+        total += sizes[split]
+        split += 1
+    return split
 
 
 def _load_fingerprints(path: Path) -> dict[str, tuple[str, bytes]]:
