@@ -5,7 +5,8 @@ object back and searches deltas for each (it cannot reuse the deltas stored in o
 which cost more than making the commits. For a local bare repository the same result is
 cheaper to get directly: the packs written since the last push hold exactly the objects the
 remote lacks, already compressed and delta-encoded, so they are merged (copied as stored)
-into one pack in the remote's object directory, and then the branch moves, but only if it
+into one pack in the remote's object directory (one pack is hard-linked there where the
+file system allows), and then the branch moves, but only if it
 still points where we last saw it. That is how ``git receive-pack`` and libgit2's local
 transport update a branch: the reference is locked with a ``.lock`` file created exclusively,
 compared, written, synced and renamed into place. Someone else's push in between makes ours
@@ -46,11 +47,27 @@ def push_packs(remote: Path, ref: str, old: bytes | None, new: bytes, packs: lis
     """Put the objects of ``packs`` into ``remote`` and move ``ref`` from ``old`` (None: it
     must not exist yet) to ``new``; :class:`RemoteMoved` when it is somewhere else."""
     try:
-        if packs:
+        if len(packs) == 1:
+            _link_pack(packs[0], remote / "objects" / "pack")
+        elif packs:
             merge_packs(packs, remote / "objects" / "pack")
         _update_ref(remote, ref, old, new)
     except OSError as exc:
         raise RemoteUnavailable(f"cannot write to {remote}: {exc}") from exc
+
+
+def _link_pack(pack: Path, pack_dir: Path) -> None:
+    """Give ``pack_dir`` the same pack file (packs never change): a hard link where the two
+    share a file system, so nothing is copied or synced again; else a durable copy."""
+    try:
+        for suffix in (".pack", ".idx"):  # the index last: it makes the pack visible
+            target = pack_dir / pack.with_suffix(suffix).name
+            if not target.exists():
+                os.link(pack.with_suffix(suffix), target)
+    except OSError:  # another file system, or links not allowed
+        merge_packs([pack], pack_dir)
+        return
+    sync_directory(pack_dir)
 
 
 def _update_ref(remote: Path, ref: str, old: bytes | None, new: bytes) -> None:
