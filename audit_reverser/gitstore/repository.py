@@ -33,10 +33,10 @@ log = logging.getLogger(__name__)
 REMOTE_NAME = "origin"
 # Pushes that find the remote moved again, in a row, before we give up until the next try.
 MAX_REPLAYS = 5
-# After a push the smallest packs (one is written per batch) are merged until each pack is
-# at least this many times the size of the next smaller one: a geometric progression, so a
-# mirror holds O(log n) packs and each byte is copied O(log n) times over its life.
-GEOMETRIC_FACTOR = 2
+# Packs (one per batch) are kept in tiers of sizes within a factor of 4; after a push, once a
+# tier holds 4 packs they are merged into one of the next tier (with any smaller ones). A
+# mirror thus holds O(log n) packs, and each byte is copied once per tier: O(log n).
+TIER_PACKS = 4
 
 # libgit2 caches parsed objects up to 256 MiB by default; a long-running writer only ever
 # needs the trees on the paths it changes.
@@ -445,24 +445,23 @@ class Mirror:
         )
 
     def _consolidate(self) -> None:
-        """Merge the smallest packs into one where they break the geometric progression."""
+        """Merge the packs of the smallest full tier (and any smaller ones) into one, and
+        again while that fills the next tier."""
         pack_dir = self.path / "objects" / "pack"
-        packs = sorted(
-            (path for path in pack_dir.glob("pack-*.pack") if _mergeable(path)),
-            key=lambda path: path.stat().st_size,
-        )
-        merged = packs[: _rollup([path.stat().st_size for path in packs])]
-        if len(merged) < 2:
-            return
-        merge_packs(merged, pack_dir)
-        for pack in merged:
-            for suffix in (".idx", ".rev", ".bitmap", ".pack"):
-                pack.with_suffix(suffix).unlink(missing_ok=True)
-        # git's multi-pack index (if someone made one here) would name the removed packs.
-        (pack_dir / "multi-pack-index").unlink(missing_ok=True)
-        # libgit2 keeps the removed packs open until the repository is opened again.
-        self._repo = pygit2.Repository(str(self.path))
-        log.debug("%s: merged %d packs into one", self.path, len(merged))
+        while True:
+            packs = [(p.stat().st_size, p) for p in pack_dir.glob("pack-*.pack") if _mergeable(p)]
+            merged = _full_tier(packs)
+            if len(merged) < 2:
+                return
+            merge_packs(merged, pack_dir)
+            for pack in merged:
+                for suffix in (".idx", ".rev", ".bitmap", ".pack"):
+                    pack.with_suffix(suffix).unlink(missing_ok=True)
+            # git's multi-pack index (if someone made one here) would name the removed packs.
+            (pack_dir / "multi-pack-index").unlink(missing_ok=True)
+            # libgit2 keeps the removed packs open until the repository is opened again.
+            self._repo = pygit2.Repository(str(self.path))
+            log.debug("%s: merged %d packs into one", self.path, len(merged))
 
 
 def _changes(commit: pygit2.Commit) -> list[tuple[str, bytes | None]]:
@@ -497,19 +496,20 @@ def _mergeable(pack: Path) -> bool:
     )
 
 
-def _rollup(sizes: list[int]) -> int:
-    """How many of the smallest packs (``sizes`` ascending) to merge so that the packs left
-    and the merged one form a geometric progression (git's ``repack --geometric``)."""
-    split = 0
-    for i in range(len(sizes) - 1, 0, -1):
-        if sizes[i] < GEOMETRIC_FACTOR * sizes[i - 1]:
-            split = i + 1  # the larger of the pair cannot stay in the progression either
-            break
-    total = sum(sizes[:split])
-    while split < len(sizes) and sizes[split] < GEOMETRIC_FACTOR * total:
-        total += sizes[split]
-        split += 1
-    return split
+def _tier(size: int) -> int:
+    return (size.bit_length() - 1) // (TIER_PACKS.bit_length() - 1)
+
+
+def _full_tier(packs: list[tuple[int, Path]]) -> list[Path]:
+    """The packs of the smallest tier that holds :data:`TIER_PACKS` packs, with the packs
+    of every smaller tier; none when no tier is full."""
+    count: dict[int, int] = {}
+    for size, _ in packs:
+        count[_tier(size)] = count.get(_tier(size), 0) + 1
+    full = [tier for tier, n in count.items() if n >= TIER_PACKS]
+    if not full:
+        return []
+    return [path for size, path in packs if _tier(size) <= min(full)]
 
 
 def _load_fingerprints(path: Path) -> dict[str, tuple[str, bytes]]:
