@@ -130,6 +130,57 @@ def test_large_folders_round_trip_through_deltas(tmp_path: Path) -> None:
     assert "chain length = 50" in stats  # deltas made, and capped at git's default depth
 
 
+def test_a_big_folder_is_stored_whole_once_per_batch(tmp_path: Path) -> None:
+    """Hundreds of creates, updates and deletes anywhere in a folder of 3,000 files, in one
+    batch: past the depth of a delta chain each version is a delta against the batch's whole
+    version, so the folder is stored whole once; history as fast-import makes it."""
+    remote = bare_repo(tmp_path / "remote.git")
+    mirror = _mirror(tmp_path, remote)
+    when = datetime(2026, 3, 1, tzinfo=UTC)
+    author = Identity(name="Jane", email="jane@example.com")
+    rnd = random.Random(3)
+    names = [f"live/v1/configmaps/big/cm-{rnd.randrange(10**6):06d}.yaml" for _ in range(3000)]
+    changes = [
+        FileChange(path=name, content=b"v: 0\n", message=f"c {i}", author=author, time=when)
+        for i, name in enumerate(names)
+    ]
+    for i in range(300):
+        name = rnd.choice(names) if i % 3 else f"live/v1/configmaps/big/new-{rnd.randrange(10**6)}"
+        body = None if i % 5 == 0 else f"v: {i + 1}\n".encode()
+        changes.append(
+            FileChange(path=name, content=body, message=f"u {i}", author=author, time=when)
+        )
+    for change in changes[:3000]:
+        mirror.commit(change)
+    mirror.save()
+    for change in changes[3000:]:
+        mirror.commit(change)
+    mirror.save()
+    reference = bare_repo(tmp_path / "reference.git")
+    stream = _fast_import_stream(changes, set())
+    subprocess.run(
+        ["git", "-C", str(reference), "fast-import", "--quiet"], input=stream, check=True
+    )
+    assert mirror.tip == git(reference, "rev-parse", "main").strip()
+    git(mirror.path, "fsck", "--strict", "--full", "--no-dangling")
+    listings = [
+        git(mirror.path, "verify-pack", "-v", str(idx))
+        for idx in (mirror.path / "objects/pack").glob("*.idx")
+    ]
+    [second] = [text for text in listings if str(mirror.tip) in text]  # the second batch's
+    listing = second.splitlines()
+    whole_big_trees = [
+        line
+        for line in listing
+        if " tree " in line and len(line.split()) == 5 and int(line.split()[2]) > 64 * 1024
+    ]
+    assert len(whole_big_trees) == 1
+    depths = [
+        int(line.split()[5]) for line in listing if " tree " in line and len(line.split()) == 7
+    ]
+    assert max(depths) <= 50 and len(depths) > 250
+
+
 @pytest.mark.parametrize("size", [0, 1, 127, 128, 0x10000, 0x10001, 2 * 0x1000000 + 5])
 def test_delta_encoding_matches_gits_reader(tmp_path: Path, size: int) -> None:
     """Inserts longer than 127 bytes and copies longer than 64 KiB or 16 MiB are split."""

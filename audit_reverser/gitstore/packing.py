@@ -9,7 +9,10 @@ index) into the mirror, where libgit2 and git read them like any other pack.
 
 Trees rewritten again and again in one batch (the directory of a busy namespace) are stored
 as deltas against their previous version: the copy/insert instructions are known from the
-common prefix and suffix of the two versions, so no delta search is needed.
+common prefix and suffix of the two versions, so no delta search is needed. Where that chain
+would grow past git's depth, a big tree is stored as a delta against the batch's first
+version of it instead (:meth:`NewObjects.add_delta`, with instructions :mod:`.trees` derives
+from the entries that changed), not written out whole again.
 """
 
 from __future__ import annotations
@@ -50,6 +53,7 @@ class _Pending:
     data: bytes
     base: bytes | None  # the object this one is stored as a delta of
     depth: int
+    delta: bytes | None = None  # the delta from ``base``, when the caller made it
 
 
 class NewObjects:
@@ -74,6 +78,19 @@ class NewObjects:
                 base, depth = delta_of, previous.depth + 1
         self._pending[oid] = _Pending(kind, data, base, depth)
         return oid
+
+    def add_delta(self, kind: int, data: bytes, *, base: bytes, delta: bytes) -> bytes:
+        """Store an object as ``delta`` (which turns ``base``, a pending object, into
+        ``data``) and return its id."""
+        oid = object_id(kind, data)
+        if oid not in self._pending:
+            self._pending[oid] = _Pending(kind, data, base, self._pending[base].depth + 1, delta)
+        return oid
+
+    def depth(self, oid: bytes) -> int | None:
+        """The delta depth of a pending object (0: stored whole); None when not pending."""
+        pending = self._pending.get(oid)
+        return pending.depth if pending is not None else None
 
     def is_new(self, oid: bytes) -> bool:
         return oid in self._pending
@@ -313,6 +330,18 @@ def _insert(out: bytearray, data: bytes) -> None:
         out += chunk
 
 
+def compose_delta(base_size: int, target_size: int, ops: list[tuple[int, int] | bytes]) -> bytes:
+    """A git delta from its instructions: ``(offset, size)`` copies from the base and
+    ``bytes`` inserted."""
+    out = _size_varint(base_size) + _size_varint(target_size)
+    for op in ops:
+        if isinstance(op, bytes):
+            _insert(out, op)
+        elif op[1]:
+            _copy(out, op[0], op[1])
+    return bytes(out)
+
+
 def make_delta(base: bytes, target: bytes) -> bytes:
     """A git delta turning ``base`` into ``target``: copy the common prefix and suffix,
     insert what lies between."""
@@ -350,7 +379,9 @@ def _encode_pack(objects: dict[bytes, _Pending]) -> tuple[bytes, bytes]:
     for oid, entry in objects.items():
         start = len(pack)
         if entry.base is not None:
-            delta = make_delta(objects[entry.base].data, entry.data)
+            delta = entry.delta
+            if delta is None:
+                delta = make_delta(objects[entry.base].data, entry.data)
             record = _entry_header(_OFS_DELTA, len(delta))
             record += _offset_encoding(start - offsets[entry.base])
             record += _compress(delta, _LEVELS[entry.kind])

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import re
 from bisect import bisect_left
+from itertools import accumulate
 
-from audit_reverser.gitstore.packing import TREE, NewObjects
+from audit_reverser.gitstore.packing import MAX_DELTA_DEPTH, TREE, NewObjects, compose_delta
 
 TREE_MODE = b"40000"
 FILE_MODE = b"100644"
@@ -21,6 +22,9 @@ _ENTRY = re.compile(rb"(([0-7]+) ([^\0]+)\0.{20})", re.DOTALL)
 
 # Loaded directories are forgotten past this many entries in all; they load again on use.
 MAX_CACHED_ENTRIES = 500_000
+# A tree at least this big (about 1,500 entries) that is written whole keeps a copy of its
+# entries' order, so that its versions further down the batch can be deltas against it.
+BASE_MIN_SIZE = 64 * 1024
 
 
 def _sort_key(name: bytes, mode: bytes) -> bytes:
@@ -28,10 +32,39 @@ def _sort_key(name: bytes, mode: bytes) -> bytes:
     return name + b"/" if mode == TREE_MODE else name
 
 
+class _Base:
+    """A version of a big tree written whole in this batch, and the entries changed since."""
+
+    __slots__ = ("changed", "keys", "offsets", "oid")
+
+    def __init__(self, oid: bytes, keys: list[bytes], records: list[bytes]) -> None:
+        self.oid = oid
+        self.keys = list(keys)
+        self.offsets = [0, *accumulate(map(len, records))]  # of each entry in the tree
+        self.changed: set[bytes] = set()  # sort keys
+
+    def delta_to(self, directory: Directory, size: int) -> bytes:
+        """The delta from this version to ``directory`` (encoded in ``size`` bytes): copies
+        of the runs of entries in between the changed ones, the changed entries inserted.
+        Its cost grows with the changes, not with the folder."""
+        ops: list[tuple[int, int] | bytes] = []
+        at = 0  # the next entry of the base still to copy
+        for key in sorted(self.changed):
+            position = bisect_left(self.keys, key)
+            ops.append((self.offsets[at], self.offsets[position] - self.offsets[at]))
+            in_base = position < len(self.keys) and self.keys[position] == key
+            at = position + 1 if in_base else position
+            now = bisect_left(directory.keys, key)
+            if now < len(directory.keys) and directory.keys[now] == key:
+                ops.append(directory.records[now])
+        ops.append((self.offsets[at], self.offsets[-1] - self.offsets[at]))
+        return compose_delta(self.offsets[-1], size, ops)
+
+
 class Directory:
     """One tree: its entries encoded as Git stores them, kept in Git's order."""
 
-    __slots__ = ("keys", "modes", "oid", "records", "written")
+    __slots__ = ("base", "keys", "modes", "oid", "records", "written")
 
     def __init__(self, data: bytes = b"", oid: bytes | None = None) -> None:
         self.modes: dict[bytes, bytes] = {}
@@ -39,6 +72,7 @@ class Directory:
         self.records: list[bytes] = []  # b"<mode> <name>\0<20-byte id>", in the same order
         self.oid = oid  # None while changed and not yet written
         self.written = oid  # the last id written or loaded: the base for a delta
+        self.base: _Base | None = None
         if data:
             found = _ENTRY.findall(data)
             self.records = [record for record, _, _ in found]
@@ -72,13 +106,32 @@ class Directory:
             self.keys.insert(position, _sort_key(name, mode))
             self.records.insert(position, record)
             self.modes[name] = mode
+        if self.base is not None:
+            self.base.changed.add(_sort_key(name, mode))
         self.oid = None
 
     def remove(self, name: bytes) -> None:
         position = self._position(name, self.modes.pop(name))
+        if self.base is not None:
+            self.base.changed.add(self.keys[position])
         del self.keys[position]
         del self.records[position]
         self.oid = None
+
+    def store(self, objects: NewObjects) -> bytes:
+        """Add this version to ``objects``: as a delta of the previous one while that chain
+        is short, else of the batch's whole version, else whole; returns its id."""
+        data = self.encode()
+        previous = objects.depth(self.written) if self.written is not None else None
+        if previous is not None and previous < MAX_DELTA_DEPTH:
+            return objects.add(TREE, data, delta_of=self.written)
+        if self.base is not None and objects.depth(self.base.oid) == 0:
+            delta = self.base.delta_to(self, len(data))
+            return objects.add_delta(TREE, data, base=self.base.oid, delta=delta)
+        oid = objects.add(TREE, data)
+        big = len(data) >= BASE_MIN_SIZE and objects.depth(oid) == 0
+        self.base = _Base(oid, self.keys, self.records) if big else None
+        return oid
 
     def encode(self) -> bytes:
         return b"".join(self.records)
@@ -176,9 +229,7 @@ class WorkingTree:
                         parent.remove(name.encode())
                     continue
             if directory.oid is None:
-                directory.oid = self._objects.add(
-                    TREE, directory.encode(), delta_of=directory.written
-                )
+                directory.oid = directory.store(self._objects)
                 directory.written = directory.oid
             if path:
                 parent.set(name.encode(), TREE_MODE, directory.oid)
