@@ -15,9 +15,10 @@ It prints commits/s, our ratio to fast-import, and each method's cost per commit
 files relative to 1k. Both sides must end on the same commit id (byte-identical history),
 which the script checks. A last line times pushing the commits to a bare repository.
 
-``--long-run N`` instead makes N single-file commits (a 1k-file repository growing by new
-files in 200 folders) the way the writer drains a backlog: batches of 256, each saved and
-pushed to a local bare repository, packs merged as they pile up. It prints commits/s for
+``--long-run N`` instead makes N single-file commits (updates of random files in a
+10k-file repository, so that only the history grows) the way the writer drains a backlog:
+batches of 256, each saved and pushed to a local bare repository, packs merged as they pile
+up. It prints commits/s for
 each tenth of the run (flat means upkeep does not grow with the history), the packs in the
 mirror at the end and the share of time in committing, saving and pushing.
 
@@ -211,7 +212,9 @@ def long_run(commits: int) -> None:
         work = Path(tmp)
         remote = work / "remote.git"
         pygit2.init_repository(str(remote), bare=True, initial_head="main")
-        fast_import(remote, base_stream(layout(1000)))
+        paths = layout(10_000)
+        fast_import(remote, base_stream(paths))
+        rnd = random.Random(7)
         mirror = Mirror(work / "mirror.git", LocalTransport(remote), "main", COMMITTER)
         mirror.open()
         mirror.sync()
@@ -222,12 +225,12 @@ def long_run(commits: int) -> None:
         for start in range(0, commits, BATCH):
             begin = time.perf_counter()
             for i in range(start, min(commits, start + BATCH)):
-                path = f"clusters/prod/v1/configmaps/ns-{i % 200:03d}/new-{i:07d}.yaml"
+                path = rnd.choice(paths)
                 mirror.commit(
                     FileChange(
                         path=path,
-                        content=content(path, i),
-                        message=f"[CREATE] {path}\n\nAudit-ID: l-{i}\n",
+                        content=content(path, i + 1),
+                        message=f"[UPDATE] {path}\n\nAudit-ID: l-{i}\n",
                         author=Identity(name="dev", email="dev@example.com"),
                         time=datetime.fromtimestamp(START + i, UTC),
                     )

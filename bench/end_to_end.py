@@ -86,11 +86,18 @@ def _create(i: int, namespace: str, name: str) -> dict[str, Any]:
     }
 
 
-def _bodies(writes: int, folders: list[str], first: int = 0) -> list[bytes]:
-    """EventLists of ``BATCH`` creates, names spread over ``folders`` (namespaces)."""
+def _bodies(
+    writes: int, folders: list[str], first: int = 0, paths: dict[str, str] | None = None
+) -> list[bytes]:
+    """EventLists of ``BATCH`` creates, names spread over ``folders`` (namespaces); the file
+    each makes goes into ``paths``, by Audit-ID."""
     items = [
         _create(first + i, folders[i % len(folders)], f"cm-{first + i:07d}") for i in range(writes)
     ]
+    if paths is not None:
+        for item in items:
+            ref = item["responseObject"]["metadata"]
+            paths[item["auditID"]] = f"{TARGET}/v1/configmaps/{ref['namespace']}/{ref['name']}.yaml"
     return [
         orjson.dumps(
             {
@@ -241,39 +248,37 @@ def _data(payload: bytes) -> bytes:
     return b"data %d\n%s\n" % (len(payload), payload)
 
 
-def _stream(remote: Path, since: pygit2.Oid | None) -> list[bytes]:
+def _stream(remote: Path, since: pygit2.Oid, paths: dict[str, str]) -> list[bytes]:
     """fast-import commands remaking each commit after ``since`` on the remote's branch:
-    the same files, author and committer lines and message."""
+    the same file, author and committer lines and message. Each commit created one file, the
+    one ``paths`` gives for its Audit-ID (diffing trees of a big folder would take longer
+    than the whole run)."""
     repo = pygit2.Repository(str(remote))
-    walker = repo.walk(
-        _tip(remote), pygit2.enums.SortMode.TOPOLOGICAL | pygit2.enums.SortMode.REVERSE
-    )
-    if since is not None:
-        walker.hide(since)
+    tip = repo[_tip(remote)].peel(pygit2.Commit)
+    walker = repo.walk(tip.id, pygit2.enums.SortMode.TOPOLOGICAL | pygit2.enums.SortMode.REVERSE)
+    walker.hide(since)
     commands = []
     for n, commit in enumerate(walker):
         header, _, message = repo.odb.read(commit.id)[1].partition(b"\n\n")
         people = [
             line for line in header.split(b"\n") if line.startswith((b"author ", b"committer "))
         ]
-        parts = [
-            b"commit refs/heads/main\n",
-            *(line + b"\n" for line in people),
-            _data(message),  # the data's length is exact; the newline after it is optional
-            b"" if n else b"from refs/heads/main^0\n",
-        ]
-        diff = (
-            commit.tree.diff_to_tree(commit.parents[0].tree, swap=True)
-            if commit.parents
-            else commit.tree.diff_to_tree(swap=True)
+        found = re.search(rb"Audit-ID: (\S+)", message)
+        if found is None:
+            raise SystemExit(f"commit {commit.id} has no Audit-ID")
+        path = paths[found.group(1).decode()]
+        commands.append(
+            b"".join(
+                [
+                    b"commit refs/heads/main\n",
+                    *(line + b"\n" for line in people),
+                    _data(message),  # the data's length is exact; the newline after is optional
+                    b"" if n else b"from refs/heads/main^0\n",
+                    b"M 100644 inline %s\n" % path.encode(),
+                    _data(tip.tree[path].data),
+                ]
+            )
         )
-        for delta in diff.deltas:
-            if delta.status == pygit2.enums.DeltaStatus.DELETED:
-                parts.append(b"D %s\n" % delta.old_file.path.encode())
-            else:
-                parts.append(b"M 100644 inline %s\n" % delta.new_file.path.encode())
-                parts.append(_data(repo[delta.new_file.id].data))
-        commands.append(b"".join(parts))
     return commands
 
 
@@ -385,7 +390,8 @@ def run_case(case: str, writes: int, work: Path) -> dict[str, float]:
             shutil.copytree(remote, work / "reference-base.git")
             shutil.copytree(remote, work / "reference-remote.git")
             start_count = _commits(remote)
-            bodies = _bodies(writes, folders)
+            paths: dict[str, str] = {}
+            bodies = _bodies(writes, folders, paths=paths)
             begin = time.perf_counter()
             acknowledged = asyncio.run(_post_all(port, bodies))
             done = _wait_for(remote, start_count + writes, 3600)
@@ -393,7 +399,7 @@ def run_case(case: str, writes: int, work: Path) -> dict[str, float]:
         finally:
             server.terminate()
             server.wait(timeout=120)
-        commands = _stream(remote, start_tip)
+        commands = _stream(remote, start_tip, paths)
         ours_tip = str(_tip(remote))
         reference_base, reference_remote = (
             work / "reference-base.git",
