@@ -181,6 +181,22 @@ def test_a_big_folder_is_stored_whole_once_per_batch(tmp_path: Path) -> None:
     assert max(depths) <= 50 and len(depths) > 250
 
 
+def test_earlier_versions_in_a_batch_read_back_from_their_deltas(tmp_path: Path) -> None:
+    """Only the newest version of a delta chain is kept whole in memory; the others are
+    rebuilt from their base when read, and the pack holds them all."""
+    objects = packing.NewObjects(lambda oid: (0, b""))
+    versions = [b"".join(b"line %d of %d\n" % (i, v) for i in range(100)) for v in range(60)]
+    ids = [objects.add(packing.BLOB, versions[0])]
+    for version in versions[1:]:
+        ids.append(objects.add(packing.BLOB, version, delta_of=ids[-1]))
+    for oid, version in zip(ids, versions, strict=True):
+        assert objects.read(oid) == (packing.BLOB, version)
+    pygit2.init_repository(str(tmp_path / "r.git"), bare=True)
+    objects.write_pack(tmp_path / "r.git" / "objects" / "pack")
+    git(tmp_path / "r.git", "fsck", "--full", "--strict")
+    assert git(tmp_path / "r.git", "cat-file", "blob", ids[30].hex()).encode() == versions[30]
+
+
 @pytest.mark.parametrize("size", [0, 1, 127, 128, 0x10000, 0x10001, 2 * 0x1000000 + 5])
 def test_delta_encoding_matches_gits_reader(tmp_path: Path, size: int) -> None:
     """Inserts longer than 127 bytes and copies longer than 64 KiB or 16 MiB are split."""
