@@ -97,6 +97,7 @@ class Mirror:
         # The packs written since the remote last had all our commits: what a push to a local
         # remote hands over. None when unknown (commits of an earlier run): libgit2 pushes.
         self._outgoing: list[Path] | None = None
+        self._builds_on: bytes | None = None
 
     @property
     def repo(self) -> pygit2.Repository:
@@ -192,6 +193,9 @@ class Mirror:
         """Start building on ``head`` (the saved branch tip), forgetting anything unsaved."""
         self._objects.discard()
         self._head = self._saved = head
+        # Every commit made from here on has it as an ancestor: a push from a remote tip
+        # equal to it needs no walk of the history to know it is a fast-forward.
+        self._builds_on = head
         self._unsaved = 0
         self._tree = WorkingTree(self._objects, self._tree_of(head) if head else None)
 
@@ -370,6 +374,7 @@ class Mirror:
                 continue
             pushed, self.unpushed = self.unpushed, 0
             self._outgoing = []
+            self._builds_on = self._head
             self._consolidate()
             return pushed
         raise RemoteUnavailable(
@@ -385,7 +390,7 @@ class Mirror:
             and can_push_directly(self.transport.path, self._local_ref)
         ):
             old = self._target(self._tracking_ref)
-            if old is not None and not self._contains(self._head, old):
+            if old is not None and old != self._builds_on and not self._contains(self._head, old):
                 # Never forced: the remote's tip must be in what we push, as git checks.
                 raise RemoteMoved(f"{self.branch} of {self.transport.display} moved")
             push_packs(self.transport.path, self._local_ref, old, self._head, self._outgoing)
