@@ -3,6 +3,7 @@ makes for the same changes, and a repository ``git fsck --strict`` finds nothing
 
 from __future__ import annotations
 
+import errno
 import random
 import subprocess
 from datetime import UTC, datetime, timedelta, timezone
@@ -11,7 +12,7 @@ from pathlib import Path
 import pygit2
 import pytest
 
-from audit_reverser.gitstore import packing
+from audit_reverser.gitstore import packing, repository
 from audit_reverser.gitstore.repository import Mirror
 from audit_reverser.gitstore.transport import LocalTransport
 from audit_reverser.gitstore.types import FileChange, Identity
@@ -251,6 +252,25 @@ def test_a_push_to_a_local_remote_hands_over_the_batch_pack(tmp_path: Path) -> N
 
 def mirror_commits(mirror: Mirror) -> int:
     return int(git(mirror.path, "rev-list", "--count", "main"))
+
+
+def test_a_merge_that_fails_leaves_the_push_done_and_the_packs_whole(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    remote = bare_repo(tmp_path / "remote.git")
+    mirror = _mirror(tmp_path, remote)
+
+    def disk_full(packs: list[Path], pack_dir: Path) -> Path:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(repository, "merge_packs", disk_full)
+    for change in _changes(12):
+        if mirror.commit(change) is not None:
+            mirror.save()
+            assert mirror.push() == 1
+    assert len(list((mirror.path / "objects" / "pack").glob("*.pack"))) >= 4  # none merged
+    git(mirror.path, "fsck", "--strict", "--full", "--no-dangling")
+    assert git_files(remote) == git_files(mirror.path)
 
 
 def test_merging_packs_keeps_one_copy_of_repeated_objects(tmp_path: Path) -> None:

@@ -375,7 +375,11 @@ class Mirror:
             pushed, self.unpushed = self.unpushed, 0
             self._outgoing = []
             self._builds_on = self._head
-            self._consolidate()
+            try:
+                self._consolidate()
+            except (OSError, pygit2.GitError, ValueError) as exc:
+                # Merging only saves reads; the packs as they are hold everything.
+                log.warning("%s: could not merge packs: %s", self.path, exc)
             return pushed
         raise RemoteUnavailable(
             f"branch {self.branch} of {self.transport.display} moved {MAX_REPLAYS} times while "
