@@ -26,6 +26,7 @@ from bisect import bisect_right
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 COMMIT, TREE, BLOB = 1, 2, 3
 _OFS_DELTA = 6
@@ -188,50 +189,99 @@ def merge_packs(packs: list[Path], pack_dir: Path) -> Path:
     so the cost is one pass over the bytes, whatever the content. A pack sharing no object
     with those before it is copied whole (its internal offsets stay valid); otherwise its
     entries are copied one by one, repeated objects left out and offset deltas re-pointed.
+    The bytes go through a file in chunks: merging the big tiers of a long drain held them
+    in memory three times over (hundreds of MiB for a busy folder), next to the process's
+    memory limit. What is held is the ids, offsets and CRCs of the objects.
     """
-    if len(packs) == 1:  # nothing to merge: the same bytes under the same name
-        body = packs[0].read_bytes()
-        return _install_pack(pack_dir, body, packs[0].with_suffix(".idx").read_bytes())
-    pack = bytearray(b"PACK\0\0\0\2\0\0\0\0")
+    pack_dir.mkdir(parents=True, exist_ok=True)
+    indexes = [read_index(path.with_suffix(".idx").read_bytes()) for path in packs]
+    count = len(set().union(*(oids for oids, _, _ in indexes)))
+    temporary = pack_dir / f"tmp_pack-merge-{os.getpid()}.pack"
+    temporary.unlink(missing_ok=True)  # read-only, left by a crash
     offsets: dict[bytes, int] = {}  # id -> offset in the new pack
     crcs: dict[bytes, int] = {}
-    for path in packs:
-        data = path.read_bytes()
-        oids, old_offsets, old_crcs = read_index(path.with_suffix(".idx").read_bytes())
-        if offsets.keys().isdisjoint(oids):
-            shift = len(pack) - 12
-            pack += memoryview(data)[12:-20]
-            offsets.update(zip(oids, map(shift.__add__, old_offsets), strict=True))
-            crcs.update(zip(oids, old_crcs, strict=True))
-        else:
-            entries = sorted(zip(old_offsets, oids, old_crcs, strict=True))
-            _copy_entries(data, entries, pack, offsets, crcs)
-    pack[8:12] = struct.pack(">I", len(offsets))
-    checksum = hashlib.sha1(pack, usedforsecurity=False).digest()
-    pack += checksum
-    return _install_pack(pack_dir, bytes(pack), _encode_index(offsets, crcs, checksum))
+    with open(temporary, "wb") as out:
+        sink = _HashedFile(out)
+        sink.write(b"PACK" + struct.pack(">II", 2, count))
+        for path, (oids, old_offsets, old_crcs) in zip(packs, indexes, strict=True):
+            with open(path, "rb") as source:
+                size = os.fstat(source.fileno()).st_size
+                if offsets.keys().isdisjoint(oids):
+                    shift = sink.size - 12
+                    source.seek(12)
+                    sink.copy(source, size - 32)
+                    offsets.update(zip(oids, map(shift.__add__, old_offsets), strict=True))
+                    crcs.update(zip(oids, old_crcs, strict=True))
+                else:
+                    entries = sorted(zip(old_offsets, oids, old_crcs, strict=True))
+                    _copy_entries(source, size, entries, sink, offsets, crcs)
+        checksum = sink.digest()
+        out.write(checksum)
+        out.flush()
+        os.fdatasync(out.fileno())
+    temporary.chmod(0o444)
+    name = f"pack-{checksum.hex()}"
+    pack_path = pack_dir / f"{name}.pack"
+    temporary.replace(pack_path)
+    index = _encode_index(offsets, crcs, checksum)
+    _write_durably(pack_dir / f"tmp_{name}.idx", pack_dir / f"{name}.idx", index)
+    sync_directory(pack_dir)
+    return pack_path
+
+
+_CHUNK = 1 << 20
+
+
+class _HashedFile:
+    """A file being written, with the SHA-1 and size of what was written so far."""
+
+    def __init__(self, out: BinaryIO) -> None:
+        self._out = out
+        self._hash = hashlib.sha1(usedforsecurity=False)
+        self.size = 0
+
+    def write(self, data: bytes) -> None:
+        self._out.write(data)
+        self._hash.update(data)
+        self.size += len(data)
+
+    def copy(self, source: BinaryIO, size: int) -> None:
+        """Append the next ``size`` bytes of ``source``, a chunk at a time."""
+        while size > 0:
+            chunk = source.read(min(size, _CHUNK))
+            if not chunk:
+                raise ValueError(f"{source.name} is shorter than its index says")
+            self.write(chunk)
+            size -= len(chunk)
+
+    def digest(self) -> bytes:
+        return self._hash.digest()
 
 
 def _copy_entries(
-    data: bytes,
+    source: BinaryIO,
+    size: int,
     entries: list[tuple[int, bytes, int]],
-    pack: bytearray,
+    sink: _HashedFile,
     offsets: dict[bytes, int],
     crcs: dict[bytes, int],
 ) -> None:
-    """Append the entries (offset, id, crc; by offset) of one pack that are not in the new
-    pack yet, with their offset deltas pointed at their base's place in the new pack."""
-    ends = [offset for offset, _, _ in entries[1:]] + [len(data) - 20]
+    """Append the entries (offset, id, crc; by offset) of one pack (``size`` bytes) that are
+    not in the new pack yet, with their offset deltas pointed at their base's place in the
+    new pack."""
+    ends = [offset for offset, _, _ in entries[1:]] + [size - 20]
     at_offset = {offset: oid for offset, oid, _ in entries}
     for (start, oid, crc), end in zip(entries, ends, strict=True):
         if oid in offsets:
             continue
-        at = start
+        source.seek(start)
+        data = source.read(end - start)
+        at = 0
         while data[at] & 0x80:  # type and size
             at += 1
         at += 1
-        if (data[start] >> 4) & 7 == _OFS_DELTA:
-            header = data[start:at]
+        if (data[0] >> 4) & 7 == _OFS_DELTA:
+            header = data[:at]
             byte = data[at]
             distance = byte & 0x7F
             at += 1
@@ -241,13 +291,11 @@ def _copy_entries(
                 at += 1
             # The base, or the copy of it an earlier pack gave, is already in the new pack.
             base = offsets[at_offset[start - distance]]
-            record = header + _offset_encoding(len(pack) - base) + data[at:end]
-            crc = zlib.crc32(record)
-        else:
-            record = data[start:end]
-        offsets[oid] = len(pack)
+            data = header + _offset_encoding(sink.size - base) + data[at:]
+            crc = zlib.crc32(data)
+        offsets[oid] = sink.size
         crcs[oid] = crc
-        pack += record
+        sink.write(data)
 
 
 def _entry_header(kind: int, size: int) -> bytearray:
