@@ -23,6 +23,7 @@ Step 3 takes minutes for 80,000 writes: committing and pushing them is Git's wor
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import socket
 import subprocess
@@ -125,6 +126,14 @@ spec:
     return path
 
 
+def _serve_command(traced: bool) -> list[str]:
+    """``python -m audit_reverser``, or under tracemalloc when ``traced`` and BENCH_TRACEMALLOC
+    names a file (bench/traced_serve.py)."""
+    if traced and os.environ.get("BENCH_TRACEMALLOC"):
+        return [sys.executable, str(REPO / "bench" / "traced_serve.py")]
+    return [sys.executable, "-m", "audit_reverser"]
+
+
 def _port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -132,15 +141,13 @@ def _port() -> int:
 
 
 class Serve:
-    def __init__(self, root: Path, config: Path, *extra: str) -> None:
+    def __init__(self, root: Path, config: Path, *extra: str, traced: bool = False) -> None:
         self.port = _port()
         self.log = root / f"serve-{self.port}.log"
         with self.log.open("wb") as sink:
             self.process = subprocess.Popen(
                 [
-                    sys.executable,
-                    "-m",
-                    "audit_reverser",
+                    *_serve_command(traced),
                     "--log-level",
                     "warning",
                     "serve",
@@ -256,7 +263,7 @@ def main() -> None:
 
         if args.no_drain:
             return
-        server = Serve(root, answering, "--shutdown-timeout", "600")
+        server = Serve(root, answering, "--shutdown-timeout", "600", traced=True)
         start = time.perf_counter()
         try:
             while server.gauge("audit_reverser_journal_backlog") > 0:

@@ -173,6 +173,14 @@ spec:
     return config
 
 
+def _serve_command() -> list[str]:
+    """``python -m audit_reverser``, or under tracemalloc when BENCH_TRACEMALLOC names a file
+    (bench/traced_serve.py)."""
+    if os.environ.get("BENCH_TRACEMALLOC"):
+        return [sys.executable, str(REPO / "bench" / "traced_serve.py")]
+    return [sys.executable, "-m", "audit_reverser"]
+
+
 def _start_serve(root: Path, config: Path) -> tuple[subprocess.Popen[bytes], int]:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -180,9 +188,7 @@ def _start_serve(root: Path, config: Path) -> tuple[subprocess.Popen[bytes], int
     log = (root / "serve.log").open("wb")
     server = subprocess.Popen(
         [
-            sys.executable,
-            "-m",
-            "audit_reverser",
+            *_serve_command(),
             "--log-level",
             "warning",
             "serve",

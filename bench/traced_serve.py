@@ -1,0 +1,56 @@
+"""``python -m audit_reverser`` under tracemalloc, for finding where a benchmark's memory goes.
+
+The benchmarks run ``serve`` through this when ``BENCH_TRACEMALLOC`` names a file: every half
+second it appends the traced Python memory and the RSS to ``<file>.log``, and whenever the
+traced memory reached a new high (by 10%) it dumps a snapshot to ``<file>``. Read it with
+
+    python -c "import tracemalloc as t; s = t.Snapshot.load('FILE');
+    [print(x) for x in s.statistics('traceback')[:10]]"
+
+Not part of the product: tracing slows serve several times over.
+"""
+
+from __future__ import annotations
+
+import os
+import runpy
+import sys
+import threading
+import time
+import tracemalloc
+from pathlib import Path
+
+
+def _rss_mib() -> int:
+    for line in Path(f"/proc/{os.getpid()}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) // 1024
+    return 0
+
+
+def _watch(out: str) -> None:
+    best = 0
+    with open(f"{out}.log", "a") as log:
+        while True:
+            time.sleep(0.5)
+            current, peak = tracemalloc.get_traced_memory()
+            print(
+                f"{time.time():.1f} traced={current >> 20} MiB peak={peak >> 20} MiB "
+                f"rss={_rss_mib()} MiB",
+                file=log,
+                flush=True,
+            )
+            if current > best * 1.1:
+                best = current
+                tracemalloc.take_snapshot().dump(out)
+
+
+def main() -> None:
+    tracemalloc.start(int(os.environ.get("BENCH_TRACEMALLOC_FRAMES", "12")))
+    threading.Thread(target=_watch, args=(os.environ["BENCH_TRACEMALLOC"],), daemon=True).start()
+    sys.argv = ["audit_reverser", *sys.argv[1:]]
+    runpy.run_module("audit_reverser", run_name="__main__", alter_sys=True)
+
+
+if __name__ == "__main__":
+    main()
