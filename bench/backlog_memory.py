@@ -126,6 +126,10 @@ spec:
     return path
 
 
+# serve's environment as the image (Dockerfile) sets it: two malloc arenas.
+SERVE_ENV = {**os.environ, "MALLOC_ARENA_MAX": "2"}
+
+
 def _serve_command(traced: bool) -> list[str]:
     """``python -m audit_reverser``, or under tracemalloc when ``traced`` and BENCH_TRACEMALLOC
     names a file (bench/traced_serve.py)."""
@@ -161,6 +165,7 @@ class Serve:
                 ],
                 cwd=REPO,
                 stderr=sink,
+                env=SERVE_ENV,
             )
         deadline = time.monotonic() + 300
         while True:

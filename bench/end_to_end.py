@@ -173,6 +173,10 @@ spec:
     return config
 
 
+# serve's environment as the image (Dockerfile) sets it: two malloc arenas.
+SERVE_ENV = {**os.environ, "MALLOC_ARENA_MAX": "2"}
+
+
 def _serve_command() -> list[str]:
     """``python -m audit_reverser``, or under tracemalloc when BENCH_TRACEMALLOC names a file
     (bench/traced_serve.py)."""
@@ -201,6 +205,7 @@ def _start_serve(root: Path, config: Path) -> tuple[subprocess.Popen[bytes], int
         ],
         cwd=REPO,
         stderr=log,
+        env=SERVE_ENV,
     )
     _pin(server.pid, 0)
     deadline = time.monotonic() + 60

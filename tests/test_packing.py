@@ -4,6 +4,7 @@ makes for the same changes, and a repository ``git fsck --strict`` finds nothing
 from __future__ import annotations
 
 import errno
+import os
 import random
 import subprocess
 from datetime import UTC, datetime, timedelta, timezone
@@ -316,3 +317,30 @@ def test_an_interrupted_pack_is_cleaned_up_and_the_branch_is_untouched(tmp_path:
     assert reopened.tip == saved
     assert not list((mirror.path / "objects" / "pack").glob("tmp_*"))
     assert git_show(mirror.path, first.path) == (first.content or b"").decode()
+
+
+def test_merging_packs_bigger_than_a_copy_chunk(tmp_path: Path) -> None:
+    """Packs are merged through a file a chunk at a time: packs of several chunks each come
+    out whole, every object readable by git."""
+    repo = pygit2.init_repository(str(tmp_path / "r.git"), bare=True)
+    pack_dir = tmp_path / "r.git" / "objects" / "pack"
+    packs, contents = [], []
+    for n in range(2):
+        objects = packing.NewObjects(lambda oid: (0, b""))
+        for k in range(3):
+            content = os.urandom(700_000) + f"{n}-{k}".encode()  # does not compress
+            objects.add(packing.BLOB, content)
+            contents.append(content)
+        pack = objects.write_pack(pack_dir)
+        assert pack is not None and pack.stat().st_size > 2 * packing._CHUNK
+        packs.append(pack)
+    merged = packing.merge_packs(packs, tmp_path / "merged")
+    for old in packs:
+        old.unlink()
+        old.with_suffix(".idx").unlink()
+    for suffix in (".pack", ".idx"):
+        merged.with_suffix(suffix).rename(pack_dir / merged.with_suffix(suffix).name)
+    git(tmp_path / "r.git", "fsck", "--full", "--strict")
+    repo = pygit2.Repository(str(tmp_path / "r.git"))
+    for content in contents:
+        assert repo[pygit2.Oid(raw=packing.object_id(packing.BLOB, content))].data == content

@@ -22,6 +22,7 @@ import pygit2
 from pygit2.enums import DeltaStatus, SortMode
 
 from audit_reverser.errors import MirrorWriteFailed, RemoteUnavailable, RepositoryError
+from audit_reverser.gitstore.heap import release_free_memory
 from audit_reverser.gitstore.localpush import RemoteMoved, can_push_directly, push_packs
 from audit_reverser.gitstore.packing import BLOB, COMMIT, NewObjects, merge_packs, object_id
 from audit_reverser.gitstore.transport import LocalTransport, Transport
@@ -38,9 +39,16 @@ MAX_REPLAYS = 5
 # mirror thus holds O(log n) packs, and each byte is copied once per tier: O(log n).
 TIER_PACKS = 4
 
-# libgit2 caches parsed objects up to 256 MiB by default; a long-running writer only ever
-# needs the trees on the paths it changes.
+# libgit2's defaults suit a short command, not a long-running process in a pod with a
+# memory limit: it caches parsed objects up to 256 MiB (a writer only ever needs the trees on
+# the paths it changes), and maps packs in 1 GiB windows up to 8 GiB in all (mapped pages
+# that were read count in the pod's memory until unmapped).
 pygit2.settings.cache_max_size(32 * 1024 * 1024)
+pygit2.settings.mwindow_size = 32 * 1024 * 1024
+pygit2.settings.mwindow_mapped_limit = 64 * 1024 * 1024
+# The pack builder of a push over SSH or HTTPS reads these from the mirror's configuration:
+# by default it keeps up to 256 MiB of computed deltas and no bound on its delta window.
+PACK_CONFIG = {"pack.deltaCacheSize": "16m", "pack.windowMemory": "64m"}
 
 
 def _signature(identity: Identity, when: datetime) -> bytes:
@@ -139,6 +147,9 @@ class Mirror:
         for leftover in (self.path / "objects" / "pack").glob("tmp_pack-*"):
             leftover.unlink(missing_ok=True)
         self._fingerprints = _load_fingerprints(self._fingerprint_file)
+        config = self.repo.config
+        for name, value in PACK_CONFIG.items():
+            config[name] = value
         remotes = self.repo.remotes
         if REMOTE_NAME in remotes.names():
             remotes.set_url(REMOTE_NAME, self.transport.url)
@@ -387,11 +398,22 @@ class Mirror:
             except (OSError, pygit2.GitError, ValueError) as exc:
                 # Merging only saves reads; the packs as they are hold everything.
                 log.warning("%s: could not merge packs: %s", self.path, exc)
+            self._release_caches()
             return pushed
         raise RemoteUnavailable(
             f"branch {self.branch} of {self.transport.display} moved {MAX_REPLAYS} times while "
             "we pushed; trying again later"
         )
+
+    def _release_caches(self) -> None:
+        """Drop libgit2's caches and return the freed memory, once a push is done.
+
+        A push over SSH or HTTPS reads the trees of every commit it carries through libgit2:
+        each open pack keeps up to 16 MiB of delta bases (nothing bounds their sum) and the
+        object cache keeps parsed trees. They fill again as needed.
+        """
+        self.repo.free()
+        release_free_memory()
 
     def _push_once(self) -> None:
         assert self._head is not None
