@@ -25,7 +25,7 @@ NOTES = {
     ("GitProvider", "spec.url"): "SSH (`git@host:owner/repo.git`, `ssh://`), HTTPS, or a local "
     "path / `file://` URL of a bare repository.",
     ("GitProvider", "spec.allowedBranches"): "Globs; a GitTarget whose branch matches none is "
-    "not ready (`BranchNotAllowed`).",
+    "not ready (`BranchNotAllowed`) and left out; the other targets keep working.",
     ("GitProvider", "spec.secretRef"): "Keys as Flux names them: `ssh-privatekey` (+ "
     "`passphrase`) and `known_hosts` for SSH; `username` + `password`, or `token`, (+ `ca.crt`) "
     "for HTTPS. Required for SSH (host keys are always verified).",
@@ -34,7 +34,8 @@ NOTES = {
     ("GitTarget", "spec.providerRef.kind"): "Only `GitProvider` is supported; anything else is "
     "refused with this field named.",
     ("GitTarget", "spec.path"): "A relative folder with `/` separators (empty: the repository "
-    "root); absolute paths, `.` and `..` are refused.",
+    "root); absolute paths, `.` and `..` are refused. With rules from files, events of a named "
+    "cluster go to `<path>/<cluster>/` (fleet.md).",
     ("GitTarget", "spec.encryption"): "Secrets are written only SOPS-encrypted "
     "(`{name}.sops.yaml`); a target without working encryption refuses Secrets.",
     ("GitTarget", "spec.encryption.age.recipients.generateWhenMissing"): "In cluster mode the "
