@@ -32,6 +32,8 @@ from aiohttp import web
 from audit_reverser import __version__
 from audit_reverser.cluster.api import KubeApi
 from audit_reverser.cluster.objects import ApiObjects
+from audit_reverser.cluster.resync import DEFAULT_INTERVAL_S as DEFAULT_RESYNC_INTERVAL_S
+from audit_reverser.cluster.resync import Resyncer, ResyncResult, ResyncStats
 from audit_reverser.cluster.rules import ClusterRules
 from audit_reverser.cluster.snapshot import SnapshotResult, SnapshotScheduler
 from audit_reverser.cluster.status import StatusReporter
@@ -50,7 +52,9 @@ from audit_reverser.pipeline.filter import Skip
 from audit_reverser.pipeline.layout import CLUSTER_NAME
 from audit_reverser.pipeline.noise import DEFAULT_EXCLUDED_USERS, Exclusions
 from audit_reverser.runtime import (
+    DEFAULT_COMMITTER,
     DEFAULT_SHUTDOWN_TIMEOUT_S,
+    ProviderCheck,
     Runtime,
     Settings,
     check_remotes,
@@ -63,6 +67,7 @@ DEFAULT_LISTEN = "127.0.0.1:8080"
 DEFAULT_STATE_DIR = ".audit-reverser"
 # A renewed serving certificate (cert-manager, a Secret volume) is picked up this often.
 CERTIFICATE_RELOAD_INTERVAL_S = 30.0
+MAX_RESYNC_INTERVAL_S = 7 * 24 * 3600
 
 
 def _listen_address(text: str) -> tuple[str, int]:
@@ -175,6 +180,14 @@ def _parser() -> argparse.ArgumentParser:
         metavar="NAME=KUBECONFIG",
         help="a fleet: events posted to /audit-webhook/NAME read the objects they lack from "
         "this cluster, and no other; repeatable; needs --config (docs/fleet.md)",
+    )
+    cluster.add_argument(
+        "--resync-interval",
+        type=_resync_interval,
+        default=DEFAULT_RESYNC_INTERVAL_S,
+        metavar="SECONDS",
+        help="compare each GitTarget's folder with the cluster at start and then this often; "
+        "what differs becomes one [RESYNC] commit (default: 600; 0: never)",
     )
     security = serve.add_argument_group("sender authentication")
     security.add_argument(
@@ -370,6 +383,18 @@ def _seconds(text: str) -> float:
     return value
 
 
+def _resync_interval(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if value != 0 and not 1 <= value <= MAX_RESYNC_INTERVAL_S:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not 0 (never) or a number of seconds from 1 to {MAX_RESYNC_INTERVAL_S}"
+        )
+    return value
+
+
 def _runtime(
     args: argparse.Namespace,
     source: ApiObjects | None = None,
@@ -539,17 +564,30 @@ async def _serve(
         rules_from_files=rules is None,
     )
     _tune_interpreter_for_ingest()
+    resyncs = ResyncStats() if api is not None and args.resync_interval else None
     app = make_app(
         runtime,
         max_body_bytes=args.max_body_bytes,
         senders=senders,
-        metrics=lambda: exposition(runtime),
+        metrics=lambda: exposition(runtime, resyncs),
     )
     # In-flight requests get a few seconds to finish; the rest is the apiserver's to retry.
     runner = web.AppRunner(app, handle_signals=False, access_log=None, shutdown_timeout=5)
     await runner.setup()  # starts the runtime
-    reporter = scheduler = None
+    reporter = scheduler = resyncer = None
     reloading: asyncio.Task[None] | None = None
+    if resyncs is not None and api is not None and source is not None:
+
+        async def resync(target: GitTarget) -> ResyncResult | None:
+            return await runtime.resync(target, api, source)
+
+        resyncer = Resyncer(
+            interval_s=args.resync_interval,
+            targets=lambda: runtime.config.targets.values(),
+            run=resync,
+            stats=resyncs,
+        )
+        resyncer.start()
     if rules is not None and api is not None and source is not None:
         reporter = StatusReporter(api, rules, runtime.status_state)
         reporter.start()
@@ -593,6 +631,8 @@ async def _serve(
     finally:
         if reloading is not None:
             reloading.cancel()
+        if resyncer is not None:
+            await resyncer.close()
         if scheduler is not None:
             await scheduler.close()
         if reporter is not None:
@@ -699,10 +739,11 @@ async def check(args: argparse.Namespace) -> int:
                         "url": r.health.remote,
                         "branch": r.health.branch,
                         "targets": [str(t) for t in r.targets],
-                        "ready": r.health.ready,
-                        "reason": r.health.reason,
-                        "message": r.health.message,
+                        "ready": r.ready,
+                        "reason": r.reason,
+                        "message": r.message,
                         "checks": [dataclasses.asdict(c) for c in r.health.checks],
+                        "signing": _signing_json(r),
                     }
                     for r in results
                 ],
@@ -717,10 +758,36 @@ async def check(args: argparse.Namespace) -> int:
             print(f"  ok    branch allowed (allowedBranches: {allowed})")
             for item in health.checks:
                 print(f"  {'ok' if item.ok else 'FAIL':5} {item.name}: {item.detail}")
-            print("  Ready" if health.ready else f"  Not ready: {health.reason}")
-    ready = all(r.health.ready for r in results)
+            _print_signing(result)
+            print("  Ready" if result.ready else f"  Not ready: {result.reason}")
+    ready = all(r.ready for r in results)
     left_out = _left_out(problems)
     return left_out if ready else 1
+
+
+def _print_signing(result: ProviderCheck) -> None:
+    """The signing key's public half, to register with the committer's account."""
+    if result.signing_problem is not None:
+        print(f"  FAIL  signing: {result.signing_problem}")
+        return
+    committer = result.signing.committer or DEFAULT_COMMITTER
+    key = result.signing.key
+    if key is None:
+        print(f"  -     signing: off, committer {committer.name} <{committer.email}>")
+        return
+    print(f"  ok    signing: {key.fingerprint} as {committer.name} <{committer.email}>")
+    print(f"        {key.public_key}")
+
+
+def _signing_json(result: ProviderCheck) -> dict[str, Any]:
+    key = result.signing.key
+    committer = result.signing.committer or DEFAULT_COMMITTER
+    return {
+        "committer": {"name": committer.name, "email": committer.email},
+        "publicKey": key.public_key if key is not None else None,
+        "fingerprint": key.fingerprint if key is not None else None,
+        "problem": result.signing_problem,
+    }
 
 
 async def snapshot(args: argparse.Namespace) -> int:

@@ -15,6 +15,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
+from audit_reverser.cluster.resync import ResyncStats
 from audit_reverser.cluster.rules import owner_of
 from audit_reverser.gitstore.writer import PUSH_SECONDS_BUCKETS
 from audit_reverser.runtime import Runtime
@@ -23,8 +24,9 @@ Family = CounterMetricFamily | GaugeMetricFamily | HistogramMetricFamily
 
 
 class _RuntimeCollector(Collector):
-    def __init__(self, runtime: Runtime) -> None:
+    def __init__(self, runtime: Runtime, resyncs: ResyncStats | None) -> None:
         self._runtime = runtime
+        self._resyncs = resyncs
 
     def collect(self) -> Iterator[Family]:
         runtime = self._runtime
@@ -115,6 +117,8 @@ class _RuntimeCollector(Collector):
             ]
             duration.add_metric(name, buckets=buckets, sum_value=s.push_seconds)
         yield from (commits, failed, pushes, pushed, unpushed, last, duration)
+        if self._resyncs is not None:
+            yield from _resync_families(self._resyncs)
 
 
 def _config_problems(problems: list[str]) -> GaugeMetricFamily:
@@ -136,7 +140,41 @@ def _config_problems(problems: list[str]) -> GaugeMetricFamily:
     return family
 
 
-def exposition(runtime: Runtime) -> bytes:
+def _resync_families(stats: ResyncStats) -> Iterator[Family]:
+    runs = CounterMetricFamily(
+        "audit_reverser_resync_runs",
+        "Resyncs of every GitTarget, by result (failed: some could not be compared).",
+        labels=["result"],
+    )
+    runs.add_metric(["ok"], stats.runs_ok)
+    runs.add_metric(["failed"], stats.runs_failed)
+    yield runs
+    if stats.last_ok_at is not None:
+        yield GaugeMetricFamily(
+            "audit_reverser_last_resync_timestamp_seconds",
+            "When the last resync of every GitTarget ended.",
+            value=stats.last_ok_at.timestamp(),
+        )
+    for name, counts, meaning in (
+        ("resync_commits", stats.commits, "[RESYNC] commits made"),
+        ("resync_files_updated", stats.files_set, "Files a resync wrote (new or different)"),
+        ("resync_files_removed", stats.files_removed, "Files of gone objects a resync removed"),
+        (
+            "resync_files_left",
+            stats.files_left,
+            "Files a resync left to changes made while it listed",
+        ),
+    ):
+        family = CounterMetricFamily(
+            f"audit_reverser_{name}", f"{meaning}, per GitTarget.", labels=["target"]
+        )
+        for target, count in sorted(counts.items()):
+            family.add_metric([target], count)
+        yield family
+
+
+def exposition(runtime: Runtime, resyncs: ResyncStats | None = None) -> bytes:
+    """The metrics; ``resyncs`` when periodic resyncs run (cluster mode)."""
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(_RuntimeCollector(runtime))
+    registry.register(_RuntimeCollector(runtime, resyncs))
     return generate_latest(registry)

@@ -23,11 +23,13 @@ from pathlib import Path
 
 from audit_reverser.cluster.api import KubeApi
 from audit_reverser.cluster.objects import ApiObjects
+from audit_reverser.cluster.resync import ResyncResult, resync_target
 from audit_reverser.cluster.snapshot import SnapshotResult, snapshot
 from audit_reverser.cluster.status import State
 from audit_reverser.config.model import Config, GitProvider, GitTarget, Key, PushPolicy
 from audit_reverser.encryption.keys import TargetKeys, fingerprint_key
 from audit_reverser.encryption.keys import resolve as resolve_keys
+from audit_reverser.encryption.sshsig import SigningKey
 from audit_reverser.errors import AuditReverserError, ConfigError, RepositoryError
 from audit_reverser.events import AuditID
 from audit_reverser.gitstore.health import RemoteHealth, probe
@@ -90,28 +92,82 @@ class Settings:
 CHECKPOINT_INTERVAL_S = 0.2
 
 
+def _provider_secret(
+    config: Config, provider: GitProvider
+) -> tuple[Mapping[str, bytes] | None, str]:
+    """The data of a provider's ``secretRef`` Secret (None without one) and its name."""
+    if provider.secret_name is None:
+        return None, "no Secret (GitProvider spec.secretRef is not set)"
+    key = Key(namespace=provider.key.namespace, name=provider.secret_name)
+    found = config.secrets.get(key)
+    if found is None:
+        raise ConfigError(
+            [f"GitProvider {provider.key}: spec.secretRef.name: Secret {key} not found"]
+        )
+    return found.data, f"Secret {key}"
+
+
 def provider_transport(config: Config, provider: GitProvider) -> LocalTransport | NetworkTransport:
     """The transport of a provider, with the credentials of its ``secretRef`` Secret."""
-    if provider.secret_name is None:
-        secret, source = None, "no Secret (GitProvider spec.secretRef is not set)"
-    else:
-        key = Key(namespace=provider.key.namespace, name=provider.secret_name)
-        found = config.secrets.get(key)
-        if found is None:
-            raise ConfigError(
-                [f"GitProvider {provider.key}: spec.secretRef.name: Secret {key} not found"]
-            )
-        secret, source = found.data, f"Secret {key}"
+    secret, source = _provider_secret(config, provider)
     try:
         return transport_for(provider.url, secret, source)
     except RepositoryError as exc:
         raise ConfigError([f"GitProvider {provider.key}: {exc}"]) from None
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, kw_only=True, slots=True)
+class CommitSigning:
+    """Who commits for a provider and with which key it signs, from its Secret: keys
+    ``committerName``/``committerEmail`` (else the default committer) and ``signingKey``
+    (+ ``signingKeyPassphrase``), an OpenSSH private key; unsigned without it."""
+
+    committer: Identity | None = None
+    key: SigningKey | None = None
+
+
+def _secret_text(secret: Mapping[str, bytes], name: str, source: str) -> str | None:
+    value = secret.get(name)
+    try:
+        return value.decode().strip() if value is not None else None
+    except UnicodeDecodeError:
+        raise ConfigError([f"{source}: {name} is not UTF-8 text"]) from None
+
+
+def provider_signing(config: Config, provider: GitProvider) -> CommitSigning:
+    """The committer and signing key of a provider; a ConfigError names the Secret and key
+    that cannot be used (then nothing is committed for it, rather than unsigned)."""
+    secret, source = _provider_secret(config, provider)
+    if not secret:
+        return CommitSigning()
+    where = f"GitProvider {provider.key}: {source}"
+    name = _secret_text(secret, "committerName", where)
+    email = _secret_text(secret, "committerEmail", where)
+    committer = None
+    if name is not None or email is not None:
+        if not name or not email:
+            raise ConfigError([f"{where}: committerName and committerEmail go together"])
+        if any(c in f"{name}{email}" for c in "<>\n\0") or " " in email or "@" not in email:
+            raise ConfigError(
+                [
+                    f"{where}: committerEmail {email!r} with committerName {name!r} is not a Git "
+                    "identity (an email address, and no <, > or line breaks)"
+                ]
+            )
+        committer = Identity(name=name, email=email)
+    text = secret.get("signingKey")
+    if text is None:
+        return CommitSigning(committer=committer)
+    passphrase = secret.get("signingKeyPassphrase")
+    key = SigningKey.load(text, passphrase, source=f"{where}: signingKey")
+    return CommitSigning(committer=committer, key=key)
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
 class _Remote:
     transport: LocalTransport | NetworkTransport
     key: str  # remote_key(url): local paths resolved, so it is made off the event loop
+    signing: CommitSigning
 
 
 def _remotes(config: Config) -> dict[Key, _Remote | ConfigError]:
@@ -119,7 +175,11 @@ def _remotes(config: Config) -> dict[Key, _Remote | ConfigError]:
     found: dict[Key, _Remote | ConfigError] = {}
     for key, provider in config.providers.items():
         try:
-            found[key] = _Remote(provider_transport(config, provider), remote_key(provider.url))
+            found[key] = _Remote(
+                transport=provider_transport(config, provider),
+                key=remote_key(provider.url),
+                signing=provider_signing(config, provider),
+            )
         except ConfigError as exc:
             found[key] = exc
     return found
@@ -127,13 +187,13 @@ def _remotes(config: Config) -> dict[Key, _Remote | ConfigError]:
 
 def usable_providers(config: Config) -> tuple[Config, list[str]]:
     """``config`` without the targets whose provider's credentials cannot be used, and
-    why; file access (local remotes), so it runs off the event loop."""
-    used = {t.provider_key for t in config.targets.values()}
-    broken = {
-        key: config.located("GitProvider", key, str(remote))
-        for key, remote in _remotes(config).items()
-        if isinstance(remote, ConfigError) and key in used
-    }
+    why (a signing key is not checked here: ``check`` reports it per provider)."""
+    broken = {}
+    for key in sorted({t.provider_key for t in config.targets.values()}, key=str):
+        try:
+            provider_transport(config, config.providers[key])
+        except ConfigError as exc:
+            broken[key] = config.located("GitProvider", key, str(exc))
     targets = {k: t for k, t in config.targets.items() if t.provider_key not in broken}
     usable = dataclasses.replace(
         config,
@@ -149,6 +209,20 @@ class ProviderCheck:
     provider: GitProvider
     targets: tuple[Key, ...]
     health: RemoteHealth
+    signing: CommitSigning = field(default_factory=CommitSigning)
+    signing_problem: str | None = None  # why the committer or signing key cannot be used
+
+    @property
+    def ready(self) -> bool:
+        return self.health.ready and self.signing_problem is None
+
+    @property
+    def reason(self) -> str:
+        return "SigningKeyInvalid" if self.signing_problem is not None else self.health.reason
+
+    @property
+    def message(self) -> str:
+        return self.signing_problem or self.health.message
 
 
 async def check_remotes(config: Config, trust_home: Path) -> list[ProviderCheck]:
@@ -157,14 +231,31 @@ async def check_remotes(config: Config, trust_home: Path) -> list[ProviderCheck]
     for target in config.targets.values():
         wanted.setdefault((target.provider_key, target.branch), []).append(target.key)
     transports = {key: provider_transport(config, config.providers[key]) for key, _ in wanted}
+
+    def load_signing(key: Key) -> CommitSigning | ConfigError:
+        try:  # an encrypted key's passphrase is stretched (bcrypt): off the event loop
+            return provider_signing(config, config.providers[key])
+        except ConfigError as exc:
+            return exc
+
+    signings = {key: await asyncio.to_thread(load_signing, key) for key in transports}
     await asyncio.to_thread(install_trust, trust_home, transports.values())
     healths = await asyncio.gather(
         *(asyncio.to_thread(probe, transports[key], branch) for key, branch in wanted)
     )
-    return [
-        ProviderCheck(provider=config.providers[key], targets=tuple(targets), health=health)
-        for ((key, _), targets), health in zip(wanted.items(), healths, strict=True)
-    ]
+    checks = []
+    for ((key, _), targets), health in zip(wanted.items(), healths, strict=True):
+        signing = signings[key]
+        checks.append(
+            ProviderCheck(
+                provider=config.providers[key],
+                targets=tuple(targets),
+                health=health,
+                signing=signing if isinstance(signing, CommitSigning) else CommitSigning(),
+                signing_problem=str(signing) if isinstance(signing, ConfigError) else None,
+            )
+        )
+    return checks
 
 
 def _broken_keys(config: Config, keys: Mapping[Key, TargetKeys]) -> list[str]:
@@ -194,6 +285,8 @@ class Runtime:
         self.config = config
         self.settings = settings
         self.writers: dict[tuple[str, str], BranchWriter] = {}
+        # What each writer signs with (fingerprints, committer): logged when it changes.
+        self._signing: dict[str, tuple[frozenset[str], Identity]] = {}
         strict = settings.rules_from_files and not settings.leave_out_broken
         sinks, _ = self._wire(config, _remotes(config), strict=strict)
         self.sinks = sinks
@@ -245,6 +338,7 @@ class Runtime:
         from a cluster): a provider whose credentials are unusable leaves its targets out."""
         sinks: dict[Key, BranchWriter] = {}
         policies: dict[tuple[str, str], list[PushPolicy]] = {}
+        signings: dict[tuple[str, str], dict[Key, CommitSigning]] = {}
         new: list[BranchWriter] = []
         self.provider_problems: dict[Key, str] = {}
         for target in config.targets.values():
@@ -261,6 +355,7 @@ class Runtime:
             transport = remote.transport
             key = (remote.key, target.branch)
             policies.setdefault(key, []).append(provider.push)
+            signings.setdefault(key, {})[provider.key] = remote.signing
             writer = self.writers.get(key)
             if writer is None:
                 mirror = Mirror(
@@ -284,7 +379,38 @@ class Runtime:
         for key, found in policies.items():
             self.writers[key].push_interval_s = min(p.interval_s for p in found)
             self.writers[key].push_max_commits = min(p.max_commits for p in found)
+            self._sign_with(self.writers[key], signings[key])
         return sinks, new
+
+    def _sign_with(self, writer: BranchWriter, signings: Mapping[Key, CommitSigning]) -> None:
+        """Give the writer its committer and signing key (a rotated key too). Providers
+        sharing a repository branch share one history: a signing provider wins over one
+        that does not sign (nothing unsigned once one signs), then the first by name."""
+        chosen_key = min(signings, key=lambda k: (signings[k].key is None, str(k)))
+        chosen = signings[chosen_key]
+        committer = chosen.committer or self.settings.committer
+        writer.mirror.committer = committer
+        writer.mirror.signer = chosen.key.sign if chosen.key is not None else None
+        fingerprints = frozenset(s.key.fingerprint for s in signings.values() if s.key)
+        if self._signing.get(writer.key, (frozenset(), committer)) == (fingerprints, committer):
+            return  # rules are rebuilt every minute in a cluster: say it once
+        self._signing[writer.key] = (fingerprints, committer)
+        if chosen.key is not None:
+            log.info(
+                "%s: signing commits with %s as %s <%s>",
+                writer.name,
+                chosen.key.fingerprint,
+                committer.name,
+                committer.email,
+            )
+        if len(fingerprints) > 1:
+            log.warning(
+                "%s: GitProviders %s sign with different keys; commits are signed with the "
+                "key of %s",
+                writer.name,
+                ", ".join(sorted(map(str, signings))),
+                chosen_key,
+            )
 
     def _resolve_keys(self, config: Config, *, strict: bool) -> dict[Key, TargetKeys]:
         keys = {}
@@ -361,6 +487,24 @@ class Runtime:
         if writer is None:
             return None
         return await snapshot(
+            api=api,
+            objects=objects,
+            config=self.config,
+            target=target,
+            processor=self.processor,
+            writer=writer,
+            committer=writer.mirror.committer,
+        )
+
+    async def resync(
+        self, target: GitTarget, api: KubeApi, objects: ApiObjects
+    ) -> ResyncResult | None:
+        """Compare ``target``'s folder with the cluster (see
+        :mod:`audit_reverser.cluster.resync`); None when it has no writer."""
+        writer = self.sinks.get(target.key)
+        if writer is None:
+            return None
+        return await resync_target(
             api=api,
             objects=objects,
             config=self.config,

@@ -28,7 +28,9 @@ NOTES = {
     "not ready (`BranchNotAllowed`) and left out; the other targets keep working.",
     ("GitProvider", "spec.secretRef"): "Keys as Flux names them: `ssh-privatekey` (+ "
     "`passphrase`) and `known_hosts` for SSH; `username` + `password`, or `token`, (+ `ca.crt`) "
-    "for HTTPS. Required for SSH (host keys are always verified).",
+    "for HTTPS. Required for SSH (host keys are always verified). `signingKey` (an OpenSSH "
+    "private key, + `signingKeyPassphrase`) signs every commit; `committerName` + "
+    "`committerEmail` set the committer (see remotes.md, Signed commits).",
     ("GitProvider", "spec.push.interval"): "A Go duration (`5s`, `1m30s`); default 60 s.",
     ("GitProvider", "spec.push.maxCommits"): "Default 20.",
     ("GitTarget", "spec.providerRef.kind"): "Only `GitProvider` is supported; anything else is "

@@ -30,6 +30,7 @@ from audit_reverser.ingest.server import make_app
 from audit_reverser.pipeline.resolve import ObjectSource
 from audit_reverser.runtime import Runtime, Settings
 from tests.gitservers import HTTP_BACKEND, SSHD, GitHttpServer, SshServer, require
+from tests.redisserver import REDIS_SERVER, RedisServer
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 # Test data lives in the repository: a user's clone has nothing beside it.
@@ -432,6 +433,16 @@ def git_http(tmp_path: Path) -> Iterator[GitHttpServer]:
     """``git http-backend`` over HTTP basic auth, serving the repositories under tmp_path."""
     require(HTTP_BACKEND, "git")
     server = GitHttpServer(tmp_path, username="bot", password="s3cr3t-t0ken-9f8e7d")
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    """A real redis-server on 127.0.0.1 with a password and its AOF fsynced on every write."""
+    require(REDIS_SERVER, "redis-server")
+    server = RedisServer(tmp_path / "redis")
     server.start()
     yield server
     server.stop()

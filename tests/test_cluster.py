@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
 import subprocess
 import sys
@@ -223,7 +224,140 @@ async def test_a_burst_of_events_for_one_object_makes_one_read(
     )
     await harness.sync()
     assert cluster.gets("/api/v1/namespaces/default/configmaps/demo") == 1
-    assert len(await harness.subjects()) == 1  # the later events see the same state
+    # One state answers them all: one commit, by the latest, the others co-authors.
+    [entry] = await harness.log("%an%n%b")
+    assert entry.splitlines()[0] == "user-19"
+    co_authors = [line for line in entry.splitlines() if line.startswith("Co-authored-by: ")]
+    assert co_authors == [
+        f"Co-authored-by: user-{i} <user-{i}@audit-reverser.invalid>" for i in range(19)
+    ]
+    assert harness.runtime.stats.skipped[Skip.COALESCED] == 19
+
+
+async def test_a_burst_answered_by_one_read_is_authored_by_the_latest_writer(
+    cluster: Cluster, harness: Harness
+) -> None:
+    """Metadata level: ana changes the ConfigMap, then bob; the read shows bob's state."""
+    cluster.add("v1/configmaps", "default", "demo", configmap(data={"owner": "bob"}, rv="502"))
+    ana = event(
+        "patch",
+        level="Metadata",
+        user="ana@example.com",
+        audit_id="ana-1",
+        time="2026-01-02T03:04:05.100000Z",
+    )
+    bob = event(
+        "patch",
+        level="Metadata",
+        user="bob@example.com",
+        audit_id="bob-1",
+        time="2026-01-02T03:04:05.900000Z",
+    )
+    await harness.send(ana, bob)
+    await harness.sync()
+    assert cluster.gets("/api/v1/namespaces/default/configmaps/demo") == 1
+    [entry] = await harness.log("%an|%aI|%s%n%b")
+    head, *trailers = entry.splitlines()
+    assert head == "bob@example.com|2026-01-02T03:04:05+00:00|[UPDATE] v1/configmaps/default/demo"
+    assert "Co-authored-by: ana@example.com <ana@example.com>" in trailers
+    assert [t for t in trailers if t.startswith("Audit-ID")] == [
+        "Audit-ID: ana-1",
+        "Audit-ID: bob-1",
+    ]
+    assert "User: bob@example.com" in trailers
+
+    # Sent again (the webhook retries), neither makes another commit.
+    await harness.send(ana, bob)
+    await harness.sync()
+    assert len(await harness.log("%H")) == 1
+
+
+async def test_a_metadata_level_deletion_finished_by_a_controller_is_the_deleters(
+    cluster: Cluster, harness: Harness
+) -> None:
+    held = configmap(finalizers=["example.com/cleanup"], rv="701")
+    cluster.add("v1/configmaps", "default", "demo", held)
+    await harness.send(event("create", level="Metadata", user="alice@example.com"))
+    await harness.sync()
+    controller = "system:serviceaccount:kube-system:cleanup-controller"
+    # A controller's update of an object nobody is deleting is not even read.
+    await harness.send(event("update", level="Metadata", user=controller))
+    await harness.sync()
+    assert cluster.gets("/api/v1/namespaces/default/configmaps/demo") == 1
+
+    cluster.add(
+        "v1/configmaps",
+        "default",
+        "demo",
+        {**held, "metadata": {**held["metadata"], "deletionTimestamp": "2026-01-02T04:00:00Z"}},
+    )
+    await harness.send(event("delete", level="Metadata", user="bob@example.com"))
+    await harness.sync()
+    assert await harness.files() == ["live/v1/configmaps/default/demo.yaml"]  # still held
+
+    del cluster.api.objects["v1/configmaps", "default", "demo"]  # the finalizer is gone
+    await harness.send(event("update", level="Metadata", user=controller, audit_id="released"))
+    await harness.sync()
+    assert await harness.files() == []
+    [entry] = (await harness.log("%an|%s%n%b"))[-1:]
+    head, *trailers = entry.splitlines()
+    assert head == "bob@example.com|[DELETE] v1/configmaps/default/demo"
+    assert f"Deleted-By: {controller}" in trailers and "Audit-ID: released" in trailers
+
+
+async def test_the_namespace_controllers_listless_deletecollection_is_the_deleters(
+    cluster: Cluster, harness: Harness
+) -> None:
+    for name in ("a", "b"):
+        await harness.send(
+            event("create", namespace="shop", name=name, body=configmap(name, "shop"))
+        )
+    namespace = {
+        "apiVersion": "v1",
+        "kind": "Namespace",
+        "metadata": {"name": "shop", "deletionTimestamp": "2026-01-02T04:00:00Z"},
+        "spec": {"finalizers": ["kubernetes"]},
+    }
+    await harness.send(
+        event("delete", resource="namespaces", namespace="shop", name="shop", body=namespace),
+    )
+    sweep = event("deletecollection", namespace="shop", name=None, level="Metadata")
+    sweep["user"] = {"username": "system:serviceaccount:kube-system:namespace-controller"}
+    await harness.send(sweep)
+    await harness.sync()
+    assert await harness.files() == ["live/v1/namespaces/shop.yaml"]  # still terminating
+    [entry] = (await harness.log("%an|%s%n%b"))[-1:]
+    head, *trailers = entry.splitlines()
+    assert head == "alice@example.com|[DELETE] v1/configmaps/shop"
+    assert "Deleted-By: system:serviceaccount:kube-system:namespace-controller" in trailers
+
+
+async def test_our_own_status_reports_rebuild_no_rules(cluster: Cluster) -> None:
+    """A watched custom resource whose status alone changed (as our status reports change
+    it) is no change of the rules; a change of its spec is."""
+    _declare_crds(cluster.api)
+    target = {"providerRef": {"name": "origin"}, "branch": "main", "path": "live"}
+    cluster.add(f"{CB}/gittargets", "team", "live", _cr("GitTarget", "live", target))
+    collection = Collection(cluster.client, "GitTarget", f"/apis/{CB}/gittargets")
+    changes: list[int] = []
+    task = asyncio.create_task(collection.run(lambda: changes.append(1)))
+    path = f"/apis/{CB}/namespaces/team/gittargets/live"
+    try:
+        await collection.synced.wait()
+        assert changes == [1]  # the first list
+        ready = {"conditions": [{"type": "Ready", "status": "True", "reason": "Ready"}]}
+        assert await cluster.client.patch_status(path, ready)
+        await _until(lambda: "status" in collection.items["team", "live"])
+        assert changes == [1]
+        await Kubectl(cluster.client.server).apply(
+            "gittargets", _cr("GitTarget", "live", {**target, "path": "moved"})
+        )
+        await _until(lambda: collection.items["team", "live"]["spec"]["path"] == "moved")
+        assert changes == [1, 1]
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
 
 
 async def test_serve_with_a_kubeconfig_reads_what_metadata_events_lack(

@@ -356,6 +356,7 @@ def test_every_manifest_and_policy_file_is_one_the_tests_check() -> None:
         "deploy/examples/servicemonitor.yaml",
         "deploy/cert-manager/kustomization.yaml",
         "deploy/cert-manager/certificates.yaml",
+        "deploy/monitoring/alerts.yaml",  # tests/test_metrics.py, with the dashboard
         "kind/cluster.yaml",  # tests/test_kind.py
         "kind/kustomization.yaml",
         "kind/quickstart.yaml",

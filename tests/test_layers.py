@@ -20,6 +20,7 @@ LAYERS = [
     "pipeline",
     "ingest",
     "cluster",
+    "ha",
     "runtime",
     "metrics",
     "cli",
@@ -29,6 +30,7 @@ ADAPTERS = {
     "cryptography": "encryption",
     "kubernetes_asyncio": "cluster",
     "prometheus_client": "metrics",
+    "redis": "ha",
 }
 
 

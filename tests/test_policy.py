@@ -49,6 +49,7 @@ class Step:
 
     event: dict[str, Any]
     after: dict[str, Any] | None = None
+    gone: tuple[Key, ...] = ()  # objects the request made disappear (besides a delete's own)
 
 
 @dataclass
@@ -85,12 +86,22 @@ def _step(
     after: dict[str, Any] | None = None,
     *,
     response: dict[str, Any] | None = None,
+    gone: tuple[Key, ...] = (),
     **options: Any,
 ) -> Step:
     """A full-detail (RequestResponse) event; ``response`` when it is not ``after``."""
     body = response if response is not None else after
     item = event(verb, body=body, request=body, time=next(_times), **options)
-    return Step(item, after)
+    return Step(item, after, gone)
+
+
+def _deleting(obj: dict[str, Any], *finalizers: str) -> Any:
+    """``obj`` as a write answers once its deletion was asked for: gone without finalizers."""
+    metadata = {k: v for k, v in obj["metadata"].items() if k != "finalizers"}
+    metadata.update(resourceVersion=str(next(_rv)), deletionTimestamp="2026-11-25T11:00:00Z")
+    if finalizers:
+        metadata["finalizers"] = list(finalizers)
+    return {**obj, "metadata": metadata}
 
 
 def _deployment(replicas: int, image: str = "web:1") -> Any:
@@ -114,6 +125,61 @@ ARGO = {
     "groups": ["system:serviceaccounts", "system:serviceaccounts:argocd", "system:authenticated"],
 }
 APPS = {"resource": "deployments", "group": "apps", "name": "web"}
+KUBE_SYSTEM = ["system:serviceaccounts", "system:serviceaccounts:kube-system"]
+CRD = {
+    "resource": CRDS,
+    "group": "apiextensions.k8s.io",
+    "namespace": None,
+    "name": "widgets.example.com",
+}
+TEAM_A = {"resource": "namespaces", "namespace": None, "name": "team-a"}
+PVC = {"resource": "persistentvolumeclaims", "name": "data"}
+
+
+def deletions_the_control_plane_finishes(crd: dict[str, Any]) -> list[Step]:
+    """People delete; controllers (and the apiserver) make the objects disappear."""
+    claim = _obj("PersistentVolumeClaim", "v1", "data", "default", spec={"volumeName": "pv-1"})
+    claim["metadata"]["finalizers"] = ["kubernetes.io/pvc-protection"]
+    widget = _obj("Widget", "example.com/v1", "w1", "default", spec={"size": 1})
+    settings = configmap("settings", "team-a")
+    team_a = _obj("Namespace", "v1", "team-a", None, spec={"finalizers": ["kubernetes"]})
+    return [
+        _step("create", claim, **PVC),
+        _step("delete", _deleting(claim, "kubernetes.io/pvc-protection"), **PVC, user="bob"),
+        _step(
+            "update",
+            None,
+            response=_deleting(claim),
+            **PVC,
+            user=f"{SA}:kube-system:pvc-protection-controller",
+            groups=KUBE_SYSTEM,
+            gone=(("", "persistentvolumeclaims", "default", "data"),),
+        ),
+        _step("create", widget, resource="widgets", group="example.com", name="w1"),
+        _step("delete", _deleting(crd, "customresourcecleanup.apiextensions.k8s.io"), **CRD),
+        _step(  # the instances go in storage, with no events, then the CRD through status
+            "update",
+            None,
+            response=_deleting(crd),
+            **CRD,
+            subresource="status",
+            user="system:apiserver",
+            groups=["system:masters"],
+            gone=(("apiextensions.k8s.io", CRDS, "", "widgets.example.com"),),
+        ),
+        _step("create", settings, namespace="team-a", name="settings"),
+        _step("delete", _deleting(team_a), **TEAM_A, user="carol"),
+        _step(  # (its deletecollections, per resource: see tests/test_deletions.py)
+            "update",
+            None,
+            response={**_deleting(team_a), "spec": {}},
+            **TEAM_A,
+            subresource="finalize",
+            user=f"{SA}:kube-system:namespace-controller",
+            groups=KUBE_SYSTEM,
+            gone=(("", "namespaces", "", "team-a"), ("", "configmaps", "team-a", "settings")),
+        ),
+    ]
 
 
 def a_day_in_a_cluster() -> list[Step]:
@@ -239,6 +305,7 @@ def a_day_in_a_cluster() -> list[Step]:
         ),
         # And the end of the app's config.
         _step("delete", None, response=status, name="app"),
+        *deletions_the_control_plane_finishes(crd),
     ]
 
 
@@ -282,6 +349,8 @@ async def _run(
                 api.objects[_key(step.event["objectRef"])] = step.after
             elif step.event["verb"] == "delete":
                 api.objects.pop(_key(step.event["objectRef"]), None)
+            for key in step.gone:
+                api.objects.pop(key, None)
             item = step.event if policy is None else apply(policy, step.event)
             if item is not None:
                 sent += 1
@@ -322,6 +391,12 @@ async def test_the_pipeline_keeps_what_the_policy_lets_through(tmp_path: Path, n
     assert "alice@example.com|[CREATE] v1/configmaps/default/app" in commits
     assert any(c.startswith("bob@example.com|[UPDATE]") for c in commits)  # impersonated
     assert "alice@example.com|[UPDATE] apps/v1/deployments/default/web" in commits  # scale
+    assert "bob|[DELETE] v1/persistentvolumeclaims/default/data" in commits
+    assert (
+        f"alice@example.com|[DELETE] apiextensions.k8s.io/v1/{CRDS}/widgets.example.com" in commits
+    )
+    assert "carol|[DELETE] v1/namespaces/team-a" in commits
+    assert not any("widgets" in f or "team-a" in f for f in files)
 
     got_commits, got_files, _, sent, reads = await _run(
         tmp_path / "policy", steps, policy, identity
@@ -337,7 +412,15 @@ async def test_the_pipeline_keeps_what_the_policy_lets_through(tmp_path: Path, n
         # Bodies come with the events; only Secrets and the scale write are read back.
         assert read == {"secrets", "deployments"}
     else:
-        assert read == {"configmaps", "secrets", "deployments", "namespaces", CRDS}
+        assert read == {
+            "configmaps",
+            "secrets",
+            "deployments",
+            "namespaces",
+            CRDS,
+            "persistentvolumeclaims",
+            "widgets",
+        }
 
 
 def test_the_recommended_policy_sends_writes_whole_and_drops_noise() -> None:
@@ -349,7 +432,9 @@ def test_the_recommended_policy_sends_writes_whole_and_drops_noise() -> None:
 
     assert [level(i) for i in (0, 4, 5, 7, 10, 11)] == ["RequestResponse"] * 6
     assert level(8) == level(9) == "Metadata"  # Secrets: no values in the audit stream
-    assert {level(i) for i in range(12, len(day) - 1)} == {"None"}  # noise, status, exec
+    assert {level(i) for i in range(12, 21)} == {"None"}  # noise, status, exec
+    # Deletions the control plane finishes are sent whole, whoever makes them.
+    assert {level(i) for i in range(22, len(day))} == {"RequestResponse"}
     assert level(1) == level(2) == level(3) == "None"  # reads
     sent = apply(policy, day[0].event)
     assert sent is not None and "managedFields" not in sent["responseObject"]["metadata"]

@@ -11,8 +11,9 @@ import yaml
 
 from tests.conftest import CORPUS, REPO_ROOT, SEED
 
-# A path that climbs out of the checkout to a sibling folder: `../shared`, `parent / "shared"`,
-# `REPO_ROOT.parent`, `REPO.parent`. Built from parts so that this file does not match itself.
+# A path that climbs out of the checkout to a sibling folder (the shared folder by a relative
+# path or by a parent of the repository's root). Built from parts so that this file does not
+# match itself.
 OUTSIDE = re.compile(
     "|".join(
         [

@@ -4,9 +4,11 @@ level, ``scale`` and other subresource writes, deletes without a body).
 - The resource is found through discovery: the preferred version of its group when the event
   names none, and whether the resource exists at all. Discovery is cached per group version
   and read again on a miss, so a CRD installed after start is found.
-- Reads are coalesced: events for one object in a burst share one GET (in flight, or done
-  less than ``fresh_s`` ago). What a GET returns is the object as it is *now*; a burst of
-  events sees the same state either way, and the first of them commits it.
+- A GET answers what happened before it was sent, never what came after: a burst of events
+  for one object shares one GET because the processor folds the events queued behind the one
+  it reads for (one commit, by the latest of them); here, concurrent reads of one object
+  share the GET in flight. A finished GET is never reused: an event received after it may
+  hold a change it does not show.
 - At most ``concurrency`` GETs run at once.
 """
 
@@ -14,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -47,20 +48,12 @@ class ApiResource:
         return f"{prefix}/{self.name}"
 
 
-@dataclass(frozen=True, slots=True)
-class _Read:
-    at: float
-    body: dict[str, Any] | None
-
-
 class ApiObjects:
     """Implements :class:`audit_reverser.pipeline.resolve.ObjectSource` over the API."""
 
-    def __init__(self, api: KubeApi, *, concurrency: int = 8, fresh_s: float = 1.0) -> None:
+    def __init__(self, api: KubeApi, *, concurrency: int = 8) -> None:
         self._api = api
         self._gate = asyncio.Semaphore(concurrency)
-        self._fresh_s = fresh_s
-        self._recent: dict[str, _Read] = {}
         self._in_flight: dict[str, asyncio.Future[dict[str, Any] | None]] = {}
         # (group, version) -> {resource: namespaced}; group -> preferred version
         self._resources: dict[tuple[str, str], dict[str, bool]] = {}
@@ -103,10 +96,6 @@ class ApiObjects:
                 return found
 
     async def _get(self, path: str) -> dict[str, Any] | None:
-        now = time.monotonic()
-        recent = self._recent.get(path)
-        if recent is not None and now - recent.at < self._fresh_s:
-            return recent.body
         pending = self._in_flight.get(path)
         if pending is not None:
             return await asyncio.shield(pending)
@@ -121,16 +110,9 @@ class ApiObjects:
             raise
         else:
             future.set_result(body)
-            self._remember(path, _Read(time.monotonic(), body))
             return body
         finally:
             del self._in_flight[path]
-
-    def _remember(self, path: str, read: _Read) -> None:
-        if len(self._recent) > 10_000:  # only the last second matters; keep memory bounded
-            cutoff = read.at - self._fresh_s
-            self._recent = {p: r for p, r in self._recent.items() if r.at >= cutoff}
-        self._recent[path] = read
 
     async def listable(self) -> list[ApiResource]:
         """Every resource type the API serves that can be listed (preferred versions), read

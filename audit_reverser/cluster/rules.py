@@ -4,7 +4,8 @@ Each kind is a :class:`Collection`, kept current by list + watch: a watch that e
 started again from the last resourceVersion seen, one whose version expired (410 Gone) lists
 again, and an API that does not answer is retried with capped back-off, all while the last
 good rules stay in force. After each change (debounced) the config is built again, with the
-Secrets the providers and targets reference read fresh, and handed on. Broken objects are
+Secrets the providers and targets reference read fresh, and handed on. A change of ``status``
+alone (our own status reports) is no change of the rules: it rebuilds nothing. Broken objects are
 logged and left out; the others keep working.
 """
 
@@ -61,8 +62,9 @@ class Collection:
                 changed()
                 while True:  # a watch ends at the server's timeout: go on from where it was
                     async for event in self._api.watch(self.path, version):
+                        before = self._meaning(event)
                         version = self._apply(event) or version
-                        if event.get("type") != "BOOKMARK":
+                        if event.get("type") != "BOOKMARK" and before != self._meaning(event):
                             changed()
                     delay = RETRY_MIN_S
             except WatchExpired:
@@ -85,6 +87,20 @@ class Collection:
         self.items = {_key(item): item for item in items if isinstance(item, dict)}
         metadata = answer.get("metadata") or {}
         return str(metadata.get("resourceVersion") or "")
+
+    def _meaning(self, event: Mapping[str, Any]) -> object:
+        """What the rules are built from, of the object ``event`` is about, as held now:
+        everything but its status and the server's bookkeeping."""
+        obj = event.get("object")
+        held = self.items.get(_key(obj)) if isinstance(obj, dict) else None
+        if held is None:
+            return None
+        metadata = {
+            k: v
+            for k, v in (held.get("metadata") or {}).items()
+            if k not in ("resourceVersion", "managedFields")
+        }
+        return {**{k: v for k, v in held.items() if k != "status"}, "metadata": metadata}
 
     def _apply(self, event: Mapping[str, Any]) -> str:
         obj = event.get("object")

@@ -3,10 +3,13 @@
 Every resource type the target's rules could select is listed (paginated, ``limit`` /
 ``continue``); each object the rules do select becomes its file, encoded as the pipeline
 encodes it (sanitized; Secrets encrypted), all in one commit ``[SNAPSHOT] <path>``. A second
-commit ``[PRUNE] <path>`` removes the files, in the folders of the types listed, whose object
+commit ``[PRUNE] <path>`` removes the files, in the folders the rules cover, whose object
 no longer exists. Both are authored by the committer identity: no user made them.
+:mod:`audit_reverser.cluster.resync` compares the same listing periodically.
 
-Files are kept as encoded bytes only, page by page: the listed JSON is not held.
+What events change while the listing is made is theirs (:meth:`Listing.settle`): a listing
+never undoes a newer change. Files are kept as encoded bytes only, page by page: the listed
+JSON is not held.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -26,7 +29,7 @@ from audit_reverser.config.model import API_VERSION, Config, GitTarget, Key
 from audit_reverser.errors import TemporaryError
 from audit_reverser.events import ObjectRef
 from audit_reverser.gitstore.types import FileChange, Identity, TreeChange
-from audit_reverser.gitstore.writer import BranchWriter
+from audit_reverser.gitstore.writer import BranchWriter, Touched
 from audit_reverser.pipeline.filter import EPHEMERAL_RESOURCES
 from audit_reverser.pipeline.layout import InvalidName, object_path
 from audit_reverser.pipeline.noise import controlled, is_own_secret, own_secrets
@@ -36,6 +39,7 @@ from audit_reverser.pipeline.routing import Route, Router
 log = logging.getLogger(__name__)
 
 PAGE = 500
+YIELD_EVERY = 10  # objects encoded between two turns of the event loop (about 5 ms)
 _PROBE = "snapshot-probe"
 
 
@@ -44,6 +48,37 @@ class SnapshotResult:
     files: int  # objects the rules select
     written: bool  # the snapshot commit changed something
     pruned: bool  # the prune commit removed files
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Listing:
+    """A target's objects in the cluster as the files they make (see :func:`list_target`)."""
+
+    files: tuple[FileChange, ...]  # the objects the rules select
+    versions: Mapping[str, str]  # file -> resourceVersion of its object
+    keep: frozenset[str]  # the file of every object that exists, selected or not
+    folders: tuple[str, ...]  # the folders the rules cover: their other files are stale
+    left: int = 0  # files left to changes submitted while listing (see settle)
+
+    def settle(self, touched: Touched, processor: Processor, writer: BranchWriter) -> Listing:
+        """The listing without what may have changed since listing began, so that it never
+        undoes a newer change: files a change submitted meanwhile touched, or that an event
+        wrote at a newer resourceVersion, are neither written nor removed; folders such a
+        change pruned are not compared. They are left to those changes (and the next run).
+        """
+        files = tuple(
+            f
+            for f in self.files
+            if not touched.covers(f.path)
+            and not processor.wrote_newer(writer, f.path, self.versions[f.path])
+        )
+        return Listing(
+            files=files,
+            versions={f.path: self.versions[f.path] for f in files},
+            keep=self.keep | touched.files,
+            folders=tuple(f for f in self.folders if not touched.overlaps(f)),
+            left=self.left + len(self.files) - len(files),
+        )
 
 
 def _route(router: Router, ref: ObjectRef, target: GitTarget) -> Route | None:
@@ -55,59 +90,62 @@ def _route(router: Router, ref: ObjectRef, target: GitTarget) -> Route | None:
     return None
 
 
-def _selects(router: Router, ref: ObjectRef, target: GitTarget) -> bool:
+def _selects(router: Router, resource: ApiResource, namespace: str, target: GitTarget) -> bool:
+    ref = ObjectRef(
+        resource=resource.name,
+        api_group=resource.group,
+        api_version=resource.version,
+        namespace=namespace,
+        name=_PROBE,
+    )
     return _route(router, ref, target) is not None
 
 
-def _candidate(router: Router, config: Config, resource: ApiResource, target: GitTarget) -> bool:
-    """Could the target's rules select some object of this type? (Lists only those.)"""
+def _covered(router: Router, config: Config, resource: ApiResource, target: GitTarget) -> list[str]:
+    """The folders of this type whose files the target's rules cover: the type's folder when
+    it is cluster-scoped or a ClusterWatchRule selects it in any namespace, else the
+    namespaces of the WatchRules that select it (none: the type is not listed)."""
     if (resource.group, resource.name) in EPHEMERAL_RESOURCES:
-        return False
+        return []
+    parts = (target.path, resource.group, resource.version, resource.name)
+    folder = "/".join(p for p in parts if p)
     if not resource.namespaced:
-        namespaces = [""]
-    else:  # WatchRules select in their own namespace; ClusterWatchRules in any
-        namespaces = [r.key.namespace for r in config.watch_rules] + [_PROBE]
-    return any(
-        _selects(
-            router,
-            ObjectRef(
-                resource=resource.name,
-                api_group=resource.group,
-                api_version=resource.version,
-                namespace=namespace,
-                name=_PROBE,
-            ),
-            target,
-        )
-        for namespace in namespaces
-    )
+        return [folder] if _selects(router, resource, "", target) else []
+    if _selects(router, resource, _PROBE, target):
+        return [folder]
+    namespaces = sorted({r.key.namespace for r in config.watch_rules})
+    return [f"{folder}/{ns}" for ns in namespaces if _selects(router, resource, ns, target)]
 
 
-async def snapshot(
+async def list_target(
     *,
     api: KubeApi,
     objects: ApiObjects,
     config: Config,
     target: GitTarget,
     processor: Processor,
-    writer: BranchWriter,
     committer: Identity,
-) -> SnapshotResult:
-    """Write the target's snapshot and prune commits; returns what they did."""
+    now: datetime,
+) -> Listing:
+    """Every object the target's rules select in the cluster now, encoded as the pipeline
+    encodes it (sanitized, Secrets encrypted; generated objects and our own Secrets left
+    out), with what else exists in the folders the rules cover."""
     router = Router(config)
     secrets = own_secrets(config)
-    now = datetime.now(UTC)
     files: list[FileChange] = []
+    versions: dict[str, str] = {}
     keep: set[str] = set()
     folders: list[str] = []
     for resource in await objects.listable():
-        if not _candidate(router, config, resource, target):
+        covered = _covered(router, config, resource, target)
+        if not covered:
             continue
-        folder = "/".join(
-            p for p in (target.path, resource.group, resource.version, resource.name) if p
-        )
-        folders.append(folder)
+        folders.extend(covered)
+        seen = 0
         async for item in _list(api, resource):
+            seen += 1
+            if seen % YIELD_EVERY == 0:  # encoding is CPU work: let requests in between
+                await asyncio.sleep(0)
             metadata = item.get("metadata") or {}
             namespace = str(metadata.get("namespace") or "") if resource.namespaced else ""
             name = str(metadata.get("name") or "")
@@ -139,39 +177,71 @@ async def snapshot(
             item.setdefault("apiVersion", resource.group_version)
             item.setdefault("kind", resource.kind)
             encoded = processor.encode(
-                target, ref, namespace, name, item, when=now, label=f"snapshot of {name}"
+                target, ref, namespace, name, item, when=now, label=f"listed {name}"
             )
             if isinstance(encoded, Encoded) and encoded.content is not None:
                 files.append(_file(encoded, committer, now))
+                versions[encoded.path.file] = str(metadata.get("resourceVersion") or "")
+    return Listing(
+        files=tuple(files), versions=versions, keep=frozenset(keep), folders=tuple(folders)
+    )
+
+
+async def snapshot(
+    *,
+    api: KubeApi,
+    objects: ApiObjects,
+    config: Config,
+    target: GitTarget,
+    processor: Processor,
+    writer: BranchWriter,
+    committer: Identity,
+) -> SnapshotResult:
+    """Write the target's snapshot and prune commits; returns what they did."""
+    now = datetime.now(UTC)
     subject = target.path or "/"
-    stamp = f"Objects: {len(files)}\nTarget: {target.key}"
-    written = await _commit(
-        writer,
-        TreeChange(
-            files=tuple(files),
-            message=f"[SNAPSHOT] {subject}\n\n{stamp}\n",
-            author=committer,
-            time=now,
-        ),
-    )
-    pruned = await _commit(
-        writer,
-        TreeChange(
-            prune=tuple(folders),
-            keep=frozenset(keep),
-            message=f"[PRUNE] {subject}\n\nTarget: {target.key}\n",
-            author=committer,
-            time=now,
-        ),
-    )
+    with writer.watching() as touched:
+        listed = await list_target(
+            api=api,
+            objects=objects,
+            config=config,
+            target=target,
+            processor=processor,
+            committer=committer,
+            now=now,
+        )
+        # From here to the offers nothing awaits: no change can slip in between.
+        listing = listed.settle(touched, processor, writer)
+        stamp = f"Objects: {len(listing.files)}\nTarget: {target.key}"
+        snapshot_done = writer.offer(
+            TreeChange(
+                files=listing.files,
+                message=f"[SNAPSHOT] {subject}\n\n{stamp}\n",
+                author=committer,
+                time=now,
+            )
+        )
+        prune_done = writer.offer(
+            TreeChange(
+                prune=listing.folders,
+                keep=listing.keep,
+                message=f"[PRUNE] {subject}\n\nTarget: {target.key}\n",
+                author=committer,
+                time=now,
+            )
+        )
+        processor.remember_versions(writer, listing.versions)
+    # Shielded: a snapshot cancelled at shut-down must not cancel the writer's futures.
+    written = (await asyncio.shield(snapshot_done)).commit_id is not None
+    pruned = (await asyncio.shield(prune_done)).commit_id is not None
     log.info(
         "snapshot of GitTarget %s: %d objects, %s, %s",
         target.key,
-        len(files),
+        len(listing.files),
         "committed" if written else "nothing new",
         "stale files pruned" if pruned else "nothing to prune",
     )
-    return SnapshotResult(files=len(files), written=written, pruned=pruned)
+    return SnapshotResult(files=len(listing.files), written=written, pruned=pruned)
 
 
 def _file(encoded: Encoded, committer: Identity, now: datetime) -> FileChange:
@@ -184,11 +254,6 @@ def _file(encoded: Encoded, committer: Identity, now: datetime) -> FileChange:
         also=encoded.also,
         fingerprint=encoded.fingerprint,
     )
-
-
-async def _commit(writer: BranchWriter, change: TreeChange) -> bool:
-    outcome = await (await writer.submit(change))
-    return outcome.commit_id is not None
 
 
 async def _list(api: KubeApi, resource: ApiResource) -> AsyncIterator[dict[str, Any]]:

@@ -4,7 +4,8 @@ message on each GitProvider, GitTarget, WatchRule and ClusterWatchRule; ``lastCo
 
 Written with merge patches to the status subresource, and only when something other than
 the time changed, so that no write storm follows a busy day. Our own status writes never
-come back as commits: writes to ``status`` subresources are skipped by the cheap filter.
+come back as commits (writes to ``status`` subresources are skipped, unless one finishes a
+deletion, which ours never do) nor as rule changes (rules.py ignores changes of status).
 """
 
 from __future__ import annotations
@@ -82,9 +83,12 @@ def verdicts(
         if problem is not None:
             found[oid] = Verdict(ready=False, reason=_reason_of(problem), message=problem)
         elif kind == "GitProvider" and key in state.provider_problems:
-            found[oid] = Verdict(
-                ready=False, reason="CredentialsInvalid", message=state.provider_problems[key]
-            )
+            message = state.provider_problems[key]
+            # Nothing is committed unsigned: a signing key that cannot be used stops the
+            # provider as credentials that cannot be used do.
+            signing = any(k in message for k in ("signingKey", "committerName", "committerEmail"))
+            reason = "SigningKeyInvalid" if signing else "CredentialsInvalid"
+            found[oid] = Verdict(ready=False, reason=reason, message=message)
         elif kind == "GitProvider":
             health = state.health.get(key)
             if health is None:

@@ -25,7 +25,7 @@ from audit_reverser.errors import MirrorWriteFailed, RemoteUnavailable, Reposito
 from audit_reverser.gitstore.packing import BLOB, COMMIT, NewObjects, object_id
 from audit_reverser.gitstore.transport import LocalTransport, Transport
 from audit_reverser.gitstore.trees import WorkingTree
-from audit_reverser.gitstore.types import FileChange, Identity, TreeChange
+from audit_reverser.gitstore.types import FileChange, Identity, Signer, TreeChange
 
 log = logging.getLogger(__name__)
 
@@ -70,11 +70,13 @@ class Mirror:
         committer: Identity,
         *,
         create_local_remote: bool = False,
+        signer: Signer | None = None,
     ) -> None:
         self.path = path
         self.transport = transport
         self.branch = branch
         self.committer = committer
+        self.signer = signer  # when set, every commit we make or replay is signed
         self._create_local_remote = create_local_remote
         self._local_ref = f"refs/heads/{branch}"
         self._tracking_ref = f"refs/remotes/{REMOTE_NAME}/{branch}"
@@ -91,6 +93,8 @@ class Mirror:
         # path -> (fingerprint, blob id) of files committed with a FileChange.fingerprint
         self._fingerprints: dict[str, tuple[str, bytes]] = {}
         self._fingerprints_changed = False
+        # Files set and removed by the last TreeChange committed (a resync reports them).
+        self.tree_counts = (0, 0)
 
     @property
     def repo(self) -> pygit2.Repository:
@@ -238,17 +242,20 @@ class Mirror:
             raise MirrorWriteFailed(f"cannot commit {what} in {self.path}: {exc}") from exc
 
     def _commit_tree(self, change: TreeChange) -> str | None:
-        staged = False
-        for entry in change.files:
-            staged = self._stage(entry) or staged
-        for folder in change.prune:
+        written = sum(self._stage(entry) for entry in change.files)
+        removed = 0
+        folders = [*change.prune]
+        for pattern in change.prune_matching:
+            folders += self._tree.folders_matching(pattern)
+        for folder in folders:
             for path in self._tree.files_under(folder):
                 if path not in change.keep:
                     self._tree.set(path, None)
                     if self._fingerprints.pop(path, None) is not None:
                         self._fingerprints_changed = True
-                    staged = True
-        if not staged:
+                    removed += 1
+        self.tree_counts = (written, removed)
+        if not written and not removed:
             return None
         return self._make_commit(change.message, change.author, change.time)
 
@@ -289,7 +296,7 @@ class Mirror:
         headers.append(b"author " + _signature(author, time))
         headers.append(b"committer " + _signature(self.committer, time))
         data = b"\n".join(headers) + b"\n\n" + message.encode()
-        self._head = self._objects.add(COMMIT, data)
+        self._head = self._objects.add(COMMIT, _signed(data, self.signer))
         self._unsaved += 1
         self.unpushed += 1
         return self._head.hex()
@@ -396,7 +403,8 @@ class Mirror:
                     self._tree.set(path, blob)
                 tree = self._tree.write()
                 kind, data = self.repo.odb.read(commit.id)
-                self._head = self._objects.add(COMMIT, _rebased(data, tree, self._head))
+                rebased = _rebased(data, tree, self._head)
+                self._head = self._objects.add(COMMIT, _signed(rebased, self.signer))
                 self._unsaved += 1
                 self.unpushed += 1
             self.save()
@@ -452,13 +460,30 @@ def _changes(commit: pygit2.Commit) -> list[tuple[str, bytes | None]]:
 
 
 def _rebased(data: bytes, tree: bytes, parent: bytes | None) -> bytes:
-    """A raw commit with its tree and parent replaced; every other byte stays the same."""
+    """A raw commit with its tree and parent replaced and its signature (which no longer
+    matches) removed; every other byte stays the same."""
     header, separator, message = data.partition(b"\n\n")
     lines = [b"tree " + tree.hex().encode()]
     if parent is not None:
         lines.append(b"parent " + parent.hex().encode())
-    lines += [line for line in header.split(b"\n") if not line.startswith((b"tree ", b"parent "))]
+    dropped = False
+    for line in header.split(b"\n"):
+        # A header's continuation lines start with a space and go with the header.
+        if not line.startswith(b" "):
+            dropped = line.startswith((b"tree ", b"parent ", b"gpgsig ", b"gpgsig-sha256 "))
+        if not dropped:
+            lines.append(line)
     return b"\n".join(lines) + separator + message
+
+
+def _signed(data: bytes, signer: Signer | None) -> bytes:
+    """``data`` (a raw commit) with a ``gpgsig`` header of its signature after the other
+    headers, as ``git commit -S`` writes it: the signature covers the commit without it."""
+    if signer is None:
+        return data
+    header, separator, message = data.partition(b"\n\n")
+    signature = signer(data).rstrip(b"\n").replace(b"\n", b"\n ")
+    return header + b"\ngpgsig " + signature + separator + message
 
 
 def _index_ids(index: bytes) -> list[bytes]:

@@ -7,6 +7,7 @@ and one hash, however many files live elsewhere in the repository.
 
 from __future__ import annotations
 
+import fnmatch
 import re
 from bisect import bisect_left
 
@@ -163,6 +164,21 @@ class WorkingTree:
             else:
                 found.append(path)
         return found
+
+    def folders_matching(self, pattern: str) -> list[str]:
+        """The folders whose path matches ``pattern`` segment by segment (fnmatch)."""
+        found = [""]
+        for segment in pattern.split("/"):
+            deeper = []
+            for parent in found:
+                directory = self._directory(parent, create=False)
+                if directory is None:
+                    continue
+                for name, mode in directory.modes.items():
+                    if mode == TREE_MODE and fnmatch.fnmatchcase(name.decode(), segment):
+                        deeper.append(f"{parent}/{name.decode()}" if parent else name.decode())
+            found = deeper
+        return sorted(found)
 
     def write(self) -> bytes:
         """Write the changed trees, deepest first, and return the root tree's id."""

@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
+
+# Signs a commit: the raw commit object (without a signature) in, an armored signature out
+# (SSHSIG, "-----BEGIN SSH SIGNATURE-----"...), which goes into the commit's gpgsig header.
+Signer = Callable[[bytes], bytes]
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -33,20 +38,26 @@ class FileChange:
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class CommitOutcome:
-    """The commit id made for a change (None when it altered nothing), and by which writer."""
+    """The commit id made for a change (None when it altered nothing), and by which writer;
+    for a TreeChange also how many files its commit set and removed."""
 
     commit_id: str | None
     writer: str = ""
+    files_set: int = 0
+    files_removed: int = 0
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class TreeChange:
     """One commit of many files (a snapshot), or of the removals under some folders (a
     prune): ``files`` are set as a FileChange sets its file (fingerprints included); files
-    under ``prune`` folders that are not in ``keep`` are removed. None when nothing changes."""
+    under ``prune`` folders that are not in ``keep`` are removed. ``prune_matching`` are
+    folders given as patterns, each path segment matched with :func:`fnmatch.fnmatchcase`
+    (``live/*/v1/widgets``). None when nothing changes."""
 
     files: tuple[FileChange, ...] = ()
     prune: tuple[str, ...] = ()
+    prune_matching: tuple[str, ...] = ()
     keep: frozenset[str] = frozenset()
     message: str
     author: Identity

@@ -21,7 +21,7 @@ import queue
 import random
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, TypeVar
@@ -66,6 +66,34 @@ class WriterStats:
 @dataclass(frozen=True, kw_only=True, slots=True)
 class _Recovered(CommitOutcome):
     """A change whose commit an earlier run made before it could record so."""
+
+
+class Touched:
+    """The files (and pruned folders) of the changes submitted to a writer while it is
+    watched (:meth:`BranchWriter.watching`): what a reader of the cluster must leave alone,
+    because a change it did not see may already be queued for them."""
+
+    def __init__(self) -> None:
+        self.files: set[str] = set()
+        self.folders: set[str] = set()
+
+    def add(self, change: FileChange | TreeChange) -> None:
+        if isinstance(change, FileChange):
+            self.files.add(change.path)
+        else:
+            self.files.update(entry.path for entry in change.files)
+            self.folders.update(change.prune)
+
+    def covers(self, path: str) -> bool:
+        """A change touched ``path`` itself, or may have removed it with its folder."""
+        return path in self.files or any(path.startswith(f"{f}/") for f in self.folders)
+
+    def overlaps(self, folder: str) -> bool:
+        """A folder pruned here and a folder a change pruned contain one another."""
+        return any(
+            f == folder or f.startswith(f"{folder}/") or folder.startswith(f"{f}/")
+            for f in self.folders
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,6 +171,7 @@ class BranchWriter:
         self._retry_s = RETRY_MIN_S
         self._recovered: dict[tuple[str, str], str] = {}
         self._thread = GitThread(f"git {mirror.path.name}")
+        self._watchers: list[Touched] = []
 
     async def _blocking(self, call: Callable[[], T]) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._thread, call)
@@ -206,9 +235,35 @@ class BranchWriter:
         """Queue a change; the future resolves once it is committed in the local mirror."""
         if not self.running:
             raise TemporaryError(f"{self.name}: writer is not running")
+        for touched in self._watchers:  # before waiting for room: it is on its way already
+            touched.add(change)
         done: asyncio.Future[CommitOutcome] = asyncio.get_running_loop().create_future()
         await self._queue.put(_Change(change, done))
         return done
+
+    def offer(self, change: FileChange | TreeChange) -> asyncio.Future[CommitOutcome]:
+        """Queue a change at once, or raise TemporaryError when the queue is full: nothing
+        can be queued between the caller's last look at :class:`Touched` and its change."""
+        if not self.running:
+            raise TemporaryError(f"{self.name}: writer is not running")
+        done: asyncio.Future[CommitOutcome] = asyncio.get_running_loop().create_future()
+        try:
+            self._queue.put_nowait(_Change(change, done))
+        except asyncio.QueueFull:
+            raise TemporaryError(f"{self.name}: writer queue is full") from None
+        for touched in self._watchers:
+            touched.add(change)
+        return done
+
+    @contextlib.contextmanager
+    def watching(self) -> Iterator[Touched]:
+        """Record the changes submitted from now on, until the block ends."""
+        touched = Touched()
+        self._watchers.append(touched)
+        try:
+            yield touched
+        finally:
+            self._watchers.remove(touched)
 
     async def flush(self) -> int:
         """Commit everything queued so far and push it; returns the commits pushed."""
@@ -272,7 +327,17 @@ class BranchWriter:
                 except Exception as exc:  # one bad change must not stop the others
                     results.append(exc)
                 else:
-                    results.append(CommitOutcome(commit_id=commit_id, writer=self.key))
+                    files_set, files_removed = (
+                        self.mirror.tree_counts if isinstance(change, TreeChange) else (0, 0)
+                    )
+                    results.append(
+                        CommitOutcome(
+                            commit_id=commit_id,
+                            writer=self.key,
+                            files_set=files_set,
+                            files_removed=files_removed,
+                        )
+                    )
             try:
                 self.mirror.save()
             except MirrorWriteFailed as exc:  # none of this batch's commits is on the branch

@@ -6,6 +6,9 @@ for one worker task that feeds the processor strictly in journal order. Events a
 in the same step that gives them their journal seqs, so the worker's order is the journal's;
 the worker waits for a record's fsync before it processes it.
 
+The worker hands the processor, with each event, the events for the same object queued
+behind it: one read of the object from the API answers them all.
+
 A journal record is marked done once every commit its event made is in the local repository
 (or its event made none). A commit that failed for a temporary reason holds the record: it
 is processed again on the next start.
@@ -16,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -33,6 +36,15 @@ from audit_reverser.pipeline.processor import Processor
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_BACKLOG = 100_000
+
+_ObjectKey = tuple[str, str, str, str, str]  # cluster, group, resource, namespace, name
+
+
+def _object_of(event: AuditEvent) -> _ObjectKey | None:
+    ref = event.object_ref
+    if ref is None or not ref.name:
+        return None
+    return (event.cluster, ref.api_group, ref.resource, ref.namespace, ref.name)
 
 
 class Overloaded(TemporaryError):
@@ -79,12 +91,20 @@ class Intake:
         # 429 instead of waiting: a wait between taking seqs and queueing would break order.
         self._queue: asyncio.Queue[_Item] = asyncio.Queue(0 if journal else queue_size)
         self._task: asyncio.Task[None] | None = None
+        self._waiting: dict[_ObjectKey, deque[AuditEvent]] = {}  # queued, per object
 
     def triage(self, items: Iterable[object], *, cluster: str = "", source: str = "") -> Triage:
         result = Triage()
         for raw in items:
             self.stats.received += 1
             reason = classify_raw(raw) if isinstance(raw, Mapping) else Skip.MALFORMED
+            # A status write is almost always bookkeeping, but it may finish a deletion.
+            if (
+                reason is Skip.STATUS
+                and isinstance(raw, Mapping)
+                and self.processor.may_finish_deletion(raw, cluster=cluster)
+            ):
+                reason = None
             if reason is None:
                 assert isinstance(raw, Mapping)
                 try:
@@ -118,6 +138,7 @@ class Intake:
             return
         if self.journal is None:
             for event in triage.kept:
+                self._index(event)
                 await self._queue.put(_Item(event))
             return
         if self.journal.backlog + len(triage.kept) > self.max_backlog:
@@ -131,6 +152,7 @@ class Intake:
         ]
         seqs, stored = self.journal.append(entries)
         for event, seq in zip(triage.kept, seqs, strict=True):
+            self._index(event)
             self._queue.put_nowait(_Item(event, seq, stored))
         # Shielded: a client that goes away must not cancel the fsync others wait for.
         await asyncio.shield(stored)
@@ -148,7 +170,33 @@ class Intake:
                 )
                 self.journal.done(record.seq)
                 continue
+            self._index(event)
             self._queue.put_nowait(_Item(event, record.seq))
+
+    def _index(self, event: AuditEvent) -> None:
+        key = _object_of(event)
+        if key is not None:
+            self._waiting.setdefault(key, deque()).append(event)
+
+    def _later(self, event: AuditEvent) -> list[AuditEvent]:
+        """Take ``event`` out of the index; the events for its object still queued."""
+        key = _object_of(event)
+        waiting = self._waiting.get(key) if key is not None else None
+        if key is None or waiting is None:
+            return []
+        for position, queued in enumerate(waiting):
+            if queued is event:
+                del waiting[position]
+                break
+        if not waiting:
+            del self._waiting[key]
+        seen = {event.audit_id}  # the same auditID queued twice is one event
+        later = []
+        for other in waiting:
+            if other.audit_id not in seen:
+                seen.add(other.audit_id)
+                later.append(other)
+        return later
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="intake")
@@ -185,13 +233,14 @@ class Intake:
                 self._queue.task_done()
 
     async def _handle(self, item: _Item) -> None:
+        later = self._later(item.event)
         if item.stored is not None:
             try:
                 await asyncio.shield(item.stored)
             except JournalUnavailable:
                 return  # never acknowledged: the sender sends it again
         try:
-            futures = await self.processor.process(item.event)
+            futures = await self.processor.process(item.event, later)
         except TemporaryError as exc:
             log.error("event %s held for the next start: %s", item.event.audit_id, exc)
             return

@@ -46,6 +46,7 @@ class Skip(StrEnum):
     NO_RULE = "no-rule"
     NOISE = "noise"
     DUPLICATE = "duplicate-audit-id"
+    COALESCED = "answered-by-one-read"
     SECRET = "secret-without-encryption"
     NEEDS_API = "needs-api"
     GONE = "gone-before-read"

@@ -94,3 +94,24 @@ def object_path(
     return ObjectPath(
         file=f"{prefix}{relative}{suffix}", subject=relative, sops_config=f"{folder}.sops.yaml"
     )
+
+
+# A version folder (v1, v1beta1), told apart from a group folder (apps, example.com) so that
+# a namespace named like a resource never matches another resource's folder.
+_ANY_VERSION = "v[0-9]*"
+
+
+def contents_patterns(
+    *, target_path: str, api_group: str, resource: str, name: str
+) -> tuple[str, ...]:
+    """Folders (fnmatch segments) whose files go with this object: every version of a CRD's
+    resource, every object of a Namespace; () for other objects."""
+    prefix = f"{target_path}/" if target_path else ""
+    if (api_group, resource) == ("apiextensions.k8s.io", "customresourcedefinitions"):
+        plural, _, group = name.partition(".")
+        if not _DNS_LABEL.match(plural) or not _DNS_SUBDOMAIN.match(group):
+            return ()
+        return (f"{prefix}{group}/*/{plural}",)
+    if (api_group, resource) == ("", "namespaces") and _DNS_LABEL.match(name):
+        return (f"{prefix}{_ANY_VERSION}/*/{name}", f"{prefix}*/{_ANY_VERSION}/*/{name}")
+    return ()

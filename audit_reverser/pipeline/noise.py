@@ -4,6 +4,8 @@ changes are in Git already, or objects that a controller generates.
 - ``excluded_users``: globs over usernames (the user who sent the request, and the one it
   impersonated); the defaults are the control plane's own components, whose writes to
   selected objects are bookkeeping (a Deployment's revision annotation, a node's heartbeat).
+  A write of theirs that makes a selected object disappear is no bookkeeping, though: the
+  processor commits it as the deletion it finishes (see ``pipeline/deletions.py``).
 - ``excluded_field_managers``: globs over the ``fieldManager`` of the request (a GitOps
   tool's server-side apply, e.g. ``kustomize-controller`` or ``argocd-controller``).
 - Objects with a ``controller: true`` ownerReference (the ReplicaSets of a Deployment, the

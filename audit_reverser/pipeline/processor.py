@@ -1,10 +1,15 @@
 """From one kept audit event to file changes on the right branch writers.
 
 Route (rules → targets), resolve (event → object states), sanitize, lay out, and submit a
-:class:`FileChange` per object and target. The processor keeps the two memories the event
+:class:`FileChange` per object and target. The processor keeps the memories the event
 semantics need: auditIDs already handled (one commit per event even when the apiserver
-sends it twice) and the newest resourceVersion written per file (an older event never
-regresses a file).
+sends it twice), the newest resourceVersion written per file (an older event never
+regresses a file), and who asked for the deletions that others finish
+(:mod:`audit_reverser.pipeline.deletions`).
+
+Control-plane writes, excluded tools and ``status``/``finalize`` subresource writes are no
+commits of their own, except the write that makes a selected object disappear: that is a
+``[DELETE]`` in the name of whoever asked for the deletion.
 """
 
 from __future__ import annotations
@@ -13,7 +18,7 @@ import asyncio
 import dataclasses
 import logging
 from collections import OrderedDict
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Protocol
@@ -27,11 +32,13 @@ from audit_reverser.events import AuditEvent, AuditID, ObjectRef
 from audit_reverser.gitstore.types import CommitOutcome, FileChange, TreeChange
 from audit_reverser.pipeline import canonical
 from audit_reverser.pipeline.commits import Action, author_for, commit_message, trailer
+from audit_reverser.pipeline.deletions import DELETE_VERBS, Deletions, Request
 from audit_reverser.pipeline.filter import Skip
 from audit_reverser.pipeline.layout import (
     InvalidName,
     ObjectPath,
     check_reference,
+    contents_patterns,
     is_secret,
     object_path,
 )
@@ -43,10 +50,12 @@ from audit_reverser.pipeline.noise import (
     own_secrets,
 )
 from audit_reverser.pipeline.resolve import (
+    BOOKKEEPING_SUBRESOURCES,
     NeedsApi,
     ObjectChange,
     ObjectSource,
     UnknownResource,
+    is_gone,
     resolve_from_api,
     resolve_offline,
 )
@@ -71,6 +80,8 @@ NOISE_RESOURCES = frozenset(
 )
 
 DEDUP_WINDOW = 100_000
+# Events one read answers at most (their users become Co-authored-by trailers).
+FOLD_LIMIT = 50
 
 # An event without any timestamp (only hand-made fixtures lack them) is dated at the epoch,
 # visibly "unknown", rather than at the wall clock, which would break byte-identical replays.
@@ -124,6 +135,10 @@ class Processor:
         self._rules: dict[tuple[str, ...], bytes] = {}  # .sops.yaml per set of recipients
         self._handled: OrderedDict[AuditID, None] = OrderedDict()
         self._versions: dict[tuple[int, str], int] = {}
+        self._deletions = Deletions()
+        # Events whose change a commit made for an earlier event holds (one read answered
+        # both): their own turn returns that commit, so their journal records wait for it.
+        self._folded: OrderedDict[AuditID, list[asyncio.Future[CommitOutcome]]] = OrderedDict()
 
     def reconfigure(
         self, config: Config, sinks: Mapping[Key, CommitSink], keys: Mapping[Key, TargetKeys]
@@ -149,21 +164,83 @@ class Processor:
             if version is not None and version > self._versions.get(key, -1):
                 self._versions[key] = version
 
+    def wrote_newer(self, sink: CommitSink, path: str, resource_version: str) -> bool:
+        """Whether an event wrote ``path`` through ``sink`` at a newer resourceVersion."""
+        version = _rv_number(resource_version)
+        stored = self._versions.get((id(sink), path))
+        return version is not None and stored is not None and stored > version
+
+    def remember_versions(self, sink: CommitSink, versions: Mapping[str, str]) -> None:
+        """Files written from the API (a resync) at these resourceVersions: from now on an
+        event older than them is stale, as if an event had written them."""
+        for path, resource_version in versions.items():
+            version = _rv_number(resource_version)
+            key = (id(sink), path)
+            if version is not None and version > self._versions.get(key, -1):
+                self._versions[key] = version
+
     def routes(self, event: AuditEvent) -> list[Route] | Skip:
         """Targets for the event, or why it goes nowhere. Cheap: no object is touched."""
         with about(audit_id=event.audit_id):
-            return self._routes(event)
+            found = self._routes(event)
+            return found if isinstance(found, Skip) else found[0]
 
-    def _routes(self, event: AuditEvent) -> list[Route] | Skip:
+    def may_finish_deletion(self, raw: Mapping[str, Any], *, cluster: str = "") -> bool:
+        """For a ``status`` write the cheap filter would drop: whether it may be the one that
+        makes an object disappear (its response shows the deletion done, or the deletion of
+        its object was asked for). Looks only at the decoded JSON, as the filter does."""
+        response = raw.get("responseObject")
+        if isinstance(response, Mapping):
+            return is_gone(response)
+        ref = raw.get("objectRef")
+        if not isinstance(ref, Mapping):
+            return False
+        parts = [ref.get(k) or "" for k in ("resource", "apiGroup", "namespace", "name")]
+        if not all(isinstance(p, str) for p in parts):
+            return False
+        resource, group, namespace, name = parts
+        return self._deletions.pending_object(cluster, group, resource, namespace, name)
+
+    def _noise(self, event: AuditEvent) -> Skip | None:
+        """Why the event is no commit of its own (it may still finish a deletion), or None."""
+        ref = event.object_ref
+        if ref is not None and ref.subresource in BOOKKEEPING_SUBRESOURCES:
+            return Skip.STATUS
+        if self._exclusions.excluded_user(event):
+            return Skip.EXCLUDED_USER
+        if self._exclusions.excluded_field_manager(event):
+            return Skip.EXCLUDED_FIELD_MANAGER
+        return None
+
+    def _may_finish_deletion(self, event: AuditEvent) -> bool:
+        if event.verb in DELETE_VERBS:
+            return True
+        body, ref = event.response_object, event.object_ref
+        if body is None:
+            return self._deletions.pending(event)
+        return (
+            ref is not None
+            and (not ref.subresource or ref.subresource in BOOKKEEPING_SUBRESOURCES)
+            and is_gone(body)
+        )
+
+    def _routes(self, event: AuditEvent) -> tuple[list[Route], Skip | None] | Skip:
+        """Targets for the event and, when it counts only if it finishes a deletion, why it
+        would be skipped otherwise."""
         ref = event.object_ref
         if ref is None:
             return Skip.NO_OBJECT
+        noise = self._noise(event)
+        self._deletions.asked(event, person=noise is None)
+        if ref.subresource in BOOKKEEPING_SUBRESOURCES:
+            ref = dataclasses.replace(ref, subresource="")  # routed as its parent object
         routes = self._router.routes(ref, event.verb, event)
         if not routes:
+            routes = self._router.routes(ref, event.verb)
+            if not routes:
+                return Skip.NO_RULE
             # A rule that selected it but excludes its user or tool says more than no-rule.
-            if self._router.routes(ref, event.verb):
-                return Skip.EXCLUDED_BY_RULE
-            return Skip.NO_RULE
+            noise = noise if noise is Skip.STATUS else Skip.EXCLUDED_BY_RULE
         if (ref.api_group, ref.resource) in NOISE_RESOURCES:
             routes = [r for r in routes if r.explicit]
             if not routes:
@@ -174,10 +251,8 @@ class Processor:
         routes = [r for r in routes if r.target.key in self._sinks]
         if not routes:
             return Skip.TARGET_NOT_READY
-        if self._exclusions.excluded_user(event):
-            return Skip.EXCLUDED_USER
-        if self._exclusions.excluded_field_manager(event):
-            return Skip.EXCLUDED_FIELD_MANAGER
+        if noise is not None and not self._may_finish_deletion(event):
+            return noise
         try:  # refuse forged references before they are journaled
             check_reference(
                 api_group=ref.api_group,
@@ -189,19 +264,32 @@ class Processor:
         except InvalidName as exc:
             log.warning("event %s refused: %s", event.audit_id, exc)
             return Skip.INVALID_NAME
-        return routes
+        return routes, noise
 
-    async def process(self, event: AuditEvent) -> list[asyncio.Future[CommitOutcome]]:
-        """Submit the event's changes; the futures resolve when each is committed locally."""
+    async def process(
+        self, event: AuditEvent, later: Sequence[AuditEvent] = ()
+    ) -> list[asyncio.Future[CommitOutcome]]:
+        """Submit the event's changes; the futures resolve when each is committed locally.
+
+        ``later``: events for the same object queued after this one. When the object is read
+        from the API, the state read holds their changes too: one commit, by the latest."""
         with about(audit_id=event.audit_id):
-            return await self._process(event)
+            return await self._process(event, later)
 
-    async def _process(self, event: AuditEvent) -> list[asyncio.Future[CommitOutcome]]:
-        routes = self.routes(event)
-        if isinstance(routes, Skip):
-            return self._skip(event, routes)
+    async def _process(
+        self, event: AuditEvent, later: Sequence[AuditEvent]
+    ) -> list[asyncio.Future[CommitOutcome]]:
+        found = self._routes(event)
+        if isinstance(found, Skip):
+            return self._skip(event, found)
+        routes, noise = found
         if event.audit_id in self._handled:
+            folded = self._folded.pop(event.audit_id, None)
+            if folded is not None:
+                self.stats.skip(Skip.COALESCED)
+                return folded
             return self._skip(event, Skip.DUPLICATE)
+        events = [event]
         try:
             changes = resolve_offline(event)
         except NeedsApi as exc:
@@ -211,16 +299,30 @@ class Processor:
             if isinstance(read, Skip):
                 return self._skip(event, read)
             changes = read
+            if noise is None and event.verb not in DELETE_VERBS:
+                events += self._followers(routes, later)
+        if noise is not None:  # only a deletion it finished counts
+            changes = [change for change in changes if change.body is None]
+            if not changes:
+                return self._skip(event, noise)
 
-        self._remember(event.audit_id)
+        for each in events:
+            self._remember(each.audit_id)
+        # The state read is the latest writer's: the commit is theirs (by time, then order).
+        ordered = sorted(events, key=lambda e: e.time or UNKNOWN_TIME)
+        author, earlier = ordered[-1], ordered[:-1]
         futures: list[asyncio.Future[CommitOutcome]] = []
         last_reason = Skip.UNCHANGED
-        for route in routes:
-            for change in changes:
+        for change in changes:
+            requested = self._requester(event, change)
+            self._deletions.seen(event, change.namespace, change.name, change.body)
+            for route in routes:
                 if not route.explicit and controlled(change.body):
                     last_reason = Skip.CONTROLLED  # generated from its owner, which is in Git
                     continue
-                outcome = await self._submit(event, route.target, change)
+                outcome = await self._submit(
+                    author, route.target, change, requested=requested, earlier=earlier
+                )
                 if isinstance(outcome, Skip):
                     last_reason = outcome
                 else:
@@ -230,7 +332,42 @@ class Processor:
             self.stats.kept += 1
         else:
             self.stats.skip(last_reason)
+        for each in events[1:]:
+            self._folded[each.audit_id] = futures
+            if len(self._folded) > DEDUP_WINDOW:
+                self._folded.popitem(last=False)
         return futures
+
+    def _followers(self, routes: list[Route], later: Sequence[AuditEvent]) -> list[AuditEvent]:
+        """The queued events of the same object whose change a read made now also shows:
+        writes that need the API, routed alike, up to the object's next deletion."""
+        targets = {route.target.key for route in routes}
+        found: list[AuditEvent] = []
+        for other in later[:FOLD_LIMIT]:
+            if other.verb in DELETE_VERBS:
+                break
+            if other.audit_id in self._handled:
+                continue
+            try:
+                resolve_offline(other)
+                continue  # it carries its own object
+            except NeedsApi:
+                pass
+            theirs = self._routes(other)
+            if isinstance(theirs, Skip) or theirs[1] is not None:
+                continue
+            if {route.target.key for route in theirs[0]} == targets:
+                found.append(other)
+        return found
+
+    def _requester(self, event: AuditEvent, change: ObjectChange) -> Request | None:
+        """Who asked for the deletion ``event`` finished, when that is someone else."""
+        if change.body is not None:
+            return None
+        requested = self._deletions.requester(event, change.namespace, change.name)
+        if requested is None or requested.user.username == event.effective_user.username:
+            return None
+        return requested
 
     def encode(
         self,
@@ -293,7 +430,13 @@ class Processor:
             return Encoded(path=path, content=content, fingerprint=fingerprint, also=also)
 
     async def _submit(
-        self, event: AuditEvent, target: GitTarget, change: ObjectChange
+        self,
+        event: AuditEvent,
+        target: GitTarget,
+        change: ObjectChange,
+        *,
+        requested: Request | None = None,
+        earlier: Sequence[AuditEvent] = (),
     ) -> asyncio.Future[CommitOutcome] | Skip:
         ref = event.object_ref
         assert ref is not None
@@ -326,25 +469,51 @@ class Processor:
         action: Action
         if change.body is None:
             action = "DELETE"
+        elif any(e.verb == "create" for e in (*earlier, event)):
+            action = "CREATE"
         else:
-            action = "CREATE" if event.verb == "create" else "UPDATE"
+            action = "UPDATE"
         if version is not None:
             self._versions[version_key] = version
+        message = commit_message(
+            action=action,
+            subject_path=path.subject,
+            event=event,
+            resource_version=change.resource_version,
+            requested=requested,
+            earlier=earlier,
+        )
+        author = author_for((requested.user if requested else event.effective_user).username)
         file_change = FileChange(
             path=path.file,
             content=encoded.content,
-            message=commit_message(
-                action=action,
-                subject_path=path.subject,
-                event=event,
-                resource_version=change.resource_version,
-            ),
-            author=author_for(event.effective_user.username),
+            message=message,
+            author=author,
             time=when,
             also=encoded.also,
             fingerprint=encoded.fingerprint,
         )
+        patterns = () if change.body is not None else self._contents(target, ref, change)
+        if patterns:  # a CRD takes its resource's files with it, a Namespace its objects
+            return await sink.submit(
+                TreeChange(
+                    files=(file_change,),
+                    prune_matching=patterns,
+                    message=message,
+                    author=author,
+                    time=when,
+                )
+            )
         return await sink.submit(file_change)
+
+    @staticmethod
+    def _contents(target: GitTarget, ref: ObjectRef, change: ObjectChange) -> tuple[str, ...]:
+        return contents_patterns(
+            target_path=target.path,
+            api_group=ref.api_group,
+            resource=ref.resource,
+            name=change.name,
+        )
 
     async def _delete_collection(
         self, event: AuditEvent, routes: list[Route]
@@ -389,11 +558,18 @@ class Processor:
                 log.warning("event %s refused: %s", event.audit_id, exc)
                 continue
             folder, subject = probe.file.rpartition("/")[0], probe.subject.rpartition("/")[0]
+            # The namespace controller empties a namespace: the commit is the deleter's.
+            requested = self._requester(
+                event,
+                ObjectChange(namespace=ref.namespace, name="", body=None, resource_version=""),
+            )
             change = TreeChange(
                 prune=(folder,),
                 keep=frozenset(keep),
-                message=commit_message(action="DELETE", subject_path=subject, event=event),
-                author=author_for(event.effective_user.username),
+                message=commit_message(
+                    action="DELETE", subject_path=subject, event=event, requested=requested
+                ),
+                author=author_for((requested.user if requested else event.effective_user).username),
                 time=event.time or UNKNOWN_TIME,
             )
             futures.append(await self._sinks[target.key].submit(change))
@@ -416,7 +592,7 @@ class Processor:
         except UnknownResource as exc:
             log.warning("event %s: %s", event.audit_id, exc)
             return Skip.UNKNOWN_RESOURCE
-        changes = resolve_from_api(event, current)
+        changes = resolve_from_api(event, current, deleting=self._deletions.pending(event))
         return changes or Skip.GONE
 
     def _source_for(self, event: AuditEvent) -> ObjectSource | None:

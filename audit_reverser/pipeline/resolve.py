@@ -3,8 +3,10 @@
 The object is the ``responseObject`` (never the ``requestObject``: for a patch that is the
 patch). Deletions follow the apiserver: an object held by finalizers (or a graceful period)
 still exists; the update that removes the last finalizer of a deleted object makes it gone.
-When the event does not say enough (Metadata level, subresource writes, a delete without a
-body), :class:`NeedsApi` is raised: the object must be read from the cluster, never guessed.
+A Namespace is also held by its ``spec.finalizers`` (the namespace controller empties them
+through the ``finalize`` subresource once the namespace's contents are deleted). When the
+event does not say enough (Metadata level, subresource writes, a delete without a body),
+:class:`NeedsApi` is raised: the object must be read from the cluster, never guessed.
 """
 
 from __future__ import annotations
@@ -26,6 +28,12 @@ class ObjectChange:
     resource_version: str
 
 
+# Writes through these subresources answer with the whole parent object: they can finish a
+# deletion (the apiserver releases a CRD through ``status``, the namespace controller a
+# Namespace through ``finalize``), though they are never commits of their own.
+BOOKKEEPING_SUBRESOURCES = frozenset({"status", "finalize"})
+
+
 class NeedsApi(Exception):
     """The event alone cannot tell the object's new state; the reason says why."""
 
@@ -45,24 +53,27 @@ class ObjectSource(Protocol):
         """The names of the objects of ``ref``'s resource in its namespace, now."""
 
 
-def resolve_from_api(event: AuditEvent, current: Mapping[str, Any] | None) -> list[ObjectChange]:
+def resolve_from_api(
+    event: AuditEvent, current: Mapping[str, Any] | None, *, deleting: bool = False
+) -> list[ObjectChange]:
     """The event's change, given the object as the API holds it now (None: it is gone).
 
     A create or update whose object is already gone changes nothing we could write: the
-    content is never invented, and the delete that removed it comes as its own event.
+    content is never invented, and the delete that removed it comes as its own event. When
+    its deletion was asked for (``deleting``), though, an update after which it is gone is
+    the one that finished it.
     """
     ref = event.object_ref
     assert ref is not None and ref.name
     if current is None:
-        if event.verb == "delete":
+        if event.verb == "delete" or deleting:
             return [
                 ObjectChange(namespace=ref.namespace, name=ref.name, body=None, resource_version="")
             ]
         return []
     if not _is_object(current):
         return []
-    gone = bool(_metadata(current).get("deletionTimestamp")) and not _held(current)
-    return [_change(ref, current, gone=gone)]
+    return [_change(ref, current, gone=is_gone(current))]
 
 
 def _metadata(obj: Mapping[str, Any]) -> Mapping[str, Any]:
@@ -81,7 +92,17 @@ def _held(obj: Mapping[str, Any]) -> bool:
     """True when a deleted object still exists: finalizers or a graceful deletion pending."""
     metadata = _metadata(obj)
     grace = metadata.get("deletionGracePeriodSeconds")
-    return bool(metadata.get("finalizers")) or (isinstance(grace, int) and grace > 0)
+    spec = obj.get("spec") if obj.get("kind") == "Namespace" else None
+    return (
+        bool(metadata.get("finalizers"))
+        or (isinstance(grace, int) and grace > 0)
+        or (isinstance(spec, Mapping) and bool(spec.get("finalizers")))
+    )
+
+
+def is_gone(obj: Mapping[str, Any]) -> bool:
+    """True when ``obj``, as a write answered it, no longer exists: deleted and not held."""
+    return bool(_metadata(obj).get("deletionTimestamp")) and not _held(obj)
 
 
 def _change(ref: ObjectRef, obj: Mapping[str, Any], *, gone: bool) -> ObjectChange:
@@ -100,17 +121,23 @@ def resolve_offline(event: AuditEvent) -> list[ObjectChange]:
     ref = event.object_ref
     if ref is None:
         raise NeedsApi("the event names no object")
+    body = event.response_object
+    if ref.subresource in BOOKKEEPING_SUBRESOURCES and body is not None and _is_object(body):
+        return [_change(ref, body, gone=is_gone(body))]
     if ref.subresource:
         raise NeedsApi(
             f"a write to the {ref.subresource!r} subresource: the parent object "
             "must be read from the API"
         )
-    body = event.response_object
     if event.verb == "deletecollection":
         items = body.get("items") if body is not None else None
         if not isinstance(items, list):
             raise NeedsApi("deletecollection without the list of deleted objects")
-        return [_change(ref, item, gone=not _held(item)) for item in items if _is_object(item)]
+        # An item still held stays as it is: the list may hold only its metadata (the
+        # namespace controller asks for PartialObjectMetadata), never the object to write.
+        return [
+            _change(ref, item, gone=True) for item in items if _is_object(item) and not _held(item)
+        ]
     if body is None:
         raise NeedsApi(f"no responseObject (audit level {event.level or 'unknown'})")
     if event.verb == "delete":
@@ -123,5 +150,4 @@ def resolve_offline(event: AuditEvent) -> list[ObjectChange]:
         raise NeedsApi("delete whose response is neither the object nor a success Status")
     if not _is_object(body) or not body.get("apiVersion") or not body.get("kind"):
         raise NeedsApi("the responseObject is not a complete object")
-    gone = bool(_metadata(body).get("deletionTimestamp")) and not _held(body)
-    return [_change(ref, body, gone=gone)]
+    return [_change(ref, body, gone=is_gone(body))]

@@ -1,0 +1,258 @@
+"""The shared journal: accepted events in Redis Streams, one stream per writer *lane* (a
+repository branch), read by whoever holds that lane's lease through one consumer group.
+
+Keys, under a prefix (default ``audit-reverser``)::
+
+    {prefix}:stream:{lane}          the lane's entries: id, cluster, event (JSON)
+    {prefix}:seen:{cluster}/{id}    an auditID already appended (expires after ``seen_ttl_s``)
+    {prefix}:lanes                  the set of lanes, to sum the backlog
+
+An append is one Lua script (atomic, and written to the AOF as one unit): an event whose
+seen-key exists is skipped, so a batch the apiserver retries against another replica is
+stored once. The script's answer is sent only after the durability commands queued behind
+it (WAITAOF or WAIT, :mod:`.connection`) confirm it, so a caller that gets no exception may
+answer 200. Entries are acknowledged *and deleted* together once their commits are pushed:
+the stream's length is the backlog, and nothing leaves it before it is in the remote.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from audit_reverser.ha.connection import Connection
+
+GROUP = "writers"
+DEFAULT_PREFIX = "audit-reverser"
+# Longer than any apiserver retry of one batch (as the file journal keeps its auditIDs); the
+# remote's history covers anything older (the writer skips Audit-IDs it finds there). Each
+# seen-key costs ~90 bytes of Redis memory for this long (docs/ha.md).
+DEFAULT_SEEN_TTL_S = 600.0
+
+# KEYS: the lanes set, then for each event its seen-key and its lanes' stream keys.
+# ARGV: ttl ms, group, then for each event: cluster, auditID, event JSON, number of lanes.
+# The seen-key is set after the entries: Redis does not roll back a script that fails
+# half-way (out of memory), and an entry without its seen-key can only be a duplicate (the
+# writer skips Audit-IDs it has), where a seen-key without its entry would be a lost event.
+_APPEND = """
+local ttl, group = ARGV[1], ARGV[2]
+local k, a, added = 2, 3, 0
+while a <= #ARGV do
+  local cluster, id, event, lanes = ARGV[a], ARGV[a + 1], ARGV[a + 2], tonumber(ARGV[a + 3])
+  if redis.call('EXISTS', KEYS[k]) == 0 then
+    for i = 1, lanes do
+      local stream = KEYS[k + i]
+      if redis.call('EXISTS', stream) == 0 then
+        redis.call('XGROUP', 'CREATE', stream, group, '0', 'MKSTREAM')
+        redis.call('SADD', KEYS[1], stream)
+      end
+      redis.call('XADD', stream, '*', 'id', id, 'cluster', cluster, 'event', event)
+    end
+    redis.call('SET', KEYS[k], '1', 'PX', ttl)
+    added = added + 1
+  end
+  k = k + lanes + 1
+  a = a + 4
+end
+return added
+"""
+
+_ACKNOWLEDGE = """
+redis.call('XACK', KEYS[1], ARGV[1], unpack(ARGV, 2))
+return redis.call('XDEL', KEYS[1], unpack(ARGV, 2))
+"""
+
+_ACK_CHUNK = 1000
+
+_BACKLOG = """
+local total = 0
+for _, stream in ipairs(redis.call('SMEMBERS', KEYS[1])) do
+  total = total + redis.call('XLEN', stream)
+end
+return total
+"""
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Incoming:
+    """One accepted event and the lanes (writer branches) its routes lead to."""
+
+    audit_id: str
+    cluster: str
+    event: bytes
+    lanes: Sequence[str]
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Entry:
+    """One event as its lane's writer reads it; ``entry_id`` is the stream entry's ID."""
+
+    entry_id: str
+    audit_id: str
+    cluster: str
+    event: bytes
+
+
+class StreamJournal:
+    def __init__(
+        self,
+        connection: Connection,
+        *,
+        prefix: str = DEFAULT_PREFIX,
+        seen_ttl_s: float = DEFAULT_SEEN_TTL_S,
+    ) -> None:
+        self.connection = connection
+        self.prefix = prefix
+        self.seen_ttl_s = seen_ttl_s
+        self._append = connection.client.register_script(_APPEND)
+        self._backlog = connection.client.register_script(_BACKLOG)
+        self._acknowledge = connection.client.register_script(_ACKNOWLEDGE)
+
+    def stream_key(self, lane: str) -> str:
+        return f"{self.prefix}:stream:{lane}"
+
+    def _seen_key(self, cluster: str, audit_id: str) -> str:
+        return f"{self.prefix}:seen:{cluster}/{audit_id}"
+
+    async def append(self, batch: Sequence[Incoming]) -> int:
+        """Store the batch's events not stored before, durably; returns how many were new.
+
+        Raises :class:`~.connection.RedisUnavailable` when Redis cannot be reached or does
+        not confirm durability in time: then nothing may be acknowledged (it may or may not
+        be stored; a retry stores it at most once)."""
+        if not batch:
+            return 0
+        keys: list[str] = [f"{self.prefix}:lanes"]
+        args: list[Any] = [int(self.seen_ttl_s * 1000), GROUP]
+        for item in batch:
+            keys.append(self._seen_key(item.cluster, item.audit_id))
+            keys.extend(self.stream_key(lane) for lane in item.lanes)
+            args.extend((item.cluster, item.audit_id, item.event, len(item.lanes)))
+        with self.connection.errors("appending events"):
+            async with self.connection.client.pipeline(transaction=False) as pipe:
+                await self._append(keys=keys, args=args, client=pipe)
+                self.connection.durable_commands(pipe)
+                answers = await pipe.execute()
+        self.connection.confirm(answers)
+        return int(answers[0])
+
+    async def backlog(self) -> int:
+        """Events stored and not yet pushed, over all lanes."""
+        with self.connection.errors("reading the backlog"):
+            return int(await self._backlog(keys=[f"{self.prefix}:lanes"]))
+
+    def lane(self, lane: str, consumer: str) -> Lane:
+        return Lane(self, lane, consumer)
+
+
+class Lane:
+    """One lane as its writer sees it: read, take over what another writer left, acknowledge.
+
+    Only the lane's lease holder uses this (``consumer`` names the replica); the group is
+    there for its pending-entries list, which says what was delivered but not pushed."""
+
+    def __init__(self, journal: StreamJournal, lane: str, consumer: str) -> None:
+        self.journal = journal
+        self.connection = journal.connection
+        self.name = lane
+        self.key = journal.stream_key(lane)
+        self.consumer = consumer
+        # The consumer's own pending entries are read again first ("0"), then new ones (">").
+        self._cursor: str | None = "0"
+
+    async def take_over(self) -> int:
+        """Make every entry delivered to earlier writers (and never acknowledged) ours, to be
+        read again by :meth:`read`; returns how many."""
+        client, claimed, start = self.connection.client, 0, "0-0"
+        with self.connection.errors(f"taking over lane {self.name}"):
+            await _ensure_group(client, self.key)
+            while True:
+                answer = await client.xautoclaim(
+                    self.key, GROUP, self.consumer, min_idle_time=0, start_id=start, count=500
+                )
+                start, entries = _text(answer[0]), answer[1]
+                claimed += len(entries)
+                if start == "0-0":
+                    break
+        self._cursor = "0"
+        return claimed
+
+    async def read(self, count: int = 100, block_s: float | None = None) -> list[Entry]:
+        """The next entries: first those delivered to us before and not acknowledged, then
+        new ones (waiting up to ``block_s`` for one when there is none; at most the
+        connection's timeout, below which the socket's own timeout lies)."""
+        client = self.connection.client
+        with self.connection.errors(f"reading lane {self.name}"):
+            if self._cursor is not None:
+                answer = await client.xreadgroup(
+                    GROUP, self.consumer, {self.key: self._cursor}, count=count
+                )
+                entries = _entries(answer, self.key)
+                if entries:
+                    self._cursor = entries[-1].entry_id
+                    return entries
+                self._cursor = None
+            block = None if block_s is None else int(min(block_s, self.connection.timeout_s) * 1000)
+            answer = await client.xreadgroup(
+                GROUP, self.consumer, {self.key: ">"}, count=count, block=block
+            )
+            return _entries(answer, self.key)
+
+    async def acknowledge(self, entry_ids: Sequence[str]) -> None:
+        """Entries whose commits are in the remote: out of the pending list and the stream,
+        in one transaction, durably."""
+        if not entry_ids:
+            return
+        with self.connection.errors(f"acknowledging entries of lane {self.name}"):
+            async with self.connection.client.pipeline(transaction=False) as pipe:
+                # Chunks: a Lua call unpacks its arguments onto a stack of limited size.
+                for start in range(0, len(entry_ids), _ACK_CHUNK):
+                    chunk = entry_ids[start : start + _ACK_CHUNK]
+                    await self.journal._acknowledge(
+                        keys=[self.key], args=[GROUP, *chunk], client=pipe
+                    )
+                self.connection.durable_commands(pipe)
+                answers = await pipe.execute()
+        self.connection.confirm(answers)
+
+    async def pending(self) -> int:
+        """Entries delivered to a writer and not yet acknowledged."""
+        with self.connection.errors(f"reading lane {self.name}"):
+            summary = await self.connection.client.xpending(self.key, GROUP)
+        return int(summary["pending"])
+
+    async def length(self) -> int:
+        with self.connection.errors(f"reading lane {self.name}"):
+            return int(await self.connection.client.xlen(self.key))
+
+
+async def _ensure_group(client: Any, key: str) -> None:
+    if not await client.exists(key):
+        await client.xgroup_create(key, GROUP, id="0", mkstream=True)
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def _entries(answer: Any, key: str) -> list[Entry]:
+    """XREADGROUP's answer (RESP3: a map of stream → [entries]) as entries; an entry deleted
+    while pending comes back without fields and is left out."""
+    if not answer:
+        return []
+    found = answer.get(key.encode()) or answer.get(key) or [[]]
+    entries = []
+    for entry_id, fields in found[0]:
+        if not fields:
+            continue
+        values = {_text(name): value for name, value in fields.items()}
+        entries.append(
+            Entry(
+                entry_id=_text(entry_id),
+                audit_id=_text(values["id"]),
+                cluster=_text(values["cluster"]),
+                event=bytes(values["event"]),
+            )
+        )
+    return entries

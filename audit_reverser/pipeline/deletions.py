@@ -1,0 +1,190 @@
+"""Who asked for a deletion that someone else finishes.
+
+A delete of an object held by finalizers leaves it in place; a controller finishes it later
+with a write of its own (the pvc-protection controller removing its finalizer, the namespace
+controller emptying a namespace, the garbage collector deleting an owner's dependents, the
+apiserver releasing a CRD). That write is a ``[DELETE]`` commit in the name of the person who
+asked, so requests are remembered here, each memory bounded (least recently used goes):
+
+- by object: the delete that named it, or the deletecollection that listed it;
+- by uid: a dependent's owner deleted (the garbage collector's cascade);
+- by namespace: the namespace deleted (what the namespace controller deletes in it).
+
+Requests are remembered when the event is routed, before any earlier event is processed:
+the apiserver may send the request and its completion in one EventList.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from audit_reverser.events import AuditEvent, AuditID, User
+
+DELETE_VERBS = frozenset({"delete", "deletecollection"})
+LIMIT = 100_000
+
+# cluster, group, resource, namespace, name ('' for a whole collection)
+ObjectKey = tuple[str, str, str, str, str]
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Request:
+    """A delete request: who sent it (as the commit author) and whether that is a person
+    (not the control plane or an excluded tool)."""
+
+    user: User
+    impersonated_by: str | None
+    audit_id: AuditID
+    user_agent: str
+    source_ips: tuple[str, ...]
+    person: bool
+
+
+def object_key(
+    event: AuditEvent, namespace: str | None = None, name: str | None = None
+) -> ObjectKey:
+    ref = event.object_ref
+    assert ref is not None
+    if ref.api_group == "" and ref.resource == "namespaces":
+        namespace = ""  # the apiserver names a Namespace's own name as its objectRef.namespace
+    return (
+        event.cluster,
+        ref.api_group,
+        ref.resource,
+        ref.namespace if namespace is None else namespace,
+        ref.name if name is None else name,
+    )
+
+
+def namespace_key(cluster: str, namespace: str) -> ObjectKey:
+    return (cluster, "", "namespaces", "", namespace)
+
+
+def _metadata(obj: object) -> Mapping[str, Any]:
+    metadata = obj.get("metadata") if isinstance(obj, Mapping) else None
+    return metadata if isinstance(metadata, Mapping) else {}
+
+
+def _uid_of(response: Mapping[str, Any] | None) -> str:
+    """The uid a delete's response names: the object's, or the Status details' uid."""
+    if response is None:
+        return ""
+    details = response.get("details")
+    uid = (details if isinstance(details, Mapping) else _metadata(response)).get("uid")
+    return uid if isinstance(uid, str) else ""
+
+
+class _Bounded(OrderedDict[Any, Any]):
+    def put(self, key: object, value: object) -> None:
+        self[key] = value
+        self.move_to_end(key)
+        if len(self) > LIMIT:
+            self.popitem(last=False)
+
+
+class Deletions:
+    def __init__(self) -> None:
+        self._by_object: _Bounded = _Bounded()  # ObjectKey -> Request
+        self._by_uid: _Bounded = _Bounded()  # uid -> Request
+        self._uids: _Bounded = _Bounded()  # ObjectKey -> uid, from objects seen
+        self._owners: _Bounded = _Bounded()  # ObjectKey -> owner uids, from objects seen
+
+    def asked(self, event: AuditEvent, *, person: bool) -> None:
+        """Remember the delete request ``event`` (any other event is ignored)."""
+        ref = event.object_ref
+        if event.verb not in DELETE_VERBS or ref is None:
+            return
+        user = event.effective_user
+        request = Request(
+            user=user,
+            impersonated_by=event.user.username if event.impersonated_user else None,
+            audit_id=event.audit_id,
+            user_agent=event.user_agent,
+            source_ips=event.source_ips,
+            person=person,
+        )
+        keys = [object_key(event)]
+        response = event.response_object
+        if event.verb == "deletecollection":
+            # Only the listed items: a collection remembered as a whole would hold whatever
+            # is made in it later (a namespace's deletion is remembered as the namespace's).
+            keys = []
+            items = response.get("items") if response is not None else None
+            for item in items if isinstance(items, list) else ():
+                name, uid = _metadata(item).get("name"), _metadata(item).get("uid")
+                if isinstance(name, str) and name:
+                    keys.append(object_key(event, name=name))
+                if isinstance(uid, str) and uid:
+                    self._by_uid.put(uid, request)
+        else:
+            uid = _uid_of(response) or self._uids.get(keys[0], "")
+            if uid:
+                self._by_uid.put(uid, request)
+        for key in keys:
+            previous = self._by_object.get(key)
+            if previous is None or person or not previous.person:  # a person's request wins
+                self._by_object.put(key, request)
+
+    def pending(self, event: AuditEvent) -> bool:
+        """True when someone asked for the deletion of the object ``event`` writes, or of its
+        namespace: a write by anyone may be the one that finishes it."""
+        ref = event.object_ref
+        if ref is None:
+            return False
+        return self.pending_object(
+            event.cluster, ref.api_group, ref.resource, ref.namespace, ref.name
+        )
+
+    def pending_object(
+        self, cluster: str, group: str, resource: str, namespace: str, name: str
+    ) -> bool:
+        if group == "" and resource == "namespaces":
+            return (cluster, group, resource, "", name) in self._by_object
+        return (cluster, group, resource, namespace, name) in self._by_object or (
+            bool(namespace) and namespace_key(cluster, namespace) in self._by_object
+        )
+
+    def requester(self, event: AuditEvent, namespace: str, name: str) -> Request | None:
+        """Who asked for the deletion of this object that ``event`` finished: a person when
+        one is known (the object's own request, its owner's or its namespace's), else the
+        controller that asked, else None."""
+        key = object_key(event, namespace=namespace, name=name)
+        candidates = [
+            self._by_object.get(key),
+            *(self._by_uid.get(uid) for uid in self._owners.get(key, ())),
+        ]
+        if namespace:
+            candidates.append(self._by_object.get(namespace_key(event.cluster, namespace)))
+        found = [c for c in candidates if c is not None]
+        return next((c for c in found if c.person), found[0] if found else None)
+
+    def seen(
+        self, event: AuditEvent, namespace: str, name: str, body: Mapping[str, Any] | None
+    ) -> None:
+        """Remember the uid and owners of an object written, or forget one that is gone (or
+        made anew: an old request is not the new object's)."""
+        key = object_key(event, namespace=namespace, name=name)
+        if event.verb == "create":
+            self._by_object.pop(key, None)
+        if body is None:
+            self._by_object.pop(key, None)
+            self._uids.pop(key, None)
+            self._owners.pop(key, None)
+            return
+        metadata = _metadata(body)
+        uid = metadata.get("uid")
+        if isinstance(uid, str) and uid:
+            self._uids.put(key, uid)
+        owners = metadata.get("ownerReferences")
+        uids = tuple(
+            o["uid"]
+            for o in (owners if isinstance(owners, list) else ())
+            if isinstance(o, Mapping) and isinstance(o.get("uid"), str)
+        )
+        if uids:
+            self._owners.put(key, uids)
+        elif key in self._owners:
+            del self._owners[key]

@@ -1,0 +1,534 @@
+"""Deletions finished by the control plane reach Git, in the name of whoever asked.
+
+A day in a cluster, as the apiserver audits it (level RequestResponse): a PVC released by
+the pvc-protection controller, a namespace emptied by the namespace controller, a CRD
+removed with its instances by the apiserver, the garbage collector's cascade after a
+Deployment is deleted, and a finished Job deleted by the TTL controller. Everything is read
+back from the bare remote with plain git.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+from typing import Any
+
+from audit_reverser.pipeline.filter import Skip
+from tests.conftest import Harness, configmap, event, git
+
+KCM = "kube-controller-manager/v1.31.0 (linux/amd64) kubernetes/9edcffc"
+PVC_PROTECTION = "system:serviceaccount:kube-system:pvc-protection-controller"
+NAMESPACE_CONTROLLER = "system:serviceaccount:kube-system:namespace-controller"
+GARBAGE_COLLECTOR = "system:serviceaccount:kube-system:generic-garbage-collector"
+TTL_CONTROLLER = "system:serviceaccount:kube-system:ttl-after-finished-controller"
+DELETED_AT = "2026-01-02T04:00:00Z"
+
+
+def by_controller(item: dict[str, Any], user: str) -> dict[str, Any]:
+    """``item`` as sent by a kube-controller-manager controller under its service account."""
+    item["user"] = {
+        "username": user,
+        "uid": "5b2f7d3a-0c55-4a43-a1d7-8f6b5e1f0c3e",
+        "groups": ["system:serviceaccounts", "system:serviceaccounts:kube-system"],
+    }
+    item["userAgent"] = f"{KCM}/{user.rpartition(':')[2]}"
+    item["sourceIPs"] = ["172.18.0.2"]
+    return item
+
+
+def by_apiserver(item: dict[str, Any]) -> dict[str, Any]:
+    item["user"] = {"username": "system:apiserver", "groups": ["system:masters"]}
+    item["userAgent"] = "kube-apiserver/v1.31.0 (linux/amd64) kubernetes/9edcffc"
+    item["sourceIPs"] = ["::1"]
+    return item
+
+
+def deleted(obj: dict[str, Any], rv: str, *, finalizers: list[str] | None) -> dict[str, Any]:
+    """``obj`` as a write answers once its deletion was asked for."""
+    changed = copy.deepcopy(obj)
+    metadata = changed["metadata"]
+    metadata.update(resourceVersion=rv, deletionTimestamp=DELETED_AT, deletionGracePeriodSeconds=0)
+    if finalizers:
+        metadata["finalizers"] = finalizers
+    else:
+        metadata.pop("finalizers", None)
+    return changed
+
+
+def success(name: str, kind: str, uid: str, group: str = "") -> dict[str, Any]:
+    """The Status a delete answers when the object is gone at once."""
+    details = {"name": name, "kind": kind, "uid": uid} | ({"group": group} if group else {})
+    return {
+        "kind": "Status",
+        "apiVersion": "v1",
+        "metadata": {},
+        "status": "Success",
+        "details": details,
+    }
+
+
+async def commits(harness: Harness) -> list[dict[str, str]]:
+    """Every commit, oldest first: subject, author, trailers (the last of each key) and the
+    files it removed."""
+    found = []
+    for entry in await harness.log("%H%x1f%s%x1f%an <%ae>%x1f%b"):
+        commit, subject, author, body = entry.split("\x1f")
+        info = {"subject": subject, "author": author}
+        for line in body.splitlines():
+            key, sep, value = line.partition(": ")
+            if sep:
+                info[key] = value
+        removed = await asyncio.to_thread(
+            git, harness.remote, "show", "--diff-filter=D", "--name-only", "--format=", commit
+        )
+        info["removed"] = " ".join(sorted(removed.split()))
+        found.append(info)
+    return found
+
+
+def pvc(rv: str, finalizers: list[str] | None = None) -> dict[str, Any]:
+    metadata: dict[str, Any] = {
+        "name": "data",
+        "namespace": "shop",
+        "uid": "0f7e1d2c-3b4a-4958-8776-a5b4c3d2e1f0",
+        "resourceVersion": rv,
+        "creationTimestamp": "2026-01-02T03:04:05Z",
+    }
+    if finalizers:
+        metadata["finalizers"] = finalizers
+    return {
+        "apiVersion": "v1",
+        "kind": "PersistentVolumeClaim",
+        "metadata": metadata,
+        "spec": {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "1Gi"}}},
+        "status": {"phase": "Bound"},
+    }
+
+
+PVC_FILE = "live/v1/persistentvolumeclaims/shop/data.yaml"
+
+
+def _pvc_event(verb: str, body: dict[str, Any], **options: Any) -> dict[str, Any]:
+    return event(
+        verb, resource="persistentvolumeclaims", namespace="shop", name="data", body=body, **options
+    )
+
+
+async def test_a_pvc_released_by_the_pvc_protection_controller_leaves_git_in_the_users_name(
+    harness: Harness,
+) -> None:
+    protected = pvc("200", ["kubernetes.io/pvc-protection"])
+    await harness.send(_pvc_event("create", protected, user="alice@example.com"))
+    # The controller's own bookkeeping (it re-adds what it already has): no commit.
+    await harness.send(
+        by_controller(
+            _pvc_event("update", pvc("201", ["kubernetes.io/pvc-protection"])), PVC_PROTECTION
+        )
+    )
+    await harness.sync()
+    assert await harness.files() == [PVC_FILE]
+
+    # The request and its completion arrive in one EventList.
+    asked = deleted(pvc("202"), "202", finalizers=["kubernetes.io/pvc-protection"])
+    released = deleted(pvc("203"), "203", finalizers=None)
+    await harness.send(
+        _pvc_event("delete", asked, user="bob@example.com", audit_id="bob-deletes-pvc"),
+        by_controller(
+            _pvc_event("update", released, audit_id="controller-releases"), PVC_PROTECTION
+        ),
+    )
+    await harness.sync()
+
+    assert await harness.files() == []
+    assert harness.runtime.stats.skipped[Skip.EXCLUDED_USER] == 1
+    *_, last = await commits(harness)
+    assert last["subject"] == "[DELETE] v1/persistentvolumeclaims/shop/data"
+    assert last["author"] == "bob@example.com <bob@example.com>"
+    assert last["User"] == "bob@example.com"
+    assert last["Deleted-By"] == PVC_PROTECTION
+    assert last["Delete-Audit-ID"] == "bob-deletes-pvc"
+    assert last["Audit-ID"] == "controller-releases" and last["Verb"] == "update"
+    assert last["removed"] == PVC_FILE
+
+
+def namespace(
+    rv: str, *, terminating: bool = False, finalizers: tuple[str, ...] = ("kubernetes",)
+) -> dict[str, Any]:
+    metadata: dict[str, Any] = {
+        "name": "shop",
+        "uid": "9d8c7b6a-5f4e-4d3c-8b2a-1f0e9d8c7b6a",
+        "resourceVersion": rv,
+    }
+    if terminating:
+        metadata["deletionTimestamp"] = DELETED_AT
+    return {
+        "apiVersion": "v1",
+        "kind": "Namespace",
+        "metadata": metadata,
+        "spec": {"finalizers": list(finalizers)} if finalizers else {},
+        "status": {"phase": "Terminating" if terminating else "Active"},
+    }
+
+
+def deployment(name: str, namespace: str, uid: str) -> dict[str, Any]:
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {
+            "name": name,
+            "namespace": namespace,
+            "uid": uid,
+            "resourceVersion": "310",
+            "generation": 1,
+        },
+        "spec": {"replicas": 1, "selector": {"matchLabels": {"app": name}}},
+    }
+
+
+def widget(name: str, namespace: str, version: str) -> dict[str, Any]:
+    return {
+        "apiVersion": f"example.com/{version}",
+        "kind": "Widget",
+        "metadata": {"name": name, "namespace": namespace, "resourceVersion": "320"},
+        "spec": {"size": 3},
+    }
+
+
+def partial_metadata_list(*items: dict[str, Any]) -> dict[str, Any]:
+    """What a deletecollection through the metadata client (the namespace controller's)
+    answers: the deleted objects' metadata only."""
+    return {
+        "kind": "PartialObjectMetadataList",
+        "apiVersion": "meta.k8s.io/v1",
+        "metadata": {"resourceVersion": "400"},
+        "items": [
+            {
+                "kind": "PartialObjectMetadata",
+                "apiVersion": "meta.k8s.io/v1",
+                "metadata": item["metadata"],
+            }
+            for item in items
+        ],
+    }
+
+
+async def test_a_namespace_deleted_by_a_user_is_emptied_in_git_by_the_namespace_controller(
+    harness: Harness,
+) -> None:
+    web = deployment("web", "shop", "1a2b3c4d-0000-4000-8000-000000000001")
+    await harness.send(
+        event(
+            "create", resource="namespaces", namespace="shop", name="shop", body=namespace("300")
+        ),
+        event("create", namespace="shop", name="settings", body=configmap("settings", "shop")),
+        event(
+            "create", group="apps", resource="deployments", namespace="shop", name="web", body=web
+        ),
+        event(
+            "create",
+            group="example.com",
+            resource="widgets",
+            namespace="shop",
+            name="w1",
+            body=widget("w1", "shop", "v1"),
+        ),
+        event("create", namespace="default", name="elsewhere", body=configmap("elsewhere")),
+    )
+    await harness.sync()
+    assert len(await harness.files()) == 5
+
+    ns = {"resource": "namespaces", "namespace": "shop", "name": "shop"}
+    await harness.send(
+        event(
+            "delete",
+            **ns,
+            body=namespace("401", terminating=True),
+            user="carol@example.com",
+            audit_id="carol-deletes-shop",
+        ),
+        # What the namespace controller sends: a deletecollection per resource in the namespace...
+        by_controller(
+            event(
+                "deletecollection",
+                namespace="shop",
+                name=None,
+                body=partial_metadata_list(configmap("settings", "shop")),
+            ),
+            NAMESPACE_CONTROLLER,
+        ),
+        by_controller(
+            event(
+                "deletecollection",
+                group="apps",
+                resource="deployments",
+                namespace="shop",
+                name=None,
+                body=partial_metadata_list(web),
+            ),
+            NAMESPACE_CONTROLLER,
+        ),
+        # (the widgets' deletecollection was audited without its list: it tells nothing here)
+        by_controller(
+            event(
+                "deletecollection",
+                group="example.com",
+                resource="widgets",
+                namespace="shop",
+                name=None,
+                level="Metadata",
+            ),
+            NAMESPACE_CONTROLLER,
+        ),
+        # ...then the finalize that empties spec.finalizers: the apiserver deletes it then.
+        by_controller(
+            event(
+                "update",
+                **ns,
+                subresource="finalize",
+                body=namespace("402", terminating=True, finalizers=()),
+                audit_id="finalized",
+            ),
+            NAMESPACE_CONTROLLER,
+        ),
+    )
+    await harness.sync()
+
+    assert await harness.files() == ["live/v1/configmaps/default/elsewhere.yaml"]
+    deletions = [c for c in await commits(harness) if c["subject"].startswith("[DELETE]")]
+    assert [c["subject"] for c in deletions] == [
+        "[DELETE] v1/configmaps/shop/settings",
+        "[DELETE] apps/v1/deployments/shop/web",
+        "[DELETE] v1/namespaces/shop",
+    ]
+    for commit in deletions:
+        assert commit["author"] == "carol@example.com <carol@example.com>"
+        assert commit["Deleted-By"] == NAMESPACE_CONTROLLER
+        assert commit["Delete-Audit-ID"] == "carol-deletes-shop"
+    # The namespace's own commit takes what is left of it (the widget) along.
+    assert deletions[-1]["removed"] == (
+        "live/example.com/v1/widgets/shop/w1.yaml live/v1/namespaces/shop.yaml"
+    )
+    assert deletions[-1]["Audit-ID"] == "finalized"
+
+
+def crd(rv: str, finalizers: list[str] | None = None, terminating: bool = False) -> dict[str, Any]:
+    metadata: dict[str, Any] = {
+        "name": "widgets.example.com",
+        "uid": "c0ffee00-0000-4000-8000-000000000042",
+        "resourceVersion": rv,
+        "generation": 1,
+    }
+    if terminating:
+        metadata["deletionTimestamp"] = DELETED_AT
+    if finalizers:
+        metadata["finalizers"] = finalizers
+    return {
+        "apiVersion": "apiextensions.k8s.io/v1",
+        "kind": "CustomResourceDefinition",
+        "metadata": metadata,
+        "spec": {
+            "group": "example.com",
+            "names": {"plural": "widgets", "singular": "widget", "kind": "Widget"},
+            "scope": "Namespaced",
+            "versions": [
+                {
+                    "name": "v1",
+                    "served": True,
+                    "storage": True,
+                    "schema": {"openAPIV3Schema": {"type": "object"}},
+                },
+                {
+                    "name": "v1beta1",
+                    "served": True,
+                    "storage": False,
+                    "schema": {"openAPIV3Schema": {"type": "object"}},
+                },
+            ],
+        },
+    }
+
+
+async def test_a_crd_removed_takes_every_file_of_its_resource_in_one_commit(
+    harness: Harness,
+) -> None:
+    crd_ref = {
+        "group": "apiextensions.k8s.io",
+        "resource": "customresourcedefinitions",
+        "namespace": None,
+        "name": "widgets.example.com",
+    }
+    gadget = {**widget("g1", "default", "v1"), "kind": "Gadget"}
+    await harness.send(
+        event("create", **crd_ref, body=crd("500")),
+        event(
+            "create",
+            group="example.com",
+            resource="widgets",
+            name="w1",
+            body=widget("w1", "default", "v1"),
+        ),
+        event(
+            "create",
+            group="example.com",
+            resource="widgets",
+            version="v1beta1",
+            namespace="team",
+            name="w2",
+            body=widget("w2", "team", "v1beta1"),
+        ),
+        event("create", group="example.com", resource="gadgets", name="g1", body=gadget),
+    )
+    await harness.sync()
+    cleanup = ["customresourcecleanup.apiextensions.k8s.io"]
+    await harness.send(
+        event(
+            "delete", **crd_ref, body=crd("501", cleanup, terminating=True), user="dave@example.com"
+        ),
+        # The apiserver deletes the instances in storage (no events), then releases the CRD
+        # through its status subresource.
+        by_apiserver(
+            event("update", **crd_ref, subresource="status", body=crd("502", terminating=True))
+        ),
+    )
+    await harness.sync()
+
+    assert await harness.files() == ["live/example.com/v1/gadgets/default/g1.yaml"]
+    last = (await commits(harness))[-1]
+    assert (
+        last["subject"]
+        == "[DELETE] apiextensions.k8s.io/v1/customresourcedefinitions/widgets.example.com"
+    )
+    assert last["author"] == "dave@example.com <dave@example.com>"
+    assert last["Deleted-By"] == "system:apiserver"
+    assert last["removed"] == " ".join(
+        [
+            "live/apiextensions.k8s.io/v1/customresourcedefinitions/widgets.example.com.yaml",
+            "live/example.com/v1/widgets/default/w1.yaml",
+            "live/example.com/v1beta1/widgets/team/w2.yaml",
+        ]
+    )
+
+
+async def test_the_garbage_collectors_cascade_is_the_owners_deleters(harness: Harness) -> None:
+    owner_uid = "1a2b3c4d-0000-4000-8000-0000000000aa"
+    owned = configmap(
+        "web-config",
+        ownerReferences=[
+            {
+                "apiVersion": "apps/v1",
+                "kind": "Deployment",
+                "name": "web",
+                "uid": owner_uid,
+                "blockOwnerDeletion": True,
+            }
+        ],
+        uid="5e6f7a8b-0000-4000-8000-0000000000bb",
+    )
+    await harness.send(
+        event(
+            "create",
+            group="apps",
+            resource="deployments",
+            name="web",
+            body=deployment("web", "default", owner_uid),
+        ),
+        event("create", name="web-config", body=owned),
+        event("create", name="unrelated", body=configmap("unrelated")),
+    )
+    await harness.sync()
+    await harness.send(
+        # kubectl delete deployment web: gone at once, the Status names its uid.
+        event(
+            "delete",
+            group="apps",
+            resource="deployments",
+            name="web",
+            body=success("web", "deployments", owner_uid, "apps"),
+            user="erin@example.com",
+        ),
+        by_controller(
+            event(
+                "delete",
+                name="web-config",
+                request={
+                    "kind": "DeleteOptions",
+                    "apiVersion": "v1",
+                    "preconditions": {"uid": owned["metadata"]["uid"]},
+                    "propagationPolicy": "Background",
+                },
+                body=success("web-config", "configmaps", owned["metadata"]["uid"]),
+            ),
+            GARBAGE_COLLECTOR,
+        ),
+        # A control-plane delete of something nobody asked for is its own.
+        by_controller(
+            event("delete", name="unrelated", body=success("unrelated", "configmaps", "x")),
+            GARBAGE_COLLECTOR,
+        ),
+    )
+    await harness.sync()
+
+    assert await harness.files() == []
+    *_, web, config, unrelated = await commits(harness)
+    assert web["subject"] == "[DELETE] apps/v1/deployments/default/web"
+    assert web["author"] == "erin@example.com <erin@example.com>" and "Deleted-By" not in web
+    assert config["subject"] == "[DELETE] v1/configmaps/default/web-config"
+    assert config["author"] == "erin@example.com <erin@example.com>"
+    assert config["Deleted-By"] == GARBAGE_COLLECTOR
+    assert unrelated["author"].startswith(f"{GARBAGE_COLLECTOR} <")
+    assert "Deleted-By" not in unrelated
+
+
+def job(rv: str) -> dict[str, Any]:
+    return {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": {
+            "name": "report",
+            "namespace": "default",
+            "uid": "7a7a7a7a-0000-4000-8000-0000000000cc",
+            "resourceVersion": rv,
+        },
+        "spec": {
+            "ttlSecondsAfterFinished": 60,
+            "template": {
+                "spec": {
+                    "restartPolicy": "Never",
+                    "containers": [{"name": "r", "image": "busybox"}],
+                }
+            },
+        },
+        "status": {"succeeded": 1},
+    }
+
+
+async def test_a_finished_job_deleted_by_the_ttl_controller_leaves_git(harness: Harness) -> None:
+    ref = {"group": "batch", "resource": "jobs", "name": "report"}
+    await harness.send(event("create", **ref, body=job("600")))
+    # The TTL controller deletes in the foreground: the garbage collector deletes the Pods,
+    # then patches away the foregroundDeletion finalizer, and the Job is gone.
+    await harness.send(
+        by_controller(
+            event(
+                "delete", **ref, body=deleted(job("601"), "601", finalizers=["foregroundDeletion"])
+            ),
+            TTL_CONTROLLER,
+        ),
+        by_controller(
+            event(
+                "patch",
+                **ref,
+                request={"metadata": {"finalizers": None}},
+                body=deleted(job("602"), "602", finalizers=None),
+            ),
+            GARBAGE_COLLECTOR,
+        ),
+    )
+    await harness.sync()
+
+    assert await harness.files() == []
+    last = (await commits(harness))[-1]
+    assert last["subject"] == "[DELETE] batch/v1/jobs/default/report"
+    ttl_email = "system-serviceaccount-kube-system-ttl-after-finished-controller"
+    assert last["author"] == f"{TTL_CONTROLLER} <{ttl_email}@audit-reverser.invalid>"
+    assert last["Deleted-By"] == GARBAGE_COLLECTOR
