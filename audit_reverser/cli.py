@@ -414,8 +414,10 @@ def _runtime(
             config = load_default_config()
             # Only the embedded default creates its missing local remote; see Settings.
             options["create_local_remotes"] = True
-        # Rules from files serve whichever clusters post: each its own folder.
-        config = dataclasses.replace(config, cluster_folders=True)
+        # Rules from files serve whichever clusters post, each in its own folder; with one
+        # cluster's API (--kubeconfig, --in-cluster) the receiver is that cluster's, and its
+        # snapshots and resyncs write the target's folder itself.
+        config = dataclasses.replace(config, cluster_folders=source is None)
     return Runtime(
         config,
         Settings(state_dir=args.state_dir, **options),

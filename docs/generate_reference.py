@@ -36,8 +36,8 @@ NOTES = {
     ("GitTarget", "spec.providerRef.kind"): "Only `GitProvider` is supported; anything else is "
     "refused with this field named.",
     ("GitTarget", "spec.path"): "A relative folder with `/` separators (empty: the repository "
-    "root); absolute paths, `.` and `..` are refused. With rules from files, events of a named "
-    "cluster go to `<path>/<cluster>/` (fleet.md).",
+    "root); absolute paths, `.` and `..` are refused. Events of a named cluster may go to "
+    "`<path>/<cluster>/` (fleet.md).",
     ("GitTarget", "spec.encryption"): "Secrets are written only SOPS-encrypted "
     "(`{name}.sops.yaml`); a target without working encryption refuses Secrets.",
     ("GitTarget", "spec.encryption.age.recipients.generateWhenMissing"): "In cluster mode the "

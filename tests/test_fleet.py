@@ -185,3 +185,26 @@ async def test_a_fleet_without_rules_or_with_one_name_twice_is_refused(tmp_path:
         done = await asyncio.to_thread(run, "serve", *args, cwd=tmp_path)
         assert done.returncode != 0 and message in done.stderr, done.stderr
         assert "Traceback" not in done.stderr
+
+
+async def test_a_receiver_with_one_cluster_s_api_keeps_that_cluster_s_layout(
+    tmp_path: Path, clusters: dict[str, Member]
+) -> None:
+    """serve --kubeconfig --config, posted to /audit-webhook/prod as production.md says:
+    the files stay under the target's path, where snapshots and resyncs write too."""
+    remote = await asyncio.to_thread(bare_repo, tmp_path / "remote.git")
+    config = await asyncio.to_thread(write_config, tmp_path / "c.yaml", remote, max_commits=1)
+    kubeconfig = tmp_path / "prod.kubeconfig"
+    await asyncio.to_thread(kubeconfig.write_text, yaml.safe_dump(clusters["prod"].kubeconfig))
+    args = ["--config", str(config), "--state-dir", str(tmp_path / "state")]
+    args += ["--kubeconfig", str(kubeconfig), "--resync-interval", "0"]
+    served = await asyncio.to_thread(start_serve, tmp_path, *args)
+    try:
+        item = event("create", name="other", body=configmap("other"))
+        assert await asyncio.to_thread(_post, served.port, "/audit-webhook/prod", item) == 200
+        async with asyncio.timeout(60):  # a bound against hangs, not a time to meet
+            while not await asyncio.to_thread(git_files, remote):  # noqa: ASYNC110
+                await asyncio.sleep(0.05)
+    finally:
+        await asyncio.to_thread(served.stop)
+    assert await asyncio.to_thread(git_files, remote) == ["live/v1/configmaps/default/other.yaml"]
