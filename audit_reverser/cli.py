@@ -755,7 +755,8 @@ async def check(args: argparse.Namespace) -> int:
     else:
         for result in results:
             health = result.health
-            print(f"GitProvider {result.provider.key}: {health.remote} branch {health.branch}")
+            provider = f"{result.provider.kind} {result.provider.key}"
+            print(f"{provider}: {health.remote} branch {health.branch}")
             allowed = ", ".join(result.provider.allowed_branches)
             print(f"  ok    branch allowed (allowedBranches: {allowed})")
             for item in health.checks:

@@ -1,4 +1,5 @@
-"""The durable journal: accepted audit events survive a crash between the 200 and the commit.
+"""The durable journal: accepted audit events survive a crash between the 200 and the commit,
+and wait on disk, not in memory, while Git falls behind.
 
 Layout under ``<state-dir>/journal/``: append-only segment files ``<first seq>.wal`` and a
 ``checkpoint.json`` replaced atomically. A record is::
@@ -8,8 +9,11 @@ Layout under ``<state-dir>/journal/``: append-only segment files ``<first seq>.w
 
 Appends are group-committed: every request that appends while a write + fsync is under way
 waits for the next one, so concurrent batches share one fsync. Sequence numbers are given
-out in the caller's order before anything is written, so the intake processes records in
-exactly that order.
+out in the caller's order before anything is written.
+
+The intake reads the records back from the segment files in seq order (:meth:`Journal.read`,
+a bounded window at a time, in a reader thread of its own), so a backlog of any size costs
+disk, not memory; a start after a crash needs only positions, never the records themselves.
 
 A record is *done* once its changes are in the local Git repository. The checkpoint holds
 the highest seq below which everything is done, and opaque per-writer positions (``tips``)
@@ -17,6 +21,12 @@ the runtime uses to find commits made after it. Segments wholly below the checkp
 kept for ``retain_s`` (their auditIDs keep a retried batch from committing twice across a
 restart) and then deleted. A torn record at the end of a segment was never acknowledged
 (its fsync never returned) and is ignored.
+
+What the intake needs of a journal is :class:`EventJournal`: ``append`` (durable when it
+returns), ``read`` (the next records in seq order, waiting for some), ``done`` and the
+counters ``backlog`` and ``last_seq``. A second implementation (a shared journal for several
+replicas) satisfies the same protocol; recovery, checkpoints and readiness stay with the
+runtime, which knows the concrete class.
 """
 
 from __future__ import annotations
@@ -29,10 +39,12 @@ import os
 import struct
 import time
 import zlib
-from collections.abc import Callable, Sequence
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import orjson
 
@@ -49,6 +61,13 @@ CHECKPOINT = "checkpoint.json"
 DEFAULT_SEGMENT_BYTES = 16 * 1024 * 1024
 DEFAULT_RETAIN_S = 600.0
 DEFAULT_MIN_FREE_BYTES = 64 * 1024 * 1024
+# One read from a segment file; a record longer than this is read whole on its own.
+READ_BYTES = 1024 * 1024
+# AuditIDs of done records read back on start: as many as the processor remembers.
+HANDLED_LIMIT = 100_000
+
+# (auditID, cluster, event JSON): what the intake appends.
+Entry = tuple[str, str, bytes]
 
 
 class JournalUnavailable(TemporaryError):
@@ -63,15 +82,53 @@ class Record:
     event: bytes
 
 
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Batch:
+    """Records in seq order, and ``through``: every seq up to it has now been read or will
+    never be (its write failed, so its sender got a 503)."""
+
+    records: list[Record]
+    through: int
+
+
+class EventJournal(Protocol):
+    """What the intake needs of a journal; see the module's docstring."""
+
+    @property
+    def backlog(self) -> int:
+        """Records appended and not yet done: what waits for Git."""
+        ...
+
+    @property
+    def last_seq(self) -> int:
+        """The newest seq given out by :meth:`append`."""
+        ...
+
+    async def append(self, entries: Sequence[Entry]) -> list[int]:
+        """Store the entries; returns their seqs once they are durable. Raises
+        :class:`JournalUnavailable` when they could not be stored (nothing was, then)."""
+        ...
+
+    async def read(self, limit: int, max_bytes: int) -> Batch:
+        """The next stored records after the last read (at most ``limit``, and no more event
+        bytes than ``max_bytes`` unless one record alone is larger); waits for some."""
+        ...
+
+    def done(self, seq: int, tips: dict[str, str | None] | None = None) -> None:
+        """``seq``'s changes are committed locally; ``tips`` are the writer positions."""
+        ...
+
+
 @dataclass(kw_only=True, slots=True)
 class Recovery:
-    """What a previous run left: records to process again, and auditIDs already handled."""
+    """What a previous run left: how many records to process again, and auditIDs already
+    handled (the newest :data:`HANDLED_LIMIT`)."""
 
     done_seq: int = 0
     # None when there was no checkpoint to read: then no writer position is known.
     tips: dict[str, str | None] | None = None
-    pending: list[Record] = field(default_factory=list)
-    handled: list[str] = field(default_factory=list)
+    pending: int = 0
+    handled: deque[str] = field(default_factory=lambda: deque(maxlen=HANDLED_LIMIT))
 
 
 class SegmentFile:
@@ -107,25 +164,61 @@ def encode(seq: int, audit_id: str, cluster: str, event: bytes) -> bytes:
     return _HEADER.pack(len(payload), crc, seq) + payload
 
 
-def read_segment(path: Path) -> tuple[list[Record], bool]:
-    """The whole records of a segment, and whether it ended cleanly (no torn or bad tail)."""
-    data = path.read_bytes()
-    records: list[Record] = []
+def _records(data: bytes, base: int = 0) -> Iterator[tuple[Record, int, int]]:
+    """Whole, intact records in ``data`` with the offsets (``base`` + position) where each
+    starts and ends; stops at a torn or damaged one."""
     offset = 0
     while offset + _HEADER.size <= len(data):
         length, crc, seq = _HEADER.unpack_from(data, offset)
         start = offset + _HEADER.size
         payload = data[start : start + length]
         if len(payload) < length or zlib.crc32(payload, zlib.crc32(_SEQ.pack(seq))) != crc:
-            return records, False
+            return
         id_length, cluster_length = _PAYLOAD_HEADER.unpack_from(payload)
         cursor = _PAYLOAD_HEADER.size
         audit_id = payload[cursor : cursor + id_length].decode()
         cursor += id_length
         cluster = payload[cursor : cursor + cluster_length].decode()
-        records.append(Record(seq, audit_id, cluster, payload[cursor + cluster_length :]))
+        record = Record(seq, audit_id, cluster, payload[cursor + cluster_length :])
+        yield record, base + offset, base + start + length
         offset = start + length
-    return records, offset == len(data)
+
+
+def read_segment(path: Path) -> tuple[list[Record], bool]:
+    """The whole records of a segment, and whether it ended cleanly (no torn or bad tail)."""
+    data = path.read_bytes()
+    records, end = [], 0
+    for record, _, after in _records(data):
+        records.append(record)
+        end = after
+    return records, end == len(data)
+
+
+def _read_records(
+    path: Path, offset: int, end: int, limit: int, max_bytes: int
+) -> tuple[list[Record], int]:
+    """Up to ``limit`` records of ``path`` between ``offset`` and ``end`` (both on record
+    boundaries), and the offset after the last one returned."""
+    with open(path, "rb", buffering=0) as segment:
+        data = os.pread(segment.fileno(), min(end - offset, READ_BYTES), offset)
+        if len(data) >= _HEADER.size:
+            (length,) = struct.unpack_from("<I", data)
+            if _HEADER.size + length > len(data):  # one record longer than a read
+                data = os.pread(segment.fileno(), _HEADER.size + length, offset)
+    records: list[Record] = []
+    size, after = 0, offset
+    for record, _, position in _records(data, offset):
+        if records and size + len(record.event) > max_bytes:
+            break
+        records.append(record)
+        size += len(record.event)
+        after = position
+        if len(records) >= limit:
+            break
+    if not records and offset < end:
+        # Only the CRC of a record we wrote and fsynced could fail here: the disk lies.
+        raise PermanentError(f"journal segment {path} is damaged at offset {offset}")
+    return records, after
 
 
 @dataclass(slots=True)
@@ -133,6 +226,8 @@ class _Segment:
     path: Path
     first_seq: int
     last_seq: int
+    # Bytes of whole, fsynced records: readers never look past it.
+    stored: int = 0
     closed_at: float | None = None
 
 
@@ -152,9 +247,12 @@ class Journal:
         self.retain_s = retain_s
         self.min_free_bytes = min_free_bytes
         self._disk_problem: str | None = None
-        # One thread for all journal I/O: writes, fsyncs, checkpoints and deletions are
-        # ordered, and never queue behind Git work in the default executor.
+        # One thread for all journal writes: writes, fsyncs, checkpoints and deletions are
+        # ordered, and never queue behind Git work in the default executor. Reads have a
+        # thread of their own, so that reading a backlog never delays an acknowledgement.
         self._io = ThreadPoolExecutor(1, thread_name_prefix="journal")
+        self._reader = ThreadPoolExecutor(1, thread_name_prefix="journal-read")
+        # Segment bookkeeping changes on the event loop only (after recover()).
         self._segments: list[_Segment] = []
         self._file: SegmentFile | None = None
         self._next_seq = 1
@@ -166,13 +264,21 @@ class Journal:
         self._buffer_seqs: list[int] = []
         self._waiting: asyncio.Future[None] | None = None
         self._flusher: asyncio.Task[None] | None = None
+        # Every seq up to this one is stored or failed (flushes finish in seq order).
+        self._settled_seq = 0
+        self._stored_event: asyncio.Event | None = None
+        # Where read() goes on: a segment and a byte offset in it.
+        self._cursor: tuple[_Segment, int] | None = None
+        self._read_through = 0
+        self._reported = 0  # the last Batch.through returned
         self.broken: str | None = None
         self.fsyncs = 0
 
     # -- start-up (blocking, run in a thread) ----------------------------------------------
 
     def recover(self) -> Recovery:
-        """Read what earlier runs left and open a fresh segment for this one."""
+        """Find what earlier runs left (positions only: nothing is held in memory but the
+        auditIDs of done records) and open a fresh segment for this run."""
         self.directory.mkdir(parents=True, exist_ok=True)
         recovery = Recovery()
         checkpoint = self.directory / CHECKPOINT
@@ -186,41 +292,53 @@ class Journal:
                     f"journal checkpoint {checkpoint} is unreadable ({exc}); moving it away "
                     "processes the whole journal again, without duplicate commits"
                 ) from exc
-        last_seq = recovery.done_seq
-        for path in sorted(self.directory.glob(f"*{SEGMENT_SUFFIX}")):
-            records, clean = read_segment(path)
-            if not clean:
-                log.warning("journal %s: ignoring a torn record at its end", path.name)
-            first = int(path.stem)
-            last = records[-1].seq if records else first - 1
-            self._segments.append(_Segment(path, first, last, closed_at=path.stat().st_mtime))
-            for record in records:
-                if record.seq > recovery.done_seq:
-                    recovery.pending.append(record)
-                else:
-                    recovery.handled.append(record.audit_id)
-            last_seq = max(last_seq, last)
-        self._next_seq = last_seq + 1
         self._done_seq = recovery.done_seq
         self._tips = dict(recovery.tips or {})
         self._saved = (recovery.done_seq, dict(self._tips))
-        # Seqs that never reached the disk (a failed write, a torn tail) are gaps: done.
-        pending = {record.seq for record in recovery.pending}
-        for seq in range(recovery.done_seq + 1, self._next_seq):
-            if seq not in pending:
-                self.done(seq)
+        expected = recovery.done_seq + 1  # the next seq a pending record should have
+        for path in sorted(self.directory.glob(f"*{SEGMENT_SUFFIX}")):
+            segment = _Segment(path, int(path.stem), int(path.stem) - 1)
+            segment.closed_at = path.stat().st_mtime
+            data = path.read_bytes()
+            for record, start, end in _records(data):
+                segment.last_seq, segment.stored = record.seq, end
+                if record.seq <= recovery.done_seq:
+                    recovery.handled.append(record.audit_id)
+                    continue
+                if self._cursor is None:
+                    self._cursor = (segment, start)
+                # Seqs that never reached the disk (a failed write) are gaps: done.
+                for gap in range(expected, record.seq):
+                    self.done(gap)
+                expected = record.seq + 1
+                recovery.pending += 1
+            if segment.stored != len(data):
+                log.warning("journal %s: ignoring a torn record at its end", path.name)
+            del data
+            self._segments.append(segment)
+        last_seq = max([recovery.done_seq, *(s.last_seq for s in self._segments)])
+        for gap in range(expected, last_seq + 1):
+            self.done(gap)
+        self._next_seq = last_seq + 1
+        self._settled_seq = last_seq
+        self._read_through = recovery.done_seq if self._cursor is not None else last_seq
         self._open_new_segment(self._next_seq)
+        if self._cursor is None:
+            self._cursor = (self._segments[-1], self._segments[-1].stored)
         if recovery.pending:
             log.info(
                 "journal: %d accepted events were not yet committed; processing them again",
-                len(recovery.pending),
+                recovery.pending,
             )
         return recovery
 
     def _open_new_segment(self, first_seq: int) -> None:
         path = self.directory / f"{first_seq:020d}{SEGMENT_SUFFIX}"
+        # An earlier run that stored nothing left this very file, empty: it is ours now, and
+        # must not be deleted as that run's closed segment.
+        self._segments = [s for s in self._segments if s.path != path]
         self._file = self._open_segment(path)
-        self._segments.append(_Segment(path, first_seq, first_seq - 1))
+        self._segments.append(_Segment(path, first_seq, first_seq - 1, stored=self._file.size))
         _sync_directory(self.directory)
 
     # -- appends (event loop) ----------------------------------------------------------------
@@ -256,12 +374,15 @@ class Journal:
         """Accepted records not yet done."""
         return self._next_seq - 1 - self._done_seq
 
-    def append(
-        self, entries: Sequence[tuple[str, str, bytes]]
-    ) -> tuple[list[int], asyncio.Future[None]]:
-        """Give ``(auditID, cluster, event JSON)`` entries their seqs and queue them for the
-        next fsync; the future resolves when they are on disk (or fails with
-        :class:`JournalUnavailable`). Callers must await it through ``asyncio.shield``."""
+    @property
+    def last_seq(self) -> int:
+        return self._next_seq - 1
+
+    async def append(self, entries: Sequence[Entry]) -> list[int]:
+        """Give ``(auditID, cluster, event JSON)`` entries their seqs and store them with the
+        next fsync; returns the seqs once they are on disk, or raises
+        :class:`JournalUnavailable`. A caller cancelled meanwhile (its client went away)
+        does not cancel the fsync others wait for."""
         if self.broken is not None:
             raise JournalUnavailable(self.broken)
         seqs = []
@@ -276,7 +397,8 @@ class Journal:
         waiting = self._waiting
         if self._flusher is None or self._flusher.done():
             self._flusher = asyncio.create_task(self._flush(), name="journal-flush")
-        return seqs, waiting
+        await asyncio.shield(waiting)
+        return seqs
 
     async def _flush(self) -> None:
         loop = asyncio.get_running_loop()
@@ -285,7 +407,7 @@ class Journal:
             self._buffer, self._buffer_seqs, self._waiting = [], [], None
             assert waiting is not None
             try:
-                await loop.run_in_executor(self._io, self._write, data, seqs[-1])
+                size, rotated = await loop.run_in_executor(self._io, self._write, data, seqs[-1])
             except OSError as exc:
                 for seq in seqs:  # never stored: nothing to process, nothing to wait for
                     self.done(seq)
@@ -296,9 +418,19 @@ class Journal:
                 waiting.exception()
             else:
                 self.fsyncs += 1
+                segment = self._segments[-1]
+                segment.last_seq, segment.stored = seqs[-1], size
+                if rotated is not None:
+                    segment.closed_at = time.time()
+                    self._segments.append(_Segment(rotated, seqs[-1] + 1, seqs[-1]))
                 waiting.set_result(None)
+            self._settled_seq = seqs[-1]
+            if self._stored_event is not None:
+                self._stored_event.set()
 
-    def _write(self, data: bytes, last_seq: int) -> None:
+    def _write(self, data: bytes, last_seq: int) -> tuple[int, Path | None]:
+        """Write and fsync; returns the segment's stored size, and the path of the segment
+        started after it when it reached its size."""
         assert self._file is not None
         if self._into_reserve(len(data)) is not None:
             raise OSError(errno.ENOSPC, "less than the reserved free space left")
@@ -314,23 +446,63 @@ class Journal:
                 self.broken = f"journal segment {self._file.path} is damaged: {exc.strerror}"
                 log.critical("%s", self.broken)
             raise
-        self._segments[-1].last_seq = last_seq
-        if self._file.size >= self.segment_bytes:
-            # The records are stored: a failure here must not fail their request.
-            try:
-                self._rotate(last_seq + 1)
-            except OSError as exc:
-                log.error("journal: cannot start a new segment (%s); appending on", exc.strerror)
+        stored = self._file.size
+        if stored < self.segment_bytes:
+            return stored, None
+        # The records are stored: a failure here must not fail their request.
+        try:
+            return stored, self._rotate(last_seq + 1)
+        except OSError as exc:
+            log.error("journal: cannot start a new segment (%s); appending on", exc.strerror)
+            return stored, None
 
-    def _rotate(self, first_seq: int) -> None:
+    def _rotate(self, first_seq: int) -> Path:
         path = self.directory / f"{first_seq:020d}{SEGMENT_SUFFIX}"
         new = self._open_segment(path)
         assert self._file is not None
         self._file.close()
-        self._segments[-1].closed_at = time.time()
         self._file = new
-        self._segments.append(_Segment(path, first_seq, first_seq - 1))
         _sync_directory(self.directory)
+        return path
+
+    # -- reading back (event loop) -----------------------------------------------------------
+
+    async def read(self, limit: int, max_bytes: int) -> Batch:
+        """The next stored records in seq order; waits until there are some (or until a
+        failed write moved :attr:`Batch.through` on)."""
+        loop = asyncio.get_running_loop()
+        while True:
+            assert self._cursor is not None, "recover() first"
+            segment, offset = self._cursor
+            last = segment is self._segments[-1]
+            end, settled = segment.stored, self._settled_seq
+            if offset < end:
+                records, offset = await loop.run_in_executor(
+                    self._reader, _read_records, segment.path, offset, end, limit, max_bytes
+                )
+                self._cursor = (segment, offset)
+                through = records[-1].seq
+                if last and offset == end:
+                    through = max(through, settled)
+                self._read_through = self._reported = max(self._read_through, through)
+                return Batch(records=records, through=self._read_through)
+            following = self._following(segment)
+            if following is not None:
+                self._cursor = (following, 0)
+                continue
+            # Seqs of a failed write will never be read; nor, on start, those done before.
+            self._read_through = max(self._read_through, settled)
+            if self._read_through > self._reported:
+                self._reported = self._read_through
+                return Batch(records=[], through=self._read_through)
+            if self._stored_event is None:
+                self._stored_event = asyncio.Event()
+            self._stored_event.clear()
+            await self._stored_event.wait()
+
+    def _following(self, segment: _Segment) -> _Segment | None:
+        """The segment after ``segment``, which may have been deleted since it was read."""
+        return next((s for s in self._segments if s.first_seq > segment.first_seq), None)
 
     # -- progress ----------------------------------------------------------------------------
 
@@ -352,10 +524,19 @@ class Journal:
         state = (self._done_seq, dict(self._tips))
         if state == self._saved:
             return
-        await asyncio.get_running_loop().run_in_executor(self._io, self._save, *state)
+        horizon = time.time() - self.retain_s
+        doomed = [
+            s
+            for s in self._segments
+            if s.closed_at is not None and s.last_seq <= state[0] and s.closed_at < horizon
+        ]
+        await asyncio.get_running_loop().run_in_executor(
+            self._io, self._save, *state, [s.path for s in doomed]
+        )
         self._saved = state
+        self._segments = [s for s in self._segments if s not in doomed]
 
-    def _save(self, done_seq: int, tips: dict[str, str | None]) -> None:
+    def _save(self, done_seq: int, tips: dict[str, str | None], doomed: list[Path]) -> None:
         path = self.directory / CHECKPOINT
         temporary = path.with_suffix(".tmp")
         with open(temporary, "wb") as out:
@@ -364,17 +545,10 @@ class Journal:
             os.fsync(out.fileno())
         os.replace(temporary, path)
         _sync_directory(self.directory)
-        horizon = time.time() - self.retain_s
-        keep = []
-        for segment in self._segments:
-            closed = segment.closed_at
-            if closed is not None and segment.last_seq <= done_seq and closed < horizon:
-                with contextlib.suppress(FileNotFoundError):
-                    segment.path.unlink()
-                log.debug("journal: removed %s", segment.path.name)
-            else:
-                keep.append(segment)
-        self._segments = keep
+        for segment in doomed:
+            with contextlib.suppress(FileNotFoundError):
+                segment.unlink()
+            log.debug("journal: removed %s", segment.name)
 
     async def close(self) -> None:
         if self._flusher is not None:
@@ -384,6 +558,7 @@ class Journal:
             await asyncio.get_running_loop().run_in_executor(self._io, self._file.close)
             self._file = None
         self._io.shutdown(wait=False)
+        self._reader.shutdown(wait=False)
 
 
 def _sync_directory(directory: Path) -> None:

@@ -67,6 +67,17 @@ class _RuntimeCollector(Collector):
             "Accepted events not yet committed locally.",
             value=journal.backlog if journal is not None else 0,
         )
+        intake = runtime.intake
+        yield GaugeMetricFamily(
+            "audit_reverser_events_in_memory",
+            "Accepted events held in memory between the journal and the local commit.",
+            value=intake.in_memory,
+        )
+        yield GaugeMetricFamily(
+            "audit_reverser_events_in_memory_peak",
+            "The most accepted events held in memory at once since start.",
+            value=intake.in_memory_peak,
+        )
         yield GaugeMetricFamily(
             "audit_reverser_ready", "1 when the receiver takes events.", value=int(runtime.ready())
         )

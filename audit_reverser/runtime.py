@@ -3,9 +3,9 @@
 Targets that point at the same repository branch (by normalized URL) share one writer, so
 their commits form one ordered history; its push policy is the most eager of its providers.
 
-With a journal (``serve``), start-up recovers first: records the last run accepted but did
-not commit are queued again before anything new is accepted, each writer learns which of
-their commits it already made (see :meth:`BranchWriter.recover`), and the processor learns
+With a journal (``serve``), start-up recovers first: the intake reads the records the last
+run accepted but did not commit from the journal before anything new, each writer learns
+which of their commits it already made (see :meth:`BranchWriter.recover`), and the processor learns
 the auditIDs already handled and the newest resourceVersions committed.
 """
 
@@ -44,7 +44,7 @@ from audit_reverser.gitstore.transport import (
 )
 from audit_reverser.gitstore.types import Identity
 from audit_reverser.gitstore.writer import BranchWriter
-from audit_reverser.ingest.intake import DEFAULT_MAX_BACKLOG, Intake
+from audit_reverser.ingest.intake import DEFAULT_MAX_BACKLOG, DEFAULT_WINDOW, Intake
 from audit_reverser.journal import DEFAULT_MIN_FREE_BYTES, Journal, SegmentFile
 from audit_reverser.pipeline.noise import Exclusions
 from audit_reverser.pipeline.processor import Processor
@@ -66,7 +66,9 @@ class Settings:
     # Only the embedded default creates a missing local remote: for a configured one, a
     # missing repository is far more likely a typo than a wish.
     create_local_remotes: bool = False
-    queue_size: int = 10_000
+    # Events held in memory between the journal (or a replayed file) and the local commit;
+    # a larger backlog waits on disk, in the journal.
+    queue_size: int = DEFAULT_WINDOW
     # serve journals what it acknowledges; replay reads files that are their own record.
     journal: bool = False
     max_backlog: int = DEFAULT_MAX_BACKLOG
@@ -97,12 +99,12 @@ def _provider_secret(
 ) -> tuple[Mapping[str, bytes] | None, str]:
     """The data of a provider's ``secretRef`` Secret (None without one) and its name."""
     if provider.secret_name is None:
-        return None, "no Secret (GitProvider spec.secretRef is not set)"
+        return None, f"no Secret ({provider.kind} spec.secretRef is not set)"
     key = Key(namespace=provider.key.namespace, name=provider.secret_name)
     found = config.secrets.get(key)
     if found is None:
         raise ConfigError(
-            [f"GitProvider {provider.key}: spec.secretRef.name: Secret {key} not found"]
+            [f"{provider.kind} {provider.key}: spec.secretRef.name: Secret {key} not found"]
         )
     return found.data, f"Secret {key}"
 
@@ -113,7 +115,7 @@ def provider_transport(config: Config, provider: GitProvider) -> LocalTransport 
     try:
         return transport_for(provider.url, secret, source)
     except RepositoryError as exc:
-        raise ConfigError([f"GitProvider {provider.key}: {exc}"]) from None
+        raise ConfigError([f"{provider.kind} {provider.key}: {exc}"]) from None
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -140,7 +142,7 @@ def provider_signing(config: Config, provider: GitProvider) -> CommitSigning:
     secret, source = _provider_secret(config, provider)
     if not secret:
         return CommitSigning()
-    where = f"GitProvider {provider.key}: {source}"
+    where = f"{provider.kind} {provider.key}: {source}"
     name = _secret_text(secret, "committerName", where)
     email = _secret_text(secret, "committerEmail", where)
     committer = None
@@ -193,7 +195,7 @@ def usable_providers(config: Config) -> tuple[Config, list[str]]:
         try:
             provider_transport(config, config.providers[key])
         except ConfigError as exc:
-            broken[key] = config.located("GitProvider", key, str(exc))
+            broken[key] = config.located(config.providers[key].kind, key, str(exc))
     targets = {k: t for k, t in config.targets.items() if t.provider_key not in broken}
     usable = dataclasses.replace(
         config,
@@ -318,7 +320,7 @@ class Runtime:
         self.intake = Intake(
             self.processor,
             journal=self.journal,
-            queue_size=settings.queue_size,
+            window=settings.queue_size,
             max_backlog=settings.max_backlog,
         )
         self.accepting = False
@@ -349,7 +351,7 @@ class Runtime:
                     raise remote
                 log.error("GitTarget %s left out: %s", target.key, remote)
                 self.provider_problems[provider.key] = config.located(
-                    "GitProvider", provider.key, str(remote)
+                    provider.kind, provider.key, str(remote)
                 )
                 continue
             transport = remote.transport
@@ -582,7 +584,6 @@ class Runtime:
             }
         )
         await journal.checkpoint()
-        self.intake.resume(recovery.pending)
 
     async def _checkpoint_loop(self, journal: Journal) -> None:
         while True:

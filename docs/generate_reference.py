@@ -28,13 +28,17 @@ NOTES = {
     "not ready (`BranchNotAllowed`) and left out; the other targets keep working.",
     ("GitProvider", "spec.secretRef"): "Keys as Flux names them: `ssh-privatekey` (+ "
     "`passphrase`) and `known_hosts` for SSH; `username` + `password`, or `token`, (+ `ca.crt`) "
-    "for HTTPS. Required for SSH (host keys are always verified). `signingKey` (an OpenSSH "
-    "private key, + `signingKeyPassphrase`) signs every commit; `committerName` + "
+    "for HTTPS; Flux's `identity`, `password` (the key's passphrase) and `bearerToken` too. "
+    "Required for SSH (host keys are always verified). `signingKey` (an OpenSSH private key, "
+    "+ `signingKeyPassphrase`) signs every commit; `committerName` + "
     "`committerEmail` set the committer (see remotes.md, Signed commits).",
     ("GitProvider", "spec.push.interval"): "A Go duration (`5s`, `1m30s`); default 60 s.",
     ("GitProvider", "spec.push.maxCommits"): "Default 20.",
-    ("GitTarget", "spec.providerRef.kind"): "Only `GitProvider` is supported; anything else is "
-    "refused with this field named.",
+    ("GitTarget", "spec.providerRef.kind"): "Implemented, despite the seed's note: "
+    "`GitProvider`, or `GitRepository` with `group: "
+    "source.toolkit.fluxcd.io` for a Flux GitRepository in the same namespace (URL and Secret "
+    "from it, push settings the defaults, any branch allowed: see remotes.md, Flux "
+    "GitRepository); anything else is refused with this field named.",
     ("GitTarget", "spec.path"): "A relative folder with `/` separators (empty: the repository "
     "root); absolute paths, `.` and `..` are refused. Events of a named cluster may go to "
     "`<path>/<cluster>/` (fleet.md).",

@@ -176,6 +176,9 @@ class GitHttpServer:
         self.username = username
         self.password = password
         self.requests: list[str] = []  # "METHOD path user", what a server log would show
+        # Cleared: requests wait, as on a remote that stopped answering, until released.
+        self.answering = threading.Event()
+        self.answering.set()
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
 
@@ -236,6 +239,7 @@ def _handler_for(server: GitHttpServer) -> type[BaseHTTPRequestHandler]:
             return self.rfile.read(int(self.headers.get("Content-Length") or 0))
 
         def _serve(self) -> None:
+            server.answering.wait()
             body = self._body()
             user = server.authorized(self.headers.get("Authorization"))
             path, _, query = self.path.partition("?")

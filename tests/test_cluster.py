@@ -24,6 +24,7 @@ import pytest
 import yaml
 import yarl
 
+from audit_reverser.cluster import rules as rules_module
 from audit_reverser.cluster.api import KubeApi, WatchExpired
 from audit_reverser.cluster.objects import ApiObjects
 from audit_reverser.cluster.rules import ClusterRules, Collection
@@ -50,6 +51,7 @@ from tests.conftest import (
 )
 from tests.rbac import Authorizer, request_attributes
 from tests.test_deploy import rbac_documents
+from tests.test_flux import FLUX, FLUX_KEY, FLUX_REF, every_configmap, git_repository, target
 
 JSON = {"Content-Type": "application/json"}
 TOKEN = "test-token"
@@ -429,9 +431,7 @@ class Kubectl:
         self.server = server
 
     async def apply(self, plural: str, body: dict[str, Any]) -> None:
-        namespace = body["metadata"].get("namespace")
-        base = f"{self.server}/apis/{CB}" + (f"/namespaces/{namespace}" if namespace else "")
-        url = f"{base}/{plural}"
+        url = self._url(plural, body)
         async with aiohttp.ClientSession() as session, session.post(url, json=body) as response:
             if response.status == 409:  # exists: patch it
                 headers = {"Content-Type": "application/merge-patch+json"}
@@ -440,6 +440,16 @@ class Kubectl:
                     assert patched.status == 200, await patched.text()
             else:
                 assert response.status in (200, 201), await response.text()
+
+    async def delete(self, plural: str, body: dict[str, Any]) -> None:
+        url = f"{self._url(plural, body)}/{body['metadata']['name']}"
+        async with aiohttp.ClientSession() as session, session.delete(url) as response:
+            assert response.status == 200, await response.text()
+
+    def _url(self, plural: str, body: dict[str, Any]) -> str:
+        namespace = body["metadata"].get("namespace")
+        scope = f"/namespaces/{namespace}" if namespace else ""
+        return f"{self.server}/apis/{body['apiVersion']}{scope}/{plural}"
 
 
 async def _until(predicate: Any) -> None:
@@ -882,3 +892,143 @@ async def test_events_for_a_target_whose_provider_cannot_be_used_are_counted_not
     assert runtime.stats.skipped[Skip.TARGET_NOT_READY] == 1
     assert "Traceback" not in caplog.text
     assert "GitTarget default/live left out: GitProvider default/origin" in caplog.text
+
+
+# -- a Flux GitRepository as the provider (file mode: test_flux.py) --------------------------
+
+
+def _declare_flux(cluster: Cluster) -> None:
+    cluster.api.resources[f"{FLUX}/gitrepositories"] = kmock.ResourceInfo(
+        kind="GitRepository", namespaced=True, subresources={"status"}
+    )
+
+
+def _condition(cluster: Cluster, name: str) -> tuple[str, str, str]:
+    [ready] = cluster.api.objects[f"{CB}/gittargets", "team", name]["status"]["conditions"]
+    return ready["status"], ready["reason"], ready["message"]
+
+
+async def test_a_flux_git_repository_in_the_cluster_is_watched_like_our_own_kinds(
+    tmp_path: Path, cluster: Cluster
+) -> None:
+    _declare_crds(cluster.api)
+    _declare_flux(cluster)
+    first = await asyncio.to_thread(bare_repo, tmp_path / "first.git")
+    second = await asyncio.to_thread(bare_repo, tmp_path / "second.git")
+    cluster.add(f"{FLUX}/gitrepositories", "team", "origin", git_repository(f"file://{first}"))
+    cluster.add(f"{CB}/gittargets", "team", "live", target("live", FLUX_REF))
+    cluster.add(f"{CB}/clusterwatchrules", "", "to-live", every_configmap("live"))
+    # SSH without a deploy key: its target says so (a GitRepository gets no status of ours).
+    keyless = git_repository("ssh://git@127.0.0.1:1/r.git", name="keyless")
+    cluster.add(f"{FLUX}/gitrepositories", "team", "keyless", keyless)
+    cluster.add(f"{CB}/gittargets", "team", "k", target("k", {**FLUX_REF, "name": "keyless"}))
+    # Workload identity is not supported: its target says so.
+    cloud = git_repository("https://github.com/o/r.git", name="cloud")
+    cloud["spec"]["provider"] = "github"
+    cluster.add(f"{FLUX}/gitrepositories", "team", "cloud", cloud)
+    cluster.add(f"{CB}/gittargets", "team", "c", target("c", {**FLUX_REF, "name": "cloud"}))
+
+    rules = ClusterRules(cluster.client)
+    config = await rules.start()
+    settings = Settings(state_dir=tmp_path / "state", rules_from_files=False)
+    runtime = await asyncio.to_thread(Runtime, config, settings)
+    await runtime.start()
+    rules.on_change = runtime.reconfigure
+    reporter = StatusReporter(cluster.client, rules, runtime.status_state)
+    kubectl = Kubectl(cluster.client.server)
+
+    async def send(name: str) -> None:
+        items = [event("create", name=name, body=configmap(name))]
+        await runtime.intake.accept(runtime.intake.triage(items))
+        assert await runtime.flush() == []
+
+    try:
+        await send("a")
+        await reporter.report()
+        assert _condition(cluster, "live")[:2] == ("True", "Ready")
+        status, reason, message = _condition(cluster, "k")
+        assert (status, reason) == ("False", "ProviderNotReady")
+        assert message.startswith("GitRepository team/keyless: remote ssh://git@127.0.0.1:1/r")
+        assert "SSH needs a deploy key" in message
+        assert _condition(cluster, "c") == (
+            "False",
+            "ProviderNotFound",
+            "GitTarget team/c: spec.providerRef.name: GitRepository team/cloud not found: it "
+            "cannot be used: GitRepository team/cloud (GitRepository cloud): spec.provider: "
+            "'github' (workload identity) is not supported: give the GitRepository a "
+            "spec.secretRef with the credentials",
+        )
+        # A new URL takes effect without restart.
+        await kubectl.apply("gitrepositories", git_repository(f"file://{second}"))
+        await _until(lambda: runtime.config.providers[FLUX_KEY].url == f"file://{second}")
+        await send("b")
+        # Gone: the target is not ready, and says which GitRepository it misses.
+        await kubectl.delete("gitrepositories", git_repository(""))
+        await _until(lambda: list(runtime.config.targets) == [Key(namespace="team", name="k")])
+        await reporter.report()
+    finally:
+        await runtime.close()
+        await rules.close()
+    assert await asyncio.to_thread(git_files, first) == ["live/v1/configmaps/default/a.yaml"]
+    assert await asyncio.to_thread(git_files, second) == ["live/v1/configmaps/default/b.yaml"]
+    assert _condition(cluster, "live") == (
+        "False",
+        "ProviderNotFound",
+        "GitTarget team/live: spec.providerRef.name: GitRepository team/origin not found",
+    )
+    # Flux's object is read, never written (by us: the test's own requests carry no token).
+    ours = [r for r in cluster.api if r.headers.get("Authorization") == f"Bearer {TOKEN}"]
+    assert any(r.url.path.endswith("/gitrepositories") for r in ours)
+    assert all(r.method.value == "GET" for r in ours if "gitrepositories" in r.url.path)
+
+
+async def test_without_flux_the_rest_works_and_flux_targets_say_why(
+    tmp_path: Path, cluster: Cluster
+) -> None:
+    _declare_crds(cluster.api)  # and no GitRepository resource: Flux is not installed
+    remote = await asyncio.to_thread(bare_repo, tmp_path / "remote.git")
+    own = {"url": f"file://{remote}", "allowedBranches": ["main"]}
+    cluster.add(f"{CB}/gitproviders", "team", "origin", _cr("GitProvider", "origin", own))
+    cluster.add(f"{CB}/gittargets", "team", "own", target("own", {"name": "origin"}))
+    cluster.add(f"{CB}/gittargets", "team", "viaflux", target("viaflux", FLUX_REF))
+    rules = ClusterRules(cluster.client)
+    config = await rules.start()
+    runtime = await asyncio.to_thread(Runtime, config, Settings(state_dir=tmp_path / "state"))
+    await runtime.start()
+    try:
+        assert await StatusReporter(cluster.client, rules, runtime.status_state).report() == 3
+    finally:
+        await runtime.close()
+        await rules.close()
+    assert list(config.targets) == [Key(namespace="team", name="own")]
+    assert _condition(cluster, "own")[:2] == ("True", "Ready")
+    status, reason, message = _condition(cluster, "viaflux")
+    assert (status, reason) == ("False", "ProviderNotFound")
+    assert message == (
+        "GitTarget team/viaflux: spec.providerRef.name: GitRepository team/origin not found "
+        "(the API serves no /apis/source.toolkit.fluxcd.io/v1/gitrepositories (is Flux "
+        "installed?))"
+    )
+
+
+async def test_flux_installed_after_the_start_is_found(
+    tmp_path: Path, cluster: Cluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(rules_module, "ABSENT_RETRY_S", 0.05)
+    _declare_crds(cluster.api)
+    remote = await asyncio.to_thread(bare_repo, tmp_path / "remote.git")
+    cluster.add(f"{CB}/gittargets", "team", "live", target("live", FLUX_REF))
+    rules = ClusterRules(cluster.client)
+    config = await rules.start()
+    runtime = await asyncio.to_thread(Runtime, config, Settings(state_dir=tmp_path / "state"))
+    await runtime.start()
+    rules.on_change = runtime.reconfigure
+    try:
+        assert not config.targets
+        _declare_flux(cluster)  # Flux is installed, then the GitRepository applied
+        cluster.add(f"{FLUX}/gitrepositories", "team", "origin", git_repository(f"file://{remote}"))
+        await _until(lambda: bool(runtime.config.targets))
+    finally:
+        await runtime.close()
+        await rules.close()
+    assert rules.flux.unavailable is None

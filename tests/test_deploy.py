@@ -220,6 +220,8 @@ def test_rbac_allows_what_audit_reverser_asks_and_refuses_other_writes() -> None
     assert allowed("GET", "/apis/configbutler.ai/v1alpha1/gittargets", watch="true")
     assert allowed("PATCH", "/apis/configbutler.ai/v1alpha1/namespaces/a/gittargets/t/status")
     assert allowed("GET", "/apis/example.com/v1/namespaces/a/widgets/w")
+    assert allowed("GET", "/apis/source.toolkit.fluxcd.io/v1/gitrepositories", watch="true")
+    assert not allowed("PATCH", "/apis/source.toolkit.fluxcd.io/v1/namespaces/a/gitrepositories/g")
     assert allowed("POST", "/api/v1/namespaces/default/secrets")
     assert not allowed("POST", "/api/v1/namespaces/kube-system/secrets")
     assert not allowed("PATCH", "/api/v1/namespaces/team/secrets/sops-age-key")

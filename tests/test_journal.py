@@ -12,7 +12,7 @@ import orjson
 import pytest
 
 from audit_reverser.errors import AuditReverserError, PermanentError
-from audit_reverser.journal import Journal, Recovery, SegmentFile, read_segment
+from audit_reverser.journal import Journal, Record, Recovery, SegmentFile, read_segment
 from tests.conftest import configmap, event, event_list, http_client, start_harness
 
 
@@ -26,13 +26,19 @@ async def _recovered(directory: Path, **options: float) -> tuple[Journal, Recove
     return journal, await asyncio.to_thread(journal.recover)
 
 
+async def _pending(journal: Journal, count: int, limit: int = 1000) -> list[Record]:
+    """The next ``count`` records read back, ``limit`` at a time, as the intake reads them."""
+    records: list[Record] = []
+    while len(records) < count:
+        records.extend((await journal.read(limit, 1 << 20)).records)
+    return records
+
+
 async def test_concurrent_appends_share_fsyncs_and_survive_a_restart(tmp_path: Path) -> None:
     journal, _ = await _recovered(tmp_path)
 
     async def append(n: int) -> list[int]:
-        seqs, stored = journal.append([(f"id-{n}", "prod", orjson.dumps({"n": n}))])
-        await asyncio.shield(stored)
-        return seqs
+        return await journal.append([(f"id-{n}", "prod", orjson.dumps({"n": n}))])
 
     seqs = await asyncio.gather(*(append(n) for n in range(50)))
     assert sorted(s for [s] in seqs) == list(range(1, 51))
@@ -40,7 +46,8 @@ async def test_concurrent_appends_share_fsyncs_and_survive_a_restart(tmp_path: P
     await journal.close()
 
     again, recovery = await _recovered(tmp_path)
-    pending = recovery.pending
+    assert recovery.pending == 50
+    pending = await _pending(again, 50, limit=7)
     assert [r.seq for r in pending] == list(range(1, 51))
     assert pending[7].audit_id == "id-7" and pending[7].cluster == "prod"
     assert orjson.loads(pending[7].event) == {"n": 7}
@@ -49,8 +56,7 @@ async def test_concurrent_appends_share_fsyncs_and_survive_a_restart(tmp_path: P
 
 async def test_a_torn_record_at_the_end_is_ignored(tmp_path: Path) -> None:
     journal, _ = await _recovered(tmp_path)
-    _, stored = journal.append([("a", "", b"{}"), ("b", "", b"{}")])
-    await stored
+    await journal.append([("a", "", b"{}"), ("b", "", b"{}")])
     await journal.close()
     [segment] = await asyncio.to_thread(_segments, tmp_path)
     whole = await asyncio.to_thread(segment.read_bytes)
@@ -59,9 +65,9 @@ async def test_a_torn_record_at_the_end_is_ignored(tmp_path: Path) -> None:
     records, clean = await asyncio.to_thread(read_segment, segment)
     assert [r.audit_id for r in records] == ["a", "b"] and not clean
     again, recovery = await _recovered(tmp_path)
-    assert [r.audit_id for r in recovery.pending] == ["a", "b"]
-    _, stored = again.append([("c", "", b"{}")])
-    await stored
+    assert recovery.pending == 2
+    await again.append([("c", "", b"{}")])
+    assert [r.audit_id for r in await _pending(again, 3)] == ["a", "b", "c"]
     assert again.backlog == 3
     await again.close()
 
@@ -69,20 +75,19 @@ async def test_a_torn_record_at_the_end_is_ignored(tmp_path: Path) -> None:
 async def test_done_records_are_not_replayed_but_their_ids_are_remembered(tmp_path: Path) -> None:
     journal, _ = await _recovered(tmp_path, retain_s=3600)
     entries = [("a", "", b"{}"), ("b", "", b"{}"), ("c", "", b"{}")]
-    (first, second, third), stored = journal.append(entries)
-    await stored
+    first, second, third = await journal.append(entries)
     journal.done(first)
     journal.done(third, {"writer": "abc"})  # done out of order: the checkpoint waits for b
     await journal.close()
     again, recovery = await _recovered(tmp_path, retain_s=3600)
-    assert [r.audit_id for r in recovery.pending] == ["b", "c"]
-    assert recovery.handled == ["a"]
+    assert [r.audit_id for r in await _pending(again, 2)] == ["b", "c"]
+    assert list(recovery.handled) == ["a"]
     again.done(second)
     again.done(third)
     await again.close()
 
     compacted, recovery = await _recovered(tmp_path, retain_s=0)
-    assert recovery.pending == [] and recovery.handled == ["a", "b", "c"]
+    assert recovery.pending == 0 and list(recovery.handled) == ["a", "b", "c"]
     await compacted.checkpoint()  # nothing moved: no write, no compaction yet
     compacted.set_tips({"writer": None})
     await compacted.checkpoint()
@@ -261,12 +266,14 @@ async def test_a_damaged_checkpoint_is_a_clear_error(tmp_path: Path) -> None:
 async def test_segments_rotate_and_every_record_survives(tmp_path: Path) -> None:
     journal, _ = await _recovered(tmp_path, segment_bytes=200)
     for n in range(10):
-        _, stored = journal.append([(f"id-{n}", "", b'{"padding": "' + b"x" * 100 + b'"}')])
-        await stored
+        await journal.append([(f"id-{n}", "", b'{"padding": "' + b"x" * 100 + b'"}')])
     await journal.close()
     assert len(await asyncio.to_thread(_segments, tmp_path)) == 5  # two records each
     again, recovery = await _recovered(tmp_path)
-    assert [r.audit_id for r in recovery.pending] == [f"id-{n}" for n in range(10)]
+    assert recovery.pending == 10
+    assert [r.audit_id for r in await _pending(again, 10, limit=3)] == [
+        f"id-{n}" for n in range(10)
+    ]
     await again.close()
 
 
@@ -291,3 +298,22 @@ async def test_readyz_goes_false_while_the_journal_cannot_be_written(tmp_path: P
             assert (await client.get("/readyz")).status == 200
     finally:
         await harness.runtime.close()
+
+
+async def test_a_run_that_stored_nothing_leaves_no_segment_to_delete_under_the_next(
+    tmp_path: Path,
+) -> None:
+    """Two starts without events share one empty segment file; compacting the first run's
+    segments must not delete the file the second run appends to."""
+    for _ in range(2):
+        journal, _ = await _recovered(tmp_path, retain_s=0)
+        await journal.close()
+    journal, _ = await _recovered(tmp_path, retain_s=0)
+    [seq] = await journal.append([("kept", "", b"{}")])
+    journal.set_tips({"writer": None})  # progress to save: the checkpoint compacts
+    await journal.checkpoint()
+    await journal.close()
+    again, recovery = await _recovered(tmp_path)
+    assert recovery.pending == 1
+    assert [r.audit_id for r in await _pending(again, 1)] == ["kept"]
+    await again.close()

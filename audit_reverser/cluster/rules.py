@@ -7,6 +7,10 @@ good rules stay in force. After each change (debounced) the config is built agai
 Secrets the providers and targets reference read fresh, and handed on. A change of ``status``
 alone (our own status reports) is no change of the rules: it rebuilds nothing. Broken objects are
 logged and left out; the others keep working.
+
+Flux's GitRepositories, which GitTargets may name as their provider, are watched the same
+way, but optionally: without Flux (no such resource, or not allowed to list it) the rest
+works, and the targets that name one are not ready, saying why.
 """
 
 from __future__ import annotations
@@ -23,7 +27,13 @@ from typing import Any
 
 from audit_reverser.cluster.api import ApiUnavailable, KubeApi, WatchExpired
 from audit_reverser.config.loader import build_config, usable_part
-from audit_reverser.config.model import API_VERSION, Config, GitTarget
+from audit_reverser.config.model import (
+    API_VERSION,
+    FLUX_GIT_REPOSITORY,
+    FLUX_SOURCE_GROUP,
+    Config,
+    GitTarget,
+)
 from audit_reverser.encryption import age
 from audit_reverser.encryption.keys import KEY_SUFFIX
 
@@ -35,6 +45,9 @@ KINDS = {
     "WatchRule": "watchrules",
     "ClusterWatchRule": "clusterwatchrules",
 }
+FLUX_PATH = f"/apis/{FLUX_SOURCE_GROUP}/v1/gitrepositories"
+# How often to look whether Flux was installed, when it is not.
+ABSENT_RETRY_S = 60.0
 DEBOUNCE_S = 0.2
 # Secrets are read at every rebuild, and at least this often (a rotated token, a new key).
 REFRESH_S = 60.0
@@ -45,10 +58,14 @@ RETRY_MAX_S = 30.0
 class Collection:
     """The objects of one resource across the cluster, kept current by list + watch."""
 
-    def __init__(self, api: KubeApi, kind: str, path: str) -> None:
+    def __init__(self, api: KubeApi, kind: str, path: str, *, optional: bool = False) -> None:
         self._api = api
         self.kind = kind
         self.path = path
+        # Optional (another project's resource): one that cannot be listed counts as empty,
+        # and ``unavailable`` says why, instead of holding the start-up.
+        self.optional = optional
+        self.unavailable: str | None = None
         self.items: dict[tuple[str, str], dict[str, Any]] = {}
         self.synced = asyncio.Event()
         self.relists = 0
@@ -58,6 +75,10 @@ class Collection:
         while True:
             try:
                 version = await self._list()
+                if version is None:  # optional, and not served (yet): look again later
+                    self._absent(f"the API serves no {self.path} (is Flux installed?)", changed)
+                    await asyncio.sleep(ABSENT_RETRY_S)
+                    continue
                 self.synced.set()
                 changed()
                 while True:  # a watch ends at the server's timeout: go on from where it was
@@ -71,18 +92,36 @@ class Collection:
                 self.relists += 1
                 log.info("watch of %s expired (410 Gone); listing again", self.path)
             except ApiUnavailable as exc:
+                if self.optional and not self.synced.is_set():
+                    self._absent(str(exc), changed)
                 log.warning(
                     "%s: %s; keeping the last rules, next try in %.1fs", self.kind, exc, delay
                 )
                 await asyncio.sleep(delay * random.uniform(0.5, 1.0))
                 delay = min(delay * 2, RETRY_MAX_S)
 
-    async def _list(self) -> str:
+    def _absent(self, why: str, changed: Callable[[], None]) -> None:
+        """An optional resource that cannot be listed: no objects (said once)."""
+        if self.unavailable is None:
+            log.info("%s: %s; GitTargets that name one are not ready", self.kind, why)
+            self.unavailable = why
+            self.items = {}
+            changed()
+        self.synced.set()
+
+    async def _list(self) -> str | None:
+        """The objects, and the resourceVersion to watch from; None when an optional
+        resource is not served."""
         answer = await self._api.get(self.path)
+        if answer is None and self.optional:
+            return None
         if answer is None:
             raise ApiUnavailable(
                 f"the API serves no {self.path}: apply the CRDs (kubectl apply -f deploy/crds/)"
             )
+        if self.unavailable is not None:
+            log.info("%s: listed again after: %s", self.kind, self.unavailable)
+            self.unavailable = None
         items = answer.get("items") or []
         self.items = {_key(item): item for item in items if isinstance(item, dict)}
         metadata = answer.get("metadata") or {}
@@ -147,6 +186,8 @@ class ClusterRules:
             Collection(api, kind, f"/apis/{group}/{version}/{plural}")
             for kind, plural in KINDS.items()
         ]
+        # Read, never reported on: Flux's own resource, kept apart from ``collections``.
+        self.flux = Collection(api, FLUX_GIT_REPOSITORY, FLUX_PATH, optional=True)
         self._dirty = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._problems: list[str] = []
@@ -165,7 +206,8 @@ class ClusterRules:
 
     async def start(self, timeout_s: float = 60.0) -> Config:
         """Start watching; the first config, once every kind has been listed."""
-        for collection in self.collections:
+        watched = [*self.collections, self.flux]
+        for collection in watched:
             self._tasks.append(
                 asyncio.create_task(
                     collection.run(self._dirty.set), name=f"watch {collection.kind}"
@@ -173,7 +215,7 @@ class ClusterRules:
             )
         try:
             async with asyncio.timeout(timeout_s):
-                await asyncio.gather(*(c.synced.wait() for c in self.collections))
+                await asyncio.gather(*(c.synced.wait() for c in watched))
         except TimeoutError:
             await self.close()
             raise ApiUnavailable(
@@ -265,9 +307,21 @@ class ClusterRules:
         )
         secrets[where] = await self._api.get(f"{collection}/{name}")
 
+    def _why_no_git_repository(self, problem: str, problems: list[str]) -> str:
+        """A GitTarget's 'GitRepository NS/NAME not found', with why: Flux is not there, or
+        the GitRepository is, but broken (its own problem; it gets no status of ours)."""
+        missing = re.search(rf"{FLUX_GIT_REPOSITORY} (\S+) not found$", problem)
+        if not problem.startswith("GitTarget ") or missing is None:
+            return problem
+        if self.flux.unavailable is not None:
+            return f"{problem} ({self.flux.unavailable})"
+        own = f"{FLUX_GIT_REPOSITORY} {missing[1]} ("
+        broken = next((p for p in problems if p.startswith(own)), None)
+        return f"{problem}: it cannot be used: {broken}" if broken else problem
+
     async def _build(self) -> Config:
         documents: list[tuple[str, Mapping[str, Any]]] = []
-        for collection in self.collections:
+        for collection in [*self.collections, self.flux]:
             for (namespace, name), obj in sorted(collection.items.items()):
                 label = f"{namespace}/{name}" if namespace else name
                 documents.append((f"{collection.kind} {label}", obj))
@@ -306,6 +360,7 @@ class ClusterRules:
                     BACKUP_WARNING,
                 )
         config, problems = build_config(documents, sources=(self._api.server,))
+        problems = [self._why_no_git_repository(p, problems) for p in problems]
         if problems != self._problems:
             for problem in problems:
                 log.error("cluster rules: %s", problem)

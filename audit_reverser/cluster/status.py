@@ -60,7 +60,7 @@ class State:
 def _reason_of(problem: str) -> str:
     if "not allowed" in problem:
         return "BranchNotAllowed"
-    if "GitProvider" in problem and "not found" in problem:
+    if ("GitProvider" in problem or "GitRepository" in problem) and "not found" in problem:
         return "ProviderNotFound"
     if "GitTarget" in problem and "not found" in problem:
         return "TargetNotFound"
@@ -112,10 +112,12 @@ def _target_verdict(key: Key, obj: Mapping[str, Any], state: State) -> Verdict:
     writer = state.writers.get(key)
     target = state.config.targets.get(key)
     if writer is None or target is None:
+        # A Flux GitRepository has no status of ours: the target says what is wrong with it.
+        problem = state.provider_problems.get(target.provider_key) if target else None
         return Verdict(
             ready=False,
             reason="ProviderNotReady",
-            message="its GitProvider cannot be used",
+            message=problem or "its GitProvider cannot be used",
             fields=fields,
         )
     if writer.tip:

@@ -20,6 +20,8 @@ import yaml
 from audit_reverser.config.model import (
     ALL_OPERATIONS,
     API_VERSION,
+    FLUX_GIT_REPOSITORY,
+    FLUX_SOURCE_GROUP,
     GROUP,
     AgeRecipients,
     ClusterWatchRule,
@@ -195,6 +197,63 @@ def _read_provider(doc: _Document) -> GitProvider | None:
     )
 
 
+# What a Flux GitRepository gives a GitProvider: its URL and Secret. Flux's other fields
+# (ref, interval, verify, ignore, ...) are about what Flux reads and mean nothing here.
+def _read_git_repository(doc: _Document) -> GitProvider | None:
+    spec = doc.mapping(doc.raw, "", "spec")
+    url = doc.get(spec, "spec", "url", str)
+    if not url:
+        doc.fail("spec.url", "is required")
+    provider = doc.get(spec, "spec", "provider", str)
+    if provider not in (None, "generic"):
+        doc.fail(
+            "spec.provider",
+            f"{provider!r} (workload identity) is not supported: give the GitRepository a "
+            "spec.secretRef with the credentials",
+        )
+    secret_name = doc.ref_name(spec, "spec", "secretRef")
+    if not url:
+        return None
+    return GitProvider(
+        key=Key(namespace=doc.namespace, name=doc.name, kind=FLUX_GIT_REPOSITORY),
+        url=url,
+        # Flux has no allowedBranches: the GitTarget's branch is what we write (Flux's
+        # spec.ref is the branch Flux reads, not a limit on ours). Push policy: defaults.
+        allowed_branches=("*",),
+        secret_name=secret_name,
+    )
+
+
+def _is_flux_git_repository(kind: object, api_version: object) -> bool:
+    """Any served version of Flux's GitRepository (v1, v1beta2): the fields read agree."""
+    return (
+        kind == FLUX_GIT_REPOSITORY
+        and isinstance(api_version, str)
+        and api_version.partition("/")[0] == FLUX_SOURCE_GROUP
+    )
+
+
+def _provider_kind(doc: _Document, spec: Mapping[str, Any]) -> str:
+    """providerRef's kind as a provider Key's kind: '' for a GitProvider, "GitRepository"."""
+    ref = doc.mapping(spec, "spec", "providerRef")
+    kind = ref.get("kind") or "GitProvider"
+    group = ref.get("group") or GROUP  # the CRD's default
+    if kind == "GitProvider" and group == GROUP:
+        return ""
+    if kind == FLUX_GIT_REPOSITORY and group == FLUX_SOURCE_GROUP:
+        return FLUX_GIT_REPOSITORY
+    if kind == FLUX_GIT_REPOSITORY:
+        doc.fail("spec.providerRef.group", f"a GitRepository is in {FLUX_SOURCE_GROUP!r}")
+    elif kind == "GitProvider":
+        doc.fail("spec.providerRef.group", f"a GitProvider is in {GROUP!r}")
+    else:
+        doc.fail(
+            "spec.providerRef.kind",
+            f"{kind!r}: only GitProvider ({GROUP}) or GitRepository ({FLUX_SOURCE_GROUP})",
+        )
+    return ""
+
+
 def _read_encryption(doc: _Document, spec: Mapping[str, Any]) -> Encryption | None:
     raw = doc.get(spec, "spec", "encryption", dict)
     if raw is None:
@@ -225,9 +284,7 @@ def _read_target(doc: _Document) -> GitTarget | None:
     provider = doc.ref_name(spec, "spec", "providerRef")
     if spec.get("providerRef") is None:
         doc.fail("spec.providerRef", "is required")
-    ref = doc.mapping(spec, "spec", "providerRef")
-    if ref.get("kind", "GitProvider") != "GitProvider":
-        doc.fail("spec.providerRef.kind", "only GitProvider is supported")
+    provider_kind = _provider_kind(doc, spec)
     branch = doc.get(spec, "spec", "branch", str)
     if not branch:
         doc.fail("spec.branch", "is required")
@@ -247,6 +304,7 @@ def _read_target(doc: _Document) -> GitTarget | None:
         branch=branch,
         path=path,
         encryption=encryption,
+        provider_kind=provider_kind,
     )
 
 
@@ -428,10 +486,10 @@ def load_rules(paths: Iterable[str | Path]) -> tuple[Config, list[str]]:
 
     config, found, origins = _read_objects(documents(), sources=sources)
     problems.extend(found)
-    if problems:
-        raise ConfigError(problems)
     config = dataclasses.replace(config, origins=origins)
     broken = check_references(config)
+    if problems:  # all of them, so that one run shows everything to fix
+        raise ConfigError([*problems, *broken])
     return usable_part(config), broken
 
 
@@ -471,10 +529,12 @@ def _read_objects(
         before = len(problems)
         if kind == "Secret" and api_version == "v1":
             item: object = _read_secret(doc := _Document(where, raw, problems))
+        elif _is_flux_git_repository(kind, api_version):
+            item = _read_git_repository(doc := _Document(where, raw, problems))
         elif api_version != API_VERSION or kind not in KINDS:
             problems.append(
                 f"{where}: unknown kind {api_version}/{kind}: expected {API_VERSION} "
-                f"{', '.join(KINDS)} or v1 Secret"
+                f"{', '.join(KINDS)}, v1 Secret or {FLUX_SOURCE_GROUP} {FLUX_GIT_REPOSITORY}"
             )
             continue
         else:
@@ -525,8 +585,9 @@ def check_references(config: Config) -> list[str]:
     for target in config.targets.values():
         provider = config.providers.get(target.provider_key)
         if provider is None:
+            kind = target.provider_key.kind or "GitProvider"
             problem = (
-                f"GitTarget {target.key}: spec.providerRef.name: GitProvider "
+                f"GitTarget {target.key}: spec.providerRef.name: {kind} "
                 f"{target.provider_key} not found"
             )
         elif not any(fnmatch.fnmatchcase(target.branch, g) for g in provider.allowed_branches):

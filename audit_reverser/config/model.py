@@ -18,6 +18,10 @@ Operation = Literal["CREATE", "UPDATE", "DELETE"]
 ALL_OPERATIONS: frozenset[Operation] = frozenset({"CREATE", "UPDATE", "DELETE"})
 Scope = Literal["Cluster", "Namespaced"]
 
+# Flux's GitRepository may stand in for a GitProvider (a GitTarget's providerRef names it).
+FLUX_SOURCE_GROUP = "source.toolkit.fluxcd.io"
+FLUX_GIT_REPOSITORY = "GitRepository"
+
 DEFAULT_PUSH_INTERVAL_S = 60.0
 DEFAULT_PUSH_MAX_COMMITS = 20
 
@@ -28,6 +32,9 @@ class Key:
 
     namespace: str
     name: str
+    # Only for providers: '' for a GitProvider, "GitRepository" for a Flux GitRepository, so
+    # that the two kinds never collide when they share a name (they live in one map).
+    kind: str = ""
 
     def __str__(self) -> str:
         return f"{self.namespace}/{self.name}" if self.namespace else self.name
@@ -46,6 +53,11 @@ class GitProvider:
     allowed_branches: tuple[str, ...]
     secret_name: str | None = None
     push: PushPolicy = field(default_factory=PushPolicy)
+
+    @property
+    def kind(self) -> str:
+        """The kind the provider was read from, for messages: GitProvider or GitRepository."""
+        return self.key.kind or "GitProvider"
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -70,6 +82,7 @@ class GitTarget:
     branch: str
     path: str
     encryption: Encryption | None = None
+    provider_kind: str = ""  # providerRef.kind: '' (GitProvider) or "GitRepository" (Flux)
     # Set by routing, never read from YAML: the cluster whose folder under ``path`` this
     # event's files go to, when one set of rules serves several clusters (docs/fleet.md).
     cluster: str = ""
@@ -77,7 +90,7 @@ class GitTarget:
     @property
     def provider_key(self) -> Key:
         # providerRef has no namespace field: the provider lives beside the target.
-        return Key(namespace=self.key.namespace, name=self.provider_name)
+        return Key(namespace=self.key.namespace, name=self.provider_name, kind=self.provider_kind)
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

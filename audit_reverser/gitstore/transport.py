@@ -1,9 +1,11 @@
 """How a mirror reaches its remote: local paths, SSH with a deploy key, HTTPS with a token.
 
-Credentials come from the GitProvider's Secret, with the keys Flux and the seed use:
-``ssh-privatekey`` (+ optional ``passphrase``) and ``known_hosts`` for SSH; ``username`` and
-``password`` (or ``token``) for HTTPS. They live only in the callbacks handed to libgit2 and
-are never part of a URL, a log line or an error (:meth:`Callbacks.explain` scrubs them).
+Credentials come from the GitProvider's (or Flux GitRepository's) Secret, with the keys the
+seed and Flux use, read here and nowhere else: ``ssh-privatekey`` or Flux's ``identity``
+(+ optional ``passphrase``, or Flux's ``password``) and ``known_hosts`` for SSH; ``username``
+and ``password`` (or ``token``, or Flux's ``bearerToken``) for HTTPS. They live only in the
+callbacks handed to libgit2 and are never part of a URL, a log line or an error
+(:meth:`Callbacks.explain` scrubs them).
 
 SSH host keys are always verified: libgit2 checks the server's key against
 ``<home>/.ssh/known_hosts`` and we answer with its verdict. The home is process-wide in
@@ -279,7 +281,7 @@ def transport_for(
         if key is None:
             raise RepositoryError(
                 f"remote {remote_key(url)}: SSH needs a deploy key: put it under "
-                f"ssh-privatekey in {source} (see GitProvider spec.secretRef)"
+                f"ssh-privatekey (or identity) in {source} (see spec.secretRef)"
             )
         known_hosts = _text(secret, "known_hosts", source)
         if not known_hosts or not known_hosts.strip():
@@ -287,7 +289,8 @@ def transport_for(
                 f"remote {remote_key(url)}: {source} has no known_hosts; host keys are always "
                 f"verified (ssh-keyscan -p PORT HOST gives the lines to add)"
             )
-        passphrase = _text(secret, "passphrase", source) or ""
+        # Flux keeps an encrypted identity's passphrase under password.
+        passphrase = _text(secret, "passphrase", source) or _text(secret, "password", source) or ""
         return NetworkTransport(
             url,
             SshKey(private_key=key, passphrase=passphrase, known_hosts=known_hosts, source=source),
@@ -299,6 +302,9 @@ def transport_for(
         password = (
             _text(secret, "password", source)
             or _text(secret, "token", source)
+            # Flux sends it in a Bearer header; libgit2 offers basic authentication only,
+            # where Git hosts take an access token as the password.
+            or _text(secret, "bearerToken", source)
             or unquote(parts.password or "")
         )
         netloc = parts.hostname or ""

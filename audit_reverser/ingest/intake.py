@@ -1,13 +1,17 @@
 """The one door for events, from the webhook, from log files, or left in the journal.
 
 :meth:`Intake.triage` does the cheap part in the caller (filter on the decoded JSON, parse,
-route). :meth:`Intake.accept` journals what is kept (when there is a journal) and queues it
-for one worker task that feeds the processor strictly in journal order. Events are queued
-in the same step that gives them their journal seqs, so the worker's order is the journal's;
-the worker waits for a record's fsync before it processes it.
+route). :meth:`Intake.accept` appends what is kept to the journal (when there is one) and
+returns once it is on disk; nothing else is kept in memory for it. One worker task reads the
+records back from the journal in seq order and feeds the processor, holding at most
+``window`` events (and ``window_bytes`` of their JSON) between the journal and the local
+commit: while Git falls behind, the backlog waits on disk, so memory stays flat whatever its
+size, and a start after a crash reads it from where it is. Without a journal (``replay``,
+whose files are their own record) accepted events wait in a queue under the same bound.
 
 The worker hands the processor, with each event, the events for the same object queued
-behind it: one read of the object from the API answers them all.
+behind it (in memory, read from the journal with it): one read of the object from the API
+answers them all.
 
 A journal record is marked done once every commit its event made is in the local repository
 (or its event made none). A commit that failed for a temporary reason holds the record: it
@@ -20,7 +24,7 @@ import asyncio
 import contextlib
 import logging
 from collections import Counter, deque
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,13 +33,17 @@ import orjson
 from audit_reverser.errors import EventError, TemporaryError
 from audit_reverser.events import AuditEvent, parse_event
 from audit_reverser.gitstore.types import CommitOutcome
-from audit_reverser.journal import Journal, JournalUnavailable, Record
+from audit_reverser.journal import EventJournal, Record
 from audit_reverser.pipeline.filter import Skip, classify_raw
 from audit_reverser.pipeline.processor import Processor
 
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_BACKLOG = 100_000
+# Events between the journal and the local commit: a few of the writers' commit batches.
+DEFAULT_WINDOW = 1_024
+# ... and their JSON, so that large objects cannot make the window large.
+DEFAULT_WINDOW_BYTES = 8 * 1024 * 1024
 
 _ObjectKey = tuple[str, str, str, str, str]  # cluster, group, resource, namespace, name
 
@@ -67,31 +75,37 @@ class Triage:
         }
 
 
-@dataclass(frozen=True, slots=True)
-class _Item:
-    event: AuditEvent
-    seq: int | None = None
-    stored: asyncio.Future[None] | None = None
-
-
 class Intake:
     def __init__(
         self,
         processor: Processor,
         *,
-        journal: Journal | None = None,
-        queue_size: int = 10_000,
+        journal: EventJournal | None = None,
+        window: int = DEFAULT_WINDOW,
+        window_bytes: int = DEFAULT_WINDOW_BYTES,
         max_backlog: int = DEFAULT_MAX_BACKLOG,
     ) -> None:
         self.processor = processor
         self.stats = processor.stats
         self.journal = journal
+        self.window = window
+        self.window_bytes = window_bytes
         self.max_backlog = max_backlog
-        # With a journal the queue is bounded by the backlog check in accept(), which answers
-        # 429 instead of waiting: a wait between taking seqs and queueing would break order.
-        self._queue: asyncio.Queue[_Item] = asyncio.Queue(0 if journal else queue_size)
+        # Without a journal only: the window bounds it (accept() waits for room).
+        self._queue: asyncio.Queue[AuditEvent] = asyncio.Queue()
         self._task: asyncio.Task[None] | None = None
-        self._waiting: dict[_ObjectKey, deque[AuditEvent]] = {}  # queued, per object
+        # Events taken in (read back or queued) whose commits have not settled yet.
+        self.in_memory = 0
+        self.in_memory_peak = 0
+        self._in_memory_bytes = 0
+        self._room = asyncio.Event()
+        # Every journal seq up to this one has been handed to the processor (or skipped).
+        self._handed = 0
+        self._moved = asyncio.Event()
+        self._waiting: dict[_ObjectKey, deque[AuditEvent]] = {}  # taken in, per object
+        # Events just accepted, parsed, by seq: while the worker keeps up, it takes them from
+        # here instead of decoding its read-back again. At most a window of them.
+        self._fresh: dict[int, AuditEvent] = {}
 
     def triage(self, items: Iterable[object], *, cluster: str = "", source: str = "") -> Triage:
         result = Triage()
@@ -129,7 +143,7 @@ class Intake:
         return self.journal is not None and self.journal.backlog >= self.max_backlog
 
     async def accept(self, triage: Triage, *, cluster: str = "") -> None:
-        """Queue the kept events; with a journal, return only once they are on disk.
+        """Take the kept events; with a journal, return only once they are on disk.
 
         Raises :class:`Overloaded` or :class:`JournalUnavailable`: nothing was accepted then,
         and the sender should retry later.
@@ -138,8 +152,10 @@ class Intake:
             return
         if self.journal is None:
             for event in triage.kept:
+                await self._wait_for_room()
+                self._take(0)
                 self._index(event)
-                await self._queue.put(_Item(event))
+                self._queue.put_nowait(event)
             return
         if self.journal.backlog + len(triage.kept) > self.max_backlog:
             raise Overloaded(
@@ -150,28 +166,11 @@ class Intake:
             (event.audit_id, cluster, orjson.dumps(raw))
             for event, raw in zip(triage.kept, triage.raw, strict=True)
         ]
-        seqs, stored = self.journal.append(entries)
-        for event, seq in zip(triage.kept, seqs, strict=True):
-            self._index(event)
-            self._queue.put_nowait(_Item(event, seq, stored))
-        # Shielded: a client that goes away must not cancel the fsync others wait for.
-        await asyncio.shield(stored)
-
-    def resume(self, records: Sequence[Record]) -> None:
-        """Queue journal records a previous run accepted but did not commit."""
-        assert self.journal is not None
-        for record in records:
-            try:
-                raw = orjson.loads(record.event)
-                event = parse_event(raw, cluster=record.cluster)
-            except (orjson.JSONDecodeError, EventError) as exc:  # only a bug could store these
-                log.error(
-                    "journal record %d (%s) is unreadable: %s", record.seq, record.audit_id, exc
-                )
-                self.journal.done(record.seq)
-                continue
-            self._index(event)
-            self._queue.put_nowait(_Item(event, record.seq))
+        seqs = await self.journal.append(entries)
+        for seq, event in zip(seqs, triage.kept, strict=True):
+            if len(self._fresh) >= self.window:
+                break
+            self._fresh[seq] = event
 
     def _index(self, event: AuditEvent) -> None:
         key = _object_of(event)
@@ -199,60 +198,125 @@ class Intake:
         return later
 
     def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name="intake")
+        work = self._run_queue() if self.journal is None else self._run_journal(self.journal)
+        self._task = asyncio.create_task(work, name="intake")
+        self._task.add_done_callback(self._stopped)
+
+    def _stopped(self, task: asyncio.Task[None]) -> None:
+        self._moved.set()  # drain() waits for nothing more
+        if not task.cancelled() and task.exception() is not None:
+            log.critical("intake stopped unexpectedly", exc_info=task.exception())
 
     @property
     def running(self) -> bool:
         return self._task is not None and not self._task.done()
 
-    @property
-    def queued(self) -> int:
-        return self._queue.qsize()
-
     async def drain(self) -> None:
-        """Wait until every queued event has been handed to its writers."""
-        await self._queue.join()
+        """Wait until every event accepted so far has been handed to its writers."""
+        if self.journal is None:
+            await self._queue.join()
+            return
+        target = self.journal.last_seq
+        while self._handed < target and self.running:
+            self._moved.clear()
+            await self._moved.wait()
 
     async def close(self) -> None:
         await self.drain()
         await self.stop()
 
     async def stop(self) -> None:
-        """Stop the worker now; what is still queued stays in the journal."""
+        """Stop the worker now; what it has not processed stays in the journal."""
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
 
-    async def _run(self) -> None:
+    # -- the worker --------------------------------------------------------------------------
+
+    async def _run_queue(self) -> None:
         while True:
-            item = await self._queue.get()
+            event = await self._queue.get()
             try:
-                await self._handle(item)
+                await self._handle(event, None, 0)
             finally:
                 self._queue.task_done()
 
-    async def _handle(self, item: _Item) -> None:
-        later = self._later(item.event)
-        if item.stored is not None:
-            try:
-                await asyncio.shield(item.stored)
-            except JournalUnavailable:
-                return  # never acknowledged: the sender sends it again
+    async def _run_journal(self, journal: EventJournal) -> None:
+        while True:
+            await self._wait_for_room()
+            batch = await journal.read(
+                self.window - self.in_memory, self.window_bytes - self._in_memory_bytes
+            )
+            taken = []
+            for record in batch.records:  # all indexed first: each sees those behind it
+                event = self._parsed(record)
+                if event is None:
+                    journal.done(record.seq)
+                    continue
+                self._take(len(record.event))
+                self._index(event)
+                taken.append((event, record))
+            for event, record in taken:
+                await self._handle(event, record.seq, len(record.event))
+                # A read can return a whole window of backlog: let requests in between
+                # events, so that catching up never holds an acknowledgement back.
+                await asyncio.sleep(0)
+            self._handed = batch.through
+            self._moved.set()
+
+    def _parsed(self, record: Record) -> AuditEvent | None:
+        # Seqs are read in order: any older entry was read before it was cached.
+        while self._fresh and next(iter(self._fresh)) < record.seq:
+            del self._fresh[next(iter(self._fresh))]
+        event = self._fresh.pop(record.seq, None)
+        return event if event is not None else self._decode(record)
+
+    def _decode(self, record: Record) -> AuditEvent | None:
         try:
-            futures = await self.processor.process(item.event, later)
+            return parse_event(orjson.loads(record.event), cluster=record.cluster)
+        except (orjson.JSONDecodeError, EventError) as exc:  # only a bug could store these
+            log.error("journal record %d (%s) is unreadable: %s", record.seq, record.audit_id, exc)
+            return None
+
+    async def _wait_for_room(self) -> None:
+        while self.in_memory >= self.window or self._in_memory_bytes >= self.window_bytes:
+            self._room.clear()
+            await self._room.wait()
+
+    def _take(self, size: int) -> None:
+        self.in_memory += 1
+        self._in_memory_bytes += size
+        self.in_memory_peak = max(self.in_memory_peak, self.in_memory)
+
+    def _release(self, size: int) -> None:
+        self.in_memory -= 1
+        self._in_memory_bytes -= size
+        self._room.set()
+
+    async def _handle(self, event: AuditEvent, seq: int | None, size: int) -> None:
+        later = self._later(event)
+        try:
+            futures = await self.processor.process(event, later)
         except TemporaryError as exc:
-            log.error("event %s held for the next start: %s", item.event.audit_id, exc)
+            log.error("event %s held for the next start: %s", event.audit_id, exc)
+            self._release(size)
             return
         except Exception:  # one event must never stop the stream; it is logged and counted
-            log.exception("event %s could not be processed", item.event.audit_id)
+            log.exception("event %s could not be processed", event.audit_id)
             self.stats.skip(Skip.REJECTED)
             futures = []
-        self._track(item, futures)
+        self._track(event, seq, size, futures)
 
-    def _track(self, item: _Item, futures: list[asyncio.Future[CommitOutcome]]) -> None:
+    def _track(
+        self,
+        event: AuditEvent,
+        seq: int | None,
+        size: int,
+        futures: list[asyncio.Future[CommitOutcome]],
+    ) -> None:
         """Mark the event's journal record done once all its commits are settled."""
-        journal, seq = self.journal, item.seq
+        journal = self.journal
         remaining = len(futures)
 
         def settled(_: object = None) -> None:
@@ -260,6 +324,7 @@ class Intake:
             remaining -= 1
             if remaining > 0:
                 return
+            self._release(size)
             tips: dict[str, str | None] = {}
             held = False
             for future in futures:
@@ -276,7 +341,7 @@ class Intake:
             if journal is None or seq is None:
                 return
             if held:
-                log.error("event %s held in the journal for the next start", item.event.audit_id)
+                log.error("event %s held in the journal for the next start", event.audit_id)
             else:
                 journal.done(seq, tips)
 
