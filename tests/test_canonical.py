@@ -7,6 +7,7 @@ the objects a cluster sends (else these tests would pass with the fast path swit
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 from typing import Any
@@ -163,3 +164,22 @@ def test_corpus_objects_take_the_fast_path_and_match() -> None:
         expected = canonical.pyyaml_dump(clean)
         assert emitter.emit(clean, canonical._ORDER).encode() == expected
         assert canonical.dump(clean) == expected
+
+
+def test_sanitize_shares_nothing_it_changes_with_the_event() -> None:
+    job = configmap(
+        annotations={"deployment.kubernetes.io/revision": "3", "team": "a"},
+        labels={"app": "x"},
+    )
+    job["status"] = {"active": 1}
+    job["spec"] = {
+        "selector": {"matchLabels": {"controller-uid": "u"}},
+        "template": {"metadata": {"labels": {"controller-uid": "u", "job-name": "j"}}},
+    }
+    before = copy.deepcopy(job)
+    clean = sanitize(job, api_group="batch", resource="jobs")
+    assert job == before
+    assert clean["metadata"]["annotations"] == {"team": "a"}
+    assert "uid" not in clean["metadata"] and "status" not in clean
+    assert clean["spec"] == {"template": {"metadata": {}}}
+    assert canonical.dump(clean) == canonical.pyyaml_dump(clean)
