@@ -102,6 +102,7 @@ class Emitter:
         """Whether libyaml writes ``value`` (printable, one line, not empty) plain in a
         block collection, and PyYAML reads it back as a string."""
         first = value[0]
+        resolvers = self._resolvers.get(first, self._wildcard)
         if (
             first in _INDICATORS
             or first == " "
@@ -113,7 +114,7 @@ class Emitter:
             or value.startswith(("---", "..."))
         ):
             return False
-        return not any(regex.match(value) for regex in self._resolvers.get(first, self._wildcard))
+        return not resolvers or not any(regex.match(value) for regex in resolvers)
 
     def float_text(self, value: float) -> str:
         """PyYAML's ``represent_float``."""
@@ -165,14 +166,18 @@ class _Writer:
         else:
             keys = sorted(value)
         out = self.out
+        key_text = self.key
+        scalar = self.scalar
+        within = order.within if order is not None and depth == 0 else None
         prefix = first_prefix
         pad = " " * indent
         for key in keys:
-            out.append(prefix)
-            out.append(self.key(key))
-            out.append(":")
-            within = order.within.get(key) if order is not None and depth == 0 else None
-            self.node(value[key], indent, True, depth, within)
+            item = value[key]
+            if type(item) is str and "\n" not in item:  # most values: no call to node()
+                out.append(f"{prefix}{key_text(key)}:{scalar(item)}")
+            else:
+                out.append(f"{prefix}{key_text(key)}:")
+                self.node(item, indent, True, depth, within.get(key) if within else None)
             prefix = pad
 
     def node(
