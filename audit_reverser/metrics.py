@@ -59,7 +59,7 @@ class _RuntimeCollector(Collector):
         for target, count in sorted(stats.kept_by_target.items()):
             targets.add_metric([target], count)
         yield targets
-        journal = runtime.journal
+        journal = runtime.intake.journal
         yield GaugeMetricFamily(
             "audit_reverser_journal_backlog",
             "Accepted events not yet committed locally.",
