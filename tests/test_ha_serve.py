@@ -37,6 +37,7 @@ from tests.conftest import (
     write_config,
 )
 from tests.redisserver import RedisServer
+from tests.test_metrics import SHARED_JOURNAL_ONLY
 
 KEPT_PER_BATCH = 4
 BATCHES = 200
@@ -96,13 +97,17 @@ def _wait_until(predicate: Any, what: str) -> None:
         time.sleep(0.05)
 
 
-def _commits(port: int) -> int:
+def _metrics(port: int) -> dict[str, float]:
+    """Every sample of /metrics, by its name with labels as written."""
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
         text = response.read().decode()
-    return sum(
-        int(float(line.rsplit(" ", 1)[1]))
-        for line in text.splitlines()
-        if line.startswith("audit_reverser_commits_total")
+    samples = (line.rsplit(" ", 1) for line in text.splitlines() if not line.startswith("#"))
+    return {name: float(value) for name, value in samples}
+
+
+def _commits(port: int) -> int:
+    return int(
+        sum(v for k, v in _metrics(port).items() if k.startswith("audit_reverser_commits_total"))
     )
 
 
@@ -211,6 +216,13 @@ def test_the_stream_backlog_is_the_limit(tmp_path: Path, redis_server: RedisServ
     assert _post(server.port, 1)[0] == 200
     status, headers = _post(server.port, 2)
     assert status == 429 and "Retry-After" in headers
+
+    # The metrics only a serve with --journal shows (tests/test_metrics.py relies on this).
+    _wait_until(lambda: _metrics(server.port).get("audit_reverser_stream_backlog") == 8, "backlog")
+    metrics = _metrics(server.port)
+    assert {name.split("{")[0] for name in metrics} >= SHARED_JOURNAL_ONLY
+    assert metrics['audit_reverser_lease_held{lane="intake"}'] == 1
+    assert metrics['audit_reverser_lease_takeovers_total{lane="intake"}'] == 1
     server.stop()
 
 
@@ -252,6 +264,23 @@ def test_a_redis_we_cannot_use_stops_the_start_in_one_line(
     assert ("refused" if what == "wrong password" else "unavailable") in lines[0]
     assert "Traceback" not in stderr
     assert "not-the-password" not in stderr
+
+
+def test_a_second_replica_on_the_same_journal_is_refused_in_one_line(
+    tmp_path: Path, redis_server: RedisServer
+) -> None:
+    """One replica per journal for now: a second one (another state directory) waits for
+    the first one's lease to run out, then exits; the first one carries on."""
+    remote = bare_repo(tmp_path / "remote.git")
+    args = _serve_args(tmp_path, remote, redis_server, interval="100ms")
+    server = start_serve(tmp_path, *args)
+    stderr = _serve_fails(tmp_path, *args, "--state-dir", str(tmp_path / "other"))
+    lines = [line for line in stderr.splitlines() if line.startswith("audit-reverser: error:")]
+    assert len(lines) == 1 and "another serve replica uses the journal" in lines[0], stderr
+    assert _post(server.port, 0)[0] == 200
+    log = server.stop()
+    assert server.process.returncode == 0, log
+    assert len(_audit_ids(remote)) == KEPT_PER_BATCH
 
 
 def test_journal_options_need_journal(tmp_path: Path) -> None:

@@ -67,6 +67,8 @@ class RedisJournal:
         # Why appends fail now (what /readyz shows), None while Redis takes them.
         self.unwritable: str | None = None
         self._backlog = 0
+        # Events stored and not pushed over every lane's stream (a metric; the last probe's).
+        self.stream_backlog = 0
         self._last_seq = 0
         self._ids: dict[int, str] = {}  # read, not yet done
         self._done: list[str] = []  # committed locally, waiting for the push
@@ -101,6 +103,7 @@ class RedisJournal:
             await asyncio.sleep(self.lease.lease_s / 3)
         taken = await self.lane.take_over()
         self._backlog = await self.lane.length()
+        self.stream_backlog = await self.stream.backlog()
         log.info(
             "journal: Redis stream %s, %d events waiting, %d taken over from an earlier run",
             self.lane.key,
@@ -189,6 +192,7 @@ class RedisJournal:
         try:
             await self.connection.check()
             self._backlog = await self.lane.length()
+            self.stream_backlog = await self.stream.backlog()
             await self.acknowledge_pushed()
         except AuditReverserError as exc:
             self._unwritable(str(exc))

@@ -174,7 +174,7 @@ class Lane:
         read again by :meth:`read`; returns how many."""
         client, claimed, start = self.connection.client, 0, "0-0"
         with self.connection.errors(f"taking over lane {self.name}"):
-            await _ensure_group(client, self.key)
+            await _ensure_group(client, self.key, f"{self.journal.prefix}:lanes")
             while True:
                 answer = await client.xautoclaim(
                     self.key, GROUP, self.consumer, min_idle_time=0, start_id=start, count=500
@@ -235,9 +235,12 @@ class Lane:
             return int(await self.connection.client.xlen(self.key))
 
 
-async def _ensure_group(client: Any, key: str) -> None:
+async def _ensure_group(client: Any, key: str, lanes: str) -> None:
+    """The stream and its group, listed among the lanes (whose lengths make the backlog:
+    the append script registers only the streams it creates)."""
     if not await client.exists(key):
         await client.xgroup_create(key, GROUP, id="0", mkstream=True)
+        await client.sadd(lanes, key)
 
 
 def _text(value: bytes | str) -> str:
