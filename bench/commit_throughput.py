@@ -15,7 +15,15 @@ It prints commits/s, our ratio to fast-import, and each method's cost per commit
 files relative to 1k. Both sides must end on the same commit id (byte-identical history),
 which the script checks. A last line times pushing the commits to a bare repository.
 
+``--long-run N`` instead makes N single-file commits (updates of random files in a
+10k-file repository, so that only the history grows) the way the writer drains a backlog:
+batches of 256, each saved and pushed to a local bare repository, packs merged as they pile
+up. It prints commits/s for
+each tenth of the run (flat means upkeep does not grow with the history), the packs in the
+mirror at the end and the share of time in committing, saving and pushing.
+
     python bench/commit_throughput.py [--commits 2000] [--sizes 1000,10000,100000]
+    python bench/commit_throughput.py --long-run 200000
 """
 
 from __future__ import annotations
@@ -198,11 +206,63 @@ def with_loose_objects(repo_path: Path, made: list[FileChange]) -> float:
     return time.perf_counter() - begin
 
 
+def long_run(commits: int) -> None:
+    """Commit, save and push in writer-sized batches; commits/s per tenth of the run."""
+    with tempfile.TemporaryDirectory(prefix="bench-long-") as tmp:
+        work = Path(tmp)
+        remote = work / "remote.git"
+        pygit2.init_repository(str(remote), bare=True, initial_head="main")
+        paths = layout(10_000)
+        fast_import(remote, base_stream(paths))
+        rnd = random.Random(7)
+        mirror = Mirror(work / "mirror.git", LocalTransport(remote), "main", COMMITTER)
+        mirror.open()
+        mirror.sync()
+        spent = {"commit": 0.0, "save": 0.0, "push": 0.0}
+        tenth = max(BATCH, commits // 10 // BATCH * BATCH)
+        window_start, window_made = time.perf_counter(), 0
+        print(f"{commits:,} commits, batches of {BATCH}, a push after each")
+        for start in range(0, commits, BATCH):
+            begin = time.perf_counter()
+            for i in range(start, min(commits, start + BATCH)):
+                path = rnd.choice(paths)
+                mirror.commit(
+                    FileChange(
+                        path=path,
+                        content=content(path, i + 1),
+                        message=f"[UPDATE] {path}\n\nAudit-ID: l-{i}\n",
+                        author=Identity(name="dev", email="dev@example.com"),
+                        time=datetime.fromtimestamp(START + i, UTC),
+                    )
+                )
+            saving = time.perf_counter()
+            mirror.save()
+            pushing = time.perf_counter()
+            mirror.push()
+            end = time.perf_counter()
+            spent["commit"] += saving - begin
+            spent["save"] += pushing - saving
+            spent["push"] += end - pushing
+            window_made += min(commits, start + BATCH) - start
+            if window_made >= tenth or start + BATCH >= commits:
+                rate = window_made / (end - window_start)
+                print(f"  up to {min(commits, start + BATCH):>9,}: {rate:>7,.0f} commits/s")
+                window_start, window_made = end, 0
+        packs = len(list((mirror.path / "objects" / "pack").glob("*.pack")))
+        total = sum(spent.values())
+        shares = ", ".join(f"{name} {100 * s / total:.0f}%" for name, s in spent.items())
+        print(f"overall {commits / total:,.0f} commits/s; {packs} packs in the mirror; {shares}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--commits", type=int, default=2000)
     parser.add_argument("--sizes", default="1000,10000,100000")
+    parser.add_argument("--long-run", type=int, metavar="N", help="see above")
     args = parser.parse_args()
+    if args.long_run:
+        long_run(args.long_run)
+        return
     sizes = [int(s) for s in args.sizes.split(",")]
     rates: dict[int, tuple[float, float, float]] = {}
     push_line = ""

@@ -3,6 +3,7 @@ makes for the same changes, and a repository ``git fsck --strict`` finds nothing
 
 from __future__ import annotations
 
+import errno
 import random
 import subprocess
 from datetime import UTC, datetime, timedelta, timezone
@@ -11,8 +12,8 @@ from pathlib import Path
 import pygit2
 import pytest
 
-from audit_reverser.gitstore import packing
-from audit_reverser.gitstore.repository import MAX_PACKS, Mirror
+from audit_reverser.gitstore import packing, repository
+from audit_reverser.gitstore.repository import Mirror
 from audit_reverser.gitstore.transport import LocalTransport
 from audit_reverser.gitstore.types import FileChange, Identity
 from tests.conftest import bare_repo, git, git_files, git_show
@@ -130,6 +131,73 @@ def test_large_folders_round_trip_through_deltas(tmp_path: Path) -> None:
     assert "chain length = 50" in stats  # deltas made, and capped at git's default depth
 
 
+def test_a_big_folder_is_stored_whole_once_per_batch(tmp_path: Path) -> None:
+    """Hundreds of creates, updates and deletes anywhere in a folder of 3,000 files, in one
+    batch: past the depth of a delta chain each version is a delta against the batch's whole
+    version, so the folder is stored whole once; history as fast-import makes it."""
+    remote = bare_repo(tmp_path / "remote.git")
+    mirror = _mirror(tmp_path, remote)
+    when = datetime(2026, 3, 1, tzinfo=UTC)
+    author = Identity(name="Jane", email="jane@example.com")
+    rnd = random.Random(3)
+    names = [f"live/v1/configmaps/big/cm-{rnd.randrange(10**6):06d}.yaml" for _ in range(3000)]
+    changes = [
+        FileChange(path=name, content=b"v: 0\n", message=f"c {i}", author=author, time=when)
+        for i, name in enumerate(names)
+    ]
+    for i in range(300):
+        name = rnd.choice(names) if i % 3 else f"live/v1/configmaps/big/new-{rnd.randrange(10**6)}"
+        body = None if i % 5 == 0 else f"v: {i + 1}\n".encode()
+        changes.append(
+            FileChange(path=name, content=body, message=f"u {i}", author=author, time=when)
+        )
+    for change in changes[:3000]:
+        mirror.commit(change)
+    mirror.save()
+    for change in changes[3000:]:
+        mirror.commit(change)
+    mirror.save()
+    reference = bare_repo(tmp_path / "reference.git")
+    stream = _fast_import_stream(changes, set())
+    subprocess.run(
+        ["git", "-C", str(reference), "fast-import", "--quiet"], input=stream, check=True
+    )
+    assert mirror.tip == git(reference, "rev-parse", "main").strip()
+    git(mirror.path, "fsck", "--strict", "--full", "--no-dangling")
+    listings = [
+        git(mirror.path, "verify-pack", "-v", str(idx))
+        for idx in (mirror.path / "objects/pack").glob("*.idx")
+    ]
+    [second] = [text for text in listings if str(mirror.tip) in text]  # the second batch's
+    listing = second.splitlines()
+    whole_big_trees = [
+        line
+        for line in listing
+        if " tree " in line and len(line.split()) == 5 and int(line.split()[2]) > 64 * 1024
+    ]
+    assert len(whole_big_trees) == 1
+    depths = [
+        int(line.split()[5]) for line in listing if " tree " in line and len(line.split()) == 7
+    ]
+    assert max(depths) <= 50 and len(depths) > 250
+
+
+def test_earlier_versions_in_a_batch_read_back_from_their_deltas(tmp_path: Path) -> None:
+    """Only the newest version of a delta chain is kept whole in memory; the others are
+    rebuilt from their base when read, and the pack holds them all."""
+    objects = packing.NewObjects(lambda oid: (0, b""))
+    versions = [b"".join(b"line %d of %d\n" % (i, v) for i in range(100)) for v in range(60)]
+    ids = [objects.add(packing.BLOB, versions[0])]
+    for version in versions[1:]:
+        ids.append(objects.add(packing.BLOB, version, delta_of=ids[-1]))
+    for oid, version in zip(ids, versions, strict=True):
+        assert objects.read(oid) == (packing.BLOB, version)
+    pygit2.init_repository(str(tmp_path / "r.git"), bare=True)
+    objects.write_pack(tmp_path / "r.git" / "objects" / "pack")
+    git(tmp_path / "r.git", "fsck", "--full", "--strict")
+    assert git(tmp_path / "r.git", "cat-file", "blob", ids[30].hex()).encode() == versions[30]
+
+
 @pytest.mark.parametrize("size", [0, 1, 127, 128, 0x10000, 0x10001, 2 * 0x1000000 + 5])
 def test_delta_encoding_matches_gits_reader(tmp_path: Path, size: int) -> None:
     """Inserts longer than 127 bytes and copies longer than 64 KiB or 16 MiB are split."""
@@ -145,18 +213,93 @@ def test_delta_encoding_matches_gits_reader(tmp_path: Path, size: int) -> None:
     assert repo[oid].data == target + b"\0" * packing.MIN_DELTA_SIZE
 
 
-def test_many_small_packs_are_merged_after_a_push(tmp_path: Path) -> None:
+def test_packs_are_merged_in_tiers_after_pushes(tmp_path: Path) -> None:
+    """One pack per batch; after a push, four packs of about the same size become one, so
+    the count stays logarithmic (at most three per size tier, a factor of 4 apart), and
+    nothing is lost."""
     remote = bare_repo(tmp_path / "remote.git")
     mirror = _mirror(tmp_path, remote)
-    for change in _changes(MAX_PACKS + 5):
-        mirror.commit(change)
-        mirror.save()  # one pack per batch of one
     packs = mirror.path / "objects" / "pack"
-    assert len(list(packs.glob("*.pack"))) > MAX_PACKS
-    mirror.push()
-    assert len(list(packs.glob("*.pack"))) <= 2
+    most = 0
+    for change in _changes(80):
+        if mirror.commit(change) is not None:
+            mirror.save()  # one pack per batch of one
+            mirror.push()
+        sizes = [pack.stat().st_size for pack in packs.glob("*.pack")]
+        tiers = (max(sizes).bit_length() - min(sizes).bit_length()) // 2 + 1
+        assert len(sizes) <= 3 * tiers
+        most = max(most, len(sizes))
+    assert 3 < most < 12
+    assert len(list(packs.glob("*.idx"))) == len(list(packs.glob("*.pack")))
+    git(mirror.path, "fsck", "--strict", "--full", "--no-dangling")
+    git(remote, "fsck", "--strict", "--full", "--no-dangling")
+    assert git_files(remote) == git_files(mirror.path)
+
+
+def test_a_push_to_a_local_remote_hands_over_the_batch_pack(tmp_path: Path) -> None:
+    """The remote receives the pack the batch wrote, byte for byte: no deltas recomputed."""
+    remote = bare_repo(tmp_path / "remote.git")
+    mirror = _mirror(tmp_path, remote)
+    for change in _changes(30):
+        mirror.commit(change)
+    mirror.save()
+    [ours] = (mirror.path / "objects" / "pack").glob("*.pack")
+    assert mirror.push() == mirror_commits(mirror)
+    assert (remote / "objects" / "pack" / ours.name).read_bytes() == ours.read_bytes()
+    git(remote, "fsck", "--strict", "--full", "--no-dangling")
+    assert git_files(remote) == git_files(mirror.path)
+
+
+def mirror_commits(mirror: Mirror) -> int:
+    return int(git(mirror.path, "rev-list", "--count", "main"))
+
+
+def test_a_merge_that_fails_leaves_the_push_done_and_the_packs_whole(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    remote = bare_repo(tmp_path / "remote.git")
+    mirror = _mirror(tmp_path, remote)
+
+    def disk_full(packs: list[Path], pack_dir: Path) -> Path:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(repository, "merge_packs", disk_full)
+    for change in _changes(12):
+        if mirror.commit(change) is not None:
+            mirror.save()
+            assert mirror.push() == 1
+    assert len(list((mirror.path / "objects" / "pack").glob("*.pack"))) >= 4  # none merged
     git(mirror.path, "fsck", "--strict", "--full", "--no-dangling")
     assert git_files(remote) == git_files(mirror.path)
+
+
+def test_merging_packs_keeps_one_copy_of_repeated_objects(tmp_path: Path) -> None:
+    """An object written again in a later pack (a file set back to an earlier content), with
+    a delta based on it there, is kept once, and the delta still reads back."""
+    repo = pygit2.init_repository(str(tmp_path / "r.git"), bare=True)
+    pack_dir = tmp_path / "r.git" / "objects" / "pack"
+    base = b"line of text\n" * 100
+    target = base + b"one more line\n"
+    first = packing.NewObjects(lambda oid: (0, b""))
+    first.add(packing.BLOB, b"something else" * 50)
+    shared = first.add(packing.BLOB, base)
+    one = first.write_pack(pack_dir)
+    second = packing.NewObjects(lambda oid: (0, b""))
+    second.add(packing.BLOB, base)
+    second.add(packing.BLOB, target, delta_of=shared)
+    two = second.write_pack(pack_dir)
+    assert one is not None and two is not None
+    merged = packing.merge_packs([one, two], tmp_path)
+    for old in (one, two):
+        old.unlink()
+        old.with_suffix(".idx").unlink()
+    merged.rename(pack_dir / merged.name)
+    merged.with_suffix(".idx").rename(pack_dir / merged.with_suffix(".idx").name)
+    git(tmp_path / "r.git", "fsck", "--full", "--strict")
+    listing = git(tmp_path / "r.git", "verify-pack", "-v", str(pack_dir / merged.name))
+    assert sum(1 for line in listing.splitlines() if " blob " in line) == 3
+    repo = pygit2.Repository(str(tmp_path / "r.git"))
+    assert repo[pygit2.Oid(raw=packing.object_id(packing.BLOB, target))].data == target
 
 
 def test_an_interrupted_pack_is_cleaned_up_and_the_branch_is_untouched(tmp_path: Path) -> None:

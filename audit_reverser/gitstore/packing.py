@@ -9,15 +9,20 @@ index) into the mirror, where libgit2 and git read them like any other pack.
 
 Trees rewritten again and again in one batch (the directory of a busy namespace) are stored
 as deltas against their previous version: the copy/insert instructions are known from the
-common prefix and suffix of the two versions, so no delta search is needed.
+common prefix and suffix of the two versions, so no delta search is needed. Where that chain
+would grow past git's depth, a big tree is stored as a delta against the batch's first
+version of it instead (:meth:`NewObjects.add_delta`, with instructions :mod:`.trees` derives
+from the entries that changed), not written out whole again.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import re
 import struct
 import zlib
+from bisect import bisect_right
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,9 +50,12 @@ def object_id(kind: int, data: bytes) -> bytes:
 @dataclass(slots=True)
 class _Pending:
     kind: int
-    data: bytes
+    # None once a later version was made from this one: a batch of commits to a folder of
+    # 40,000 files would otherwise hold 256 versions of its 2 MB tree.
+    data: bytes | None
     base: bytes | None  # the object this one is stored as a delta of
     depth: int
+    delta: bytes | None = None  # the delta from ``base``
 
 
 class NewObjects:
@@ -65,22 +73,41 @@ class NewObjects:
         oid = object_id(kind, data)
         if oid in self._pending:
             return oid
-        base, depth = None, 0
+        base, depth, delta = None, 0, None
         if delta_of is not None and len(data) >= MIN_DELTA_SIZE:
             previous = self._pending.get(delta_of)
             if previous is not None and previous.depth < MAX_DELTA_DEPTH:
                 base, depth = delta_of, previous.depth + 1
-        self._pending[oid] = _Pending(kind, data, base, depth)
+                delta = make_delta(self.read(delta_of)[1], data)
+                if previous.delta is not None:
+                    previous.data = None  # read() rebuilds it from its base
+        self._pending[oid] = _Pending(kind, data, base, depth, delta)
         return oid
+
+    def add_delta(self, kind: int, data: bytes, *, base: bytes, delta: bytes) -> bytes:
+        """Store an object as ``delta`` (which turns ``base``, a pending object, into
+        ``data``) and return its id."""
+        oid = object_id(kind, data)
+        if oid not in self._pending:
+            self._pending[oid] = _Pending(kind, data, base, self._pending[base].depth + 1, delta)
+        return oid
+
+    def depth(self, oid: bytes) -> int | None:
+        """The delta depth of a pending object (0: stored whole); None when not pending."""
+        pending = self._pending.get(oid)
+        return pending.depth if pending is not None else None
 
     def is_new(self, oid: bytes) -> bool:
         return oid in self._pending
 
     def read(self, oid: bytes) -> tuple[int, bytes]:
         pending = self._pending.get(oid)
-        if pending is not None:
+        if pending is None:
+            return self._read_stored(oid)
+        if pending.data is not None:
             return pending.kind, pending.data
-        return self._read_stored(oid)
+        assert pending.base is not None and pending.delta is not None
+        return pending.kind, apply_delta(self.read(pending.base)[1], pending.delta)
 
     def discard(self) -> None:
         self._pending.clear()
@@ -90,23 +117,33 @@ class NewObjects:
         the index last, so that a reader never sees a pack without its objects)."""
         if not self._pending:
             return None
-        pack_dir.mkdir(parents=True, exist_ok=True)
         body, index = _encode_pack(self._pending)
-        checksum = body[-20:]
-        name = f"pack-{checksum.hex()}"
-        pack_path = pack_dir / f"{name}.pack"
-        _write_durably(pack_dir / f"tmp_{name}.pack", pack_path, body)
-        _write_durably(pack_dir / f"tmp_{name}.idx", pack_dir / f"{name}.idx", index)
-        directory = os.open(pack_dir, os.O_RDONLY)
-        try:
-            os.fsync(directory)
-        finally:
-            os.close(directory)
+        pack_path = _install_pack(pack_dir, body, index)
         self._pending.clear()
         return pack_path
 
 
+def _install_pack(pack_dir: Path, body: bytes, index: bytes) -> Path:
+    """Put a pack and its index into ``pack_dir``, durably, the index last."""
+    pack_dir.mkdir(parents=True, exist_ok=True)
+    name = f"pack-{body[-20:].hex()}"
+    pack_path = pack_dir / f"{name}.pack"
+    _write_durably(pack_dir / f"tmp_{name}.pack", pack_path, body)
+    _write_durably(pack_dir / f"tmp_{name}.idx", pack_dir / f"{name}.idx", index)
+    sync_directory(pack_dir)
+    return pack_path
+
+
+def sync_directory(path: Path) -> None:
+    directory = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)
+
+
 def _write_durably(temporary: Path, final: Path, data: bytes) -> None:
+    temporary.unlink(missing_ok=True)  # read-only, left by a crash
     with open(temporary, "wb") as out:
         out.write(data)
         out.flush()
@@ -114,6 +151,103 @@ def _write_durably(temporary: Path, final: Path, data: bytes) -> None:
     # Packs are immutable; git makes them read-only too.
     temporary.chmod(0o444)
     temporary.replace(final)
+
+
+# -- merging packs ---------------------------------------------------------------------------
+
+
+_OID = re.compile(rb".{20}", re.DOTALL)
+
+
+def read_index(index: bytes) -> tuple[list[bytes], list[int], list[int]]:
+    """The object ids of a version 2 pack index with their offsets in the pack and CRCs, in
+    the index's (id) order."""
+    if not index.startswith(b"\xfftOc\0\0\0\2"):
+        raise ValueError("not a version 2 pack index")
+    count = int.from_bytes(index[8 + 255 * 4 : 8 + 256 * 4], "big")
+    ids_at = 8 + 256 * 4
+    crcs_at = ids_at + 20 * count
+    offsets_at = crcs_at + 4 * count
+    large_at = offsets_at + 4 * count
+    oids = _OID.findall(index, ids_at, crcs_at)
+    crcs = list(struct.unpack_from(f">{count}I", index, crcs_at))
+    offsets = list(struct.unpack_from(f">{count}I", index, offsets_at))
+    if offsets and max(offsets) & 0x80000000:
+        for i, offset in enumerate(offsets):
+            if offset & 0x80000000:
+                at = large_at + 8 * (offset & 0x7FFFFFFF)
+                offsets[i] = int.from_bytes(index[at : at + 8], "big")
+    return oids, offsets, crcs
+
+
+def merge_packs(packs: list[Path], pack_dir: Path) -> Path:
+    """Write one pack into ``pack_dir`` holding the objects of ``packs`` (paths of ``.pack``
+    files with their ``.idx``), and return its path; the old packs are left alone.
+
+    Entries are copied as they are stored: deltas stay deltas and nothing is decompressed,
+    so the cost is one pass over the bytes, whatever the content. A pack sharing no object
+    with those before it is copied whole (its internal offsets stay valid); otherwise its
+    entries are copied one by one, repeated objects left out and offset deltas re-pointed.
+    """
+    if len(packs) == 1:  # nothing to merge: the same bytes under the same name
+        body = packs[0].read_bytes()
+        return _install_pack(pack_dir, body, packs[0].with_suffix(".idx").read_bytes())
+    pack = bytearray(b"PACK\0\0\0\2\0\0\0\0")
+    offsets: dict[bytes, int] = {}  # id -> offset in the new pack
+    crcs: dict[bytes, int] = {}
+    for path in packs:
+        data = path.read_bytes()
+        oids, old_offsets, old_crcs = read_index(path.with_suffix(".idx").read_bytes())
+        if offsets.keys().isdisjoint(oids):
+            shift = len(pack) - 12
+            pack += memoryview(data)[12:-20]
+            offsets.update(zip(oids, map(shift.__add__, old_offsets), strict=True))
+            crcs.update(zip(oids, old_crcs, strict=True))
+        else:
+            entries = sorted(zip(old_offsets, oids, old_crcs, strict=True))
+            _copy_entries(data, entries, pack, offsets, crcs)
+    pack[8:12] = struct.pack(">I", len(offsets))
+    checksum = hashlib.sha1(pack, usedforsecurity=False).digest()
+    pack += checksum
+    return _install_pack(pack_dir, bytes(pack), _encode_index(offsets, crcs, checksum))
+
+
+def _copy_entries(
+    data: bytes,
+    entries: list[tuple[int, bytes, int]],
+    pack: bytearray,
+    offsets: dict[bytes, int],
+    crcs: dict[bytes, int],
+) -> None:
+    """Append the entries (offset, id, crc; by offset) of one pack that are not in the new
+    pack yet, with their offset deltas pointed at their base's place in the new pack."""
+    ends = [offset for offset, _, _ in entries[1:]] + [len(data) - 20]
+    at_offset = {offset: oid for offset, oid, _ in entries}
+    for (start, oid, crc), end in zip(entries, ends, strict=True):
+        if oid in offsets:
+            continue
+        at = start
+        while data[at] & 0x80:  # type and size
+            at += 1
+        at += 1
+        if (data[start] >> 4) & 7 == _OFS_DELTA:
+            header = data[start:at]
+            byte = data[at]
+            distance = byte & 0x7F
+            at += 1
+            while byte & 0x80:
+                byte = data[at]
+                distance = ((distance + 1) << 7) | (byte & 0x7F)
+                at += 1
+            # The base, or the copy of it an earlier pack gave, is already in the new pack.
+            base = offsets[at_offset[start - distance]]
+            record = header + _offset_encoding(len(pack) - base) + data[at:end]
+            crc = zlib.crc32(record)
+        else:
+            record = data[start:end]
+        offsets[oid] = len(pack)
+        crcs[oid] = crc
+        pack += record
 
 
 def _entry_header(kind: int, size: int) -> bytearray:
@@ -204,6 +338,46 @@ def _insert(out: bytearray, data: bytes) -> None:
         out += chunk
 
 
+def compose_delta(base_size: int, target_size: int, ops: list[tuple[int, int] | bytes]) -> bytes:
+    """A git delta from its instructions: ``(offset, size)`` copies from the base and
+    ``bytes`` inserted."""
+    out = _size_varint(base_size) + _size_varint(target_size)
+    for op in ops:
+        if isinstance(op, bytes):
+            _insert(out, op)
+        elif op[1]:
+            _copy(out, op[0], op[1])
+    return bytes(out)
+
+
+def apply_delta(base: bytes, delta: bytes) -> bytes:
+    """The object a git delta makes of ``base``."""
+    at = 0
+    for _ in range(2):  # the sizes of the base and the result
+        while delta[at] & 0x80:
+            at += 1
+        at += 1
+    parts = []
+    while at < len(delta):
+        op = delta[at]
+        at += 1
+        if op & 0x80:
+            offset = size = 0
+            for i in range(7):
+                if op & (1 << i):
+                    value = delta[at] << (8 * (i if i < 4 else i - 4))
+                    at += 1
+                    if i < 4:
+                        offset |= value
+                    else:
+                        size |= value
+            parts.append(base[offset : offset + (size or 0x10000)])
+        else:
+            parts.append(delta[at : at + op])
+            at += op
+    return b"".join(parts)
+
+
 def make_delta(base: bytes, target: bytes) -> bytes:
     """A git delta turning ``base`` into ``target``: copy the common prefix and suffix,
     insert what lies between."""
@@ -241,11 +415,13 @@ def _encode_pack(objects: dict[bytes, _Pending]) -> tuple[bytes, bytes]:
     for oid, entry in objects.items():
         start = len(pack)
         if entry.base is not None:
-            delta = make_delta(objects[entry.base].data, entry.data)
+            assert entry.delta is not None
+            delta = entry.delta
             record = _entry_header(_OFS_DELTA, len(delta))
             record += _offset_encoding(start - offsets[entry.base])
             record += _compress(delta, _LEVELS[entry.kind])
         else:
+            assert entry.data is not None  # only versions made into deltas drop theirs
             record = _entry_header(entry.kind, len(entry.data))
             record += _compress(entry.data, _LEVELS[entry.kind])
         offsets[oid] = start
@@ -259,27 +435,21 @@ def _encode_pack(objects: dict[bytes, _Pending]) -> tuple[bytes, bytes]:
 def _encode_index(offsets: dict[bytes, int], crcs: dict[bytes, int], checksum: bytes) -> bytes:
     """A version 2 pack index: fan-out table, sorted ids, CRCs, offsets, checksums."""
     oids = sorted(offsets)
-    fanout = [0] * 256
-    for oid in oids:
-        fanout[oid[0]] += 1
-    running = 0
-    for i in range(256):
-        running += fanout[i]
-        fanout[i] = running
-    small: list[int] = []
+    ids = b"".join(oids)
+    first_bytes = ids[::20]
+    fanout = [bisect_right(first_bytes, byte) for byte in range(256)]
+    ordered = list(map(offsets.__getitem__, oids))
     large: list[int] = []
-    for oid in oids:
-        offset = offsets[oid]
-        if offset < 0x80000000:
-            small.append(offset)
-        else:
-            small.append(0x80000000 | len(large))
-            large.append(offset)
+    if ordered and max(ordered) >= 0x80000000:
+        for i, offset in enumerate(ordered):
+            if offset >= 0x80000000:
+                ordered[i] = 0x80000000 | len(large)
+                large.append(offset)
     index = bytearray(b"\xfftOc" + struct.pack(">I", 2))
     index += struct.pack(">256I", *fanout)
-    index += b"".join(oids)
-    index += struct.pack(f">{len(oids)}I", *(crcs[oid] for oid in oids))
-    index += struct.pack(f">{len(small)}I", *small)
+    index += ids
+    index += struct.pack(f">{len(oids)}I", *map(crcs.__getitem__, oids))
+    index += struct.pack(f">{len(ordered)}I", *ordered)
     index += struct.pack(f">{len(large)}Q", *large)
     index += checksum
     index += hashlib.sha1(index, usedforsecurity=False).digest()

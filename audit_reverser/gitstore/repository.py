@@ -22,7 +22,8 @@ import pygit2
 from pygit2.enums import DeltaStatus, SortMode
 
 from audit_reverser.errors import MirrorWriteFailed, RemoteUnavailable, RepositoryError
-from audit_reverser.gitstore.packing import BLOB, COMMIT, NewObjects, object_id
+from audit_reverser.gitstore.localpush import RemoteMoved, can_push_directly, push_packs
+from audit_reverser.gitstore.packing import BLOB, COMMIT, NewObjects, merge_packs, object_id
 from audit_reverser.gitstore.transport import LocalTransport, Transport
 from audit_reverser.gitstore.trees import WorkingTree
 from audit_reverser.gitstore.types import FileChange, Identity, Signer, TreeChange
@@ -32,8 +33,10 @@ log = logging.getLogger(__name__)
 REMOTE_NAME = "origin"
 # Pushes that find the remote moved again, in a row, before we give up until the next try.
 MAX_REPLAYS = 5
-# More packs than this (one is written per batch) are merged into one after a push.
-MAX_PACKS = 16
+# Packs (one per batch) are kept in tiers of sizes within a factor of 4; after a push, once a
+# tier holds 4 packs they are merged into one of the next tier (with any smaller ones). A
+# mirror thus holds O(log n) packs, and each byte is copied once per tier: O(log n).
+TIER_PACKS = 4
 
 # libgit2 caches parsed objects up to 256 MiB by default; a long-running writer only ever
 # needs the trees on the paths it changes.
@@ -95,6 +98,10 @@ class Mirror:
         self._fingerprints_changed = False
         # Files set and removed by the last TreeChange committed (a resync reports them).
         self.tree_counts = (0, 0)
+        # The packs written since the remote last had all our commits: what a push to a local
+        # remote hands over. None when unknown (commits of an earlier run): libgit2 pushes.
+        self._outgoing: list[Path] | None = None
+        self._builds_on: bytes | None = None
 
     @property
     def repo(self) -> pygit2.Repository:
@@ -169,10 +176,13 @@ class Mirror:
         if remote is None:
             # Empty remote branch: everything local (if anything) is still to be pushed.
             self.unpushed = sum(1 for _ in self.repo.walk(_oid(local))) if local else 0
+            self._outgoing = None if local else []
         elif local is None or local == remote:
             self.repo.references.create(self._local_ref, _oid(remote), force=True)
             self.unpushed = 0
+            self._outgoing = []
         else:
+            self._outgoing = None
             ahead, behind = self.repo.ahead_behind(_oid(local), _oid(remote))
             if behind and ahead:
                 self._moved_to(local)
@@ -187,6 +197,9 @@ class Mirror:
         """Start building on ``head`` (the saved branch tip), forgetting anything unsaved."""
         self._objects.discard()
         self._head = self._saved = head
+        # Every commit made from here on has it as an ancestor: a push from a remote tip
+        # equal to it needs no walk of the history to know it is a fast-forward.
+        self._builds_on = head
         self._unsaved = 0
         self._tree = WorkingTree(self._objects, self._tree_of(head) if head else None)
 
@@ -308,9 +321,11 @@ class Mirror:
             return
         assert self._head is not None
         try:
-            self._objects.write_pack(self.path / "objects" / "pack")
+            pack = self._objects.write_pack(self.path / "objects" / "pack")
             self.repo.references.create(self._local_ref, _oid(self._head), force=True)
             self._sync_ref()
+            if pack is not None and self._outgoing is not None:
+                self._outgoing.append(pack)
             if self._fingerprints_changed:
                 _save_fingerprints(self._fingerprint_file, self._fingerprints)
                 self._fingerprints_changed = False
@@ -354,14 +369,24 @@ class Mirror:
                 return 0
             try:
                 self._push_once()
-            except RemoteUnavailable:
+            except RemoteUnavailable as exc:
                 remote = self._fetch()
                 if remote is None or self._contains(self._head, remote):
+                    if isinstance(exc, RemoteMoved):
+                        # It moved back, or was deleted: libgit2 works out what it lacks.
+                        self._outgoing = None
+                        continue
                     raise  # the remote did not move: a transport or permission problem
                 self._replay_onto(remote)
                 continue
             pushed, self.unpushed = self.unpushed, 0
-            self._consolidate()
+            self._outgoing = []
+            self._builds_on = self._head
+            try:
+                self._consolidate()
+            except (OSError, pygit2.GitError, ValueError) as exc:
+                # Merging only saves reads; the packs as they are hold everything.
+                log.warning("%s: could not merge packs: %s", self.path, exc)
             return pushed
         raise RemoteUnavailable(
             f"branch {self.branch} of {self.transport.display} moved {MAX_REPLAYS} times while "
@@ -370,6 +395,21 @@ class Mirror:
 
     def _push_once(self) -> None:
         assert self._head is not None
+        if (
+            isinstance(self.transport, LocalTransport)
+            and self._outgoing is not None
+            and can_push_directly(self.transport.path, self._local_ref)
+        ):
+            old = self._target(self._tracking_ref)
+            if old is not None and old != self._builds_on and not self._contains(self._head, old):
+                # Never forced: the remote's tip must be in what we push, as git checks.
+                raise RemoteMoved(f"{self.branch} of {self.transport.display} moved")
+            push_packs(self.transport.path, self._local_ref, old, self._head, self._outgoing)
+        else:
+            self._push_with_libgit2()
+        self.repo.references.create(self._tracking_ref, _oid(self._head), force=True)
+
+    def _push_with_libgit2(self) -> None:
         callbacks = self.transport.callbacks()
         refspec = f"{self._local_ref}:{self._local_ref}"
         try:
@@ -381,7 +421,6 @@ class Mirror:
         if callbacks.rejected:
             reason = "; ".join(f"{ref}: {msg}" for ref, msg in callbacks.rejected.items())
             raise RemoteUnavailable(f"push to {self.transport.display} was rejected: {reason}")
-        self.repo.references.create(self._tracking_ref, _oid(self._head), force=True)
 
     def _contains(self, commit: bytes, ancestor: bytes) -> bool:
         return commit == ancestor or self.repo.descendant_of(_oid(commit), _oid(ancestor))
@@ -423,25 +462,23 @@ class Mirror:
         )
 
     def _consolidate(self) -> None:
-        """Merge the packs into one when there are many (each batch writes one)."""
+        """Merge the packs of the smallest full tier (and any smaller ones) into one, and
+        again while that fills the next tier."""
         pack_dir = self.path / "objects" / "pack"
-        indexes = sorted(pack_dir.glob("pack-*.idx"), key=lambda p: p.stat().st_size)
-        if len(indexes) <= MAX_PACKS:
-            return
-        # All but the largest: what the last merge made stays, so work does not grow with
-        # the age of the mirror.
-        merged = indexes[:-1]
-        builder = pygit2.PackBuilder(self.repo)
-        for index in merged:
-            for oid in _index_ids(index.read_bytes()):
-                builder.add(_oid(oid))
-        builder.write(str(pack_dir))
-        for index in merged:
-            for suffix in (".pack", ".idx", ".rev"):
-                index.with_suffix(suffix).unlink(missing_ok=True)
-        # libgit2 keeps the removed packs open until the repository is opened again.
-        self._repo = pygit2.Repository(str(self.path))
-        log.info("%s: merged %d packs into one", self.path, len(merged))
+        while True:
+            packs = [(p.stat().st_size, p) for p in pack_dir.glob("pack-*.pack") if _mergeable(p)]
+            merged = _full_tier(packs)
+            if len(merged) < 2:
+                return
+            merge_packs(merged, pack_dir)
+            for pack in merged:
+                for suffix in (".idx", ".rev", ".bitmap", ".pack"):
+                    pack.with_suffix(suffix).unlink(missing_ok=True)
+            # git's multi-pack index (if someone made one here) would name the removed packs.
+            (pack_dir / "multi-pack-index").unlink(missing_ok=True)
+            # libgit2 keeps the removed packs open until the repository is opened again.
+            self._repo = pygit2.Repository(str(self.path))
+            log.debug("%s: merged %d packs into one", self.path, len(merged))
 
 
 def _changes(commit: pygit2.Commit) -> list[tuple[str, bytes | None]]:
@@ -486,11 +523,27 @@ def _signed(data: bytes, signer: Signer | None) -> bytes:
     return header + b"\ngpgsig " + signature + separator + message
 
 
-def _index_ids(index: bytes) -> list[bytes]:
-    """The object ids listed in a version 2 pack index."""
-    count = int.from_bytes(index[8 + 255 * 4 : 8 + 256 * 4], "big")
-    start = 8 + 256 * 4
-    return [index[start + 20 * i : start + 20 * (i + 1)] for i in range(count)]
+def _mergeable(pack: Path) -> bool:
+    """A pack with its index, which nobody asked to keep as it is."""
+    return pack.with_suffix(".idx").is_file() and not (
+        pack.with_suffix(".keep").exists() or pack.with_suffix(".promisor").exists()
+    )
+
+
+def _tier(size: int) -> int:
+    return (size.bit_length() - 1) // (TIER_PACKS.bit_length() - 1)
+
+
+def _full_tier(packs: list[tuple[int, Path]]) -> list[Path]:
+    """The packs of the smallest tier that holds :data:`TIER_PACKS` packs, with the packs
+    of every smaller tier; none when no tier is full."""
+    count: dict[int, int] = {}
+    for size, _ in packs:
+        count[_tier(size)] = count.get(_tier(size), 0) + 1
+    full = [tier for tier, n in count.items() if n >= TIER_PACKS]
+    if not full:
+        return []
+    return [path for size, path in packs if _tier(size) <= min(full)]
 
 
 def _load_fingerprints(path: Path) -> dict[str, tuple[str, bytes]]:

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import fnmatch
 import re
-from bisect import bisect_left
+from bisect import bisect_left, bisect_right
+from itertools import accumulate, chain
 
-from audit_reverser.gitstore.packing import TREE, NewObjects
+from audit_reverser.gitstore.packing import MAX_DELTA_DEPTH, TREE, NewObjects, compose_delta
 
 TREE_MODE = b"40000"
 FILE_MODE = b"100644"
@@ -22,6 +23,9 @@ _ENTRY = re.compile(rb"(([0-7]+) ([^\0]+)\0.{20})", re.DOTALL)
 
 # Loaded directories are forgotten past this many entries in all; they load again on use.
 MAX_CACHED_ENTRIES = 500_000
+# A tree at least this big (about 1,500 entries) that is written whole keeps a copy of its
+# entries' order, so that its versions further down the batch can be deltas against it.
+BASE_MIN_SIZE = 64 * 1024
 
 
 def _sort_key(name: bytes, mode: bytes) -> bytes:
@@ -29,60 +33,155 @@ def _sort_key(name: bytes, mode: bytes) -> bytes:
     return name + b"/" if mode == TREE_MODE else name
 
 
-class Directory:
-    """One tree: its entries encoded as Git stores them, kept in Git's order."""
+# Entries are kept in runs of about this many, each with its encoding cached: writing a tree
+# again after one change joins the runs and re-encodes one, not every entry of a big folder.
+RUN = 256
 
-    __slots__ = ("keys", "modes", "oid", "records", "written")
+
+class _Base:
+    """A version of a big tree written whole in this batch, and the entries changed since."""
+
+    __slots__ = ("changed", "keys", "offsets", "oid")
+
+    def __init__(self, oid: bytes, directory: Directory) -> None:
+        self.oid = oid
+        self.keys = list(chain.from_iterable(directory.run_keys))
+        records = chain.from_iterable(directory.runs)
+        self.offsets = [0, *accumulate(map(len, records))]  # of each entry in the tree
+        self.changed: set[bytes] = set()  # sort keys
+
+    def delta_to(self, directory: Directory, size: int) -> bytes:
+        """The delta from this version to ``directory`` (encoded in ``size`` bytes): copies
+        of the runs of entries in between the changed ones, the changed entries inserted.
+        Its cost grows with the changes, not with the folder."""
+        ops: list[tuple[int, int] | bytes] = []
+        at = 0  # the next entry of the base still to copy
+        for key in sorted(self.changed):
+            position = bisect_left(self.keys, key)
+            ops.append((self.offsets[at], self.offsets[position] - self.offsets[at]))
+            in_base = position < len(self.keys) and self.keys[position] == key
+            at = position + 1 if in_base else position
+            record = directory.record(key)
+            if record is not None:
+                ops.append(record)
+        ops.append((self.offsets[at], self.offsets[-1] - self.offsets[at]))
+        return compose_delta(self.offsets[-1], size, ops)
+
+
+class Directory:
+    """One tree: its entries encoded as Git stores them, kept in Git's order, in runs."""
+
+    __slots__ = ("base", "encoded", "firsts", "modes", "oid", "run_keys", "runs", "written")
 
     def __init__(self, data: bytes = b"", oid: bytes | None = None) -> None:
         self.modes: dict[bytes, bytes] = {}
-        self.keys: list[bytes] = []  # sort keys, in Git's order
-        self.records: list[bytes] = []  # b"<mode> <name>\0<20-byte id>", in the same order
+        # Runs of entries: sort keys and records (b"<mode> <name>\0<20-byte id>"), in Git's
+        # order; firsts[i] is the first key of run i (b"" for the first run).
+        self.run_keys: list[list[bytes]] = [[]]
+        self.runs: list[list[bytes]] = [[]]
+        self.firsts: list[bytes] = [b""]
+        self.encoded: list[bytes | None] = [None]  # each run's records joined, when known
         self.oid = oid  # None while changed and not yet written
         self.written = oid  # the last id written or loaded: the base for a delta
+        self.base: _Base | None = None
         if data:
             found = _ENTRY.findall(data)
-            self.records = [record for record, _, _ in found]
+            records = [record for record, _, _ in found]
             self.modes = {name: mode for _, mode, name in found}
-            self.keys = [name + b"/" if mode == TREE_MODE else name for _, mode, name in found]
-            if sum(map(len, self.records)) != len(data):
+            keys = [name + b"/" if mode == TREE_MODE else name for _, mode, name in found]
+            if sum(map(len, records)) != len(data):
                 raise ValueError(f"tree {oid.hex() if oid else ''} is malformed")
+            self.run_keys = [keys[i : i + RUN] for i in range(0, len(keys), RUN)]
+            self.runs = [records[i : i + RUN] for i in range(0, len(records), RUN)]
+            self.firsts = [b"", *(run[0] for run in self.run_keys[1:])]
+            self.encoded = [None] * len(self.runs)
 
     def __len__(self) -> int:
         return len(self.modes)
 
-    def _position(self, name: bytes, mode: bytes) -> int:
-        return bisect_left(self.keys, _sort_key(name, mode))
+    def _locate(self, key: bytes) -> tuple[int, int]:
+        """(run, index in it) where ``key`` is or would go."""
+        run = bisect_right(self.firsts, key) - 1
+        return run, bisect_left(self.run_keys[run], key)
+
+    def record(self, key: bytes) -> bytes | None:
+        """The record of the entry with sort key ``key``, or None."""
+        run, index = self._locate(key)
+        keys = self.run_keys[run]
+        return self.runs[run][index] if index < len(keys) and keys[index] == key else None
 
     def entry(self, name: bytes) -> tuple[bytes, bytes] | None:
         """``(mode, id)`` of ``name``, or None."""
         mode = self.modes.get(name)
         if mode is None:
             return None
-        return mode, self.records[self._position(name, mode)][-20:]
+        run, index = self._locate(_sort_key(name, mode))
+        return mode, self.runs[run][index][-20:]
 
     def set(self, name: bytes, mode: bytes, oid: bytes) -> None:
         record = b"%s %s\0%s" % (mode, name, oid)
+        key = _sort_key(name, mode)
         old_mode = self.modes.get(name)
         if old_mode == mode:
-            self.records[self._position(name, mode)] = record
+            run, index = self._locate(key)
+            self.runs[run][index] = record
         else:
             if old_mode is not None:
                 self.remove(name)
-            position = self._position(name, mode)
-            self.keys.insert(position, _sort_key(name, mode))
-            self.records.insert(position, record)
+            run, index = self._locate(key)
+            self.run_keys[run].insert(index, key)
+            self.runs[run].insert(index, record)
             self.modes[name] = mode
+            if len(self.runs[run]) > 2 * RUN:
+                self._split(run)
+        self.encoded[run] = None
+        if self.base is not None:
+            self.base.changed.add(key)
         self.oid = None
+
+    def _split(self, run: int) -> None:
+        keys, records = self.run_keys[run], self.runs[run]
+        self.run_keys[run : run + 1] = [keys[:RUN], keys[RUN:]]
+        self.runs[run : run + 1] = [records[:RUN], records[RUN:]]
+        self.firsts.insert(run + 1, keys[RUN])
+        self.encoded[run : run + 1] = [None, None]
 
     def remove(self, name: bytes) -> None:
-        position = self._position(name, self.modes.pop(name))
-        del self.keys[position]
-        del self.records[position]
+        key = _sort_key(name, self.modes.pop(name))
+        run, index = self._locate(key)
+        del self.run_keys[run][index]
+        del self.runs[run][index]
+        self.encoded[run] = None
+        if not self.runs[run] and len(self.runs) > 1:
+            del self.run_keys[run], self.runs[run], self.firsts[run], self.encoded[run]
+            self.firsts[0] = b""
+        elif index == 0 and run > 0:
+            self.firsts[run] = self.run_keys[run][0]
+        if self.base is not None:
+            self.base.changed.add(key)
         self.oid = None
 
+    def store(self, objects: NewObjects) -> bytes:
+        """Add this version to ``objects``: as a delta of the previous one while that chain
+        is short, else of the batch's whole version, else whole; returns its id."""
+        data = self.encode()
+        previous = objects.depth(self.written) if self.written is not None else None
+        if previous is not None and previous < MAX_DELTA_DEPTH:
+            return objects.add(TREE, data, delta_of=self.written)
+        if self.base is not None and objects.depth(self.base.oid) == 0:
+            delta = self.base.delta_to(self, len(data))
+            return objects.add_delta(TREE, data, base=self.base.oid, delta=delta)
+        oid = objects.add(TREE, data)
+        big = len(data) >= BASE_MIN_SIZE and objects.depth(oid) == 0
+        self.base = _Base(oid, self) if big else None
+        return oid
+
     def encode(self) -> bytes:
-        return b"".join(self.records)
+        encoded = self.encoded
+        for run, joined in enumerate(encoded):
+            if joined is None:
+                encoded[run] = b"".join(self.runs[run])
+        return b"".join(encoded)  # type: ignore[arg-type]  # none is None any more
 
 
 class WorkingTree:
@@ -192,9 +291,7 @@ class WorkingTree:
                         parent.remove(name.encode())
                     continue
             if directory.oid is None:
-                directory.oid = self._objects.add(
-                    TREE, directory.encode(), delta_of=directory.written
-                )
+                directory.oid = directory.store(self._objects)
                 directory.written = directory.oid
             if path:
                 parent.set(name.encode(), TREE_MODE, directory.oid)

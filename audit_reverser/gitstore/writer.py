@@ -35,6 +35,10 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 BATCH_LIMIT = 256
+# While more changes wait in the queue (a backlog drains), a push waits for this many
+# commits (or push.interval): each push has a cost of its own (a connection, a pack, a
+# reference update), and these commits reach the remote sooner in a few large pushes.
+BACKLOG_PUSH_COMMITS = 1024
 RETRY_MIN_S = 1.0
 RETRY_MAX_S = 60.0
 
@@ -365,10 +369,15 @@ class BranchWriter:
             else:
                 self.stats.commits += 1
             entry.done.set_result(result)
-        if self.mirror.unpushed >= self.push_max_commits:
+        now = asyncio.get_running_loop().time()
+        if self.mirror.unpushed and self._push_deadline is None:
+            self._push_deadline = now + self.push_interval_s
+        if self.mirror.unpushed >= self.push_max_commits and (
+            self._queue.empty()
+            or self.mirror.unpushed >= BACKLOG_PUSH_COMMITS
+            or (self._push_deadline is not None and now >= self._push_deadline)
+        ):
             await self._try_push()
-        elif self.mirror.unpushed and self._push_deadline is None:
-            self._push_deadline = asyncio.get_running_loop().time() + self.push_interval_s
 
     async def _push(self) -> int:
         if not self.mirror.unpushed:
