@@ -279,7 +279,7 @@ class Runtime:
                 settings.redis_journal,
                 # One name per state directory (locked by one process at a time).
                 consumer=f"{socket.gethostname()}:{settings.state_dir.resolve()}",
-                pushed=lambda: all(w.mirror.unpushed == 0 for w in self.writers.values()),
+                progress=self._push_progress,
             )
             if settings.redis_journal is not None
             else None
@@ -294,6 +294,9 @@ class Runtime:
         self.accepting = False
         self._lock: int | None = None
         self._checkpoints: asyncio.Task[None] | None = None
+
+    def _push_progress(self) -> dict[str, tuple[int, int]]:
+        return {w.key: (w.stats.pushed_commits, w.mirror.unpushed) for w in self.writers.values()}
 
     def _wire(
         self,

@@ -6,9 +6,11 @@ This step runs **one** ``serve`` replica per journal: every kept event goes to o
 and a lease on that lane keeps a second replica from starting on the same journal (several
 replicas need the per-branch writers of :mod:`.lanes`, docs/ha.md). An entry is
 acknowledged (XACK + XDEL) only once its commits are *pushed*: ``done`` (committed in the
-local mirror) queues it, and it is acknowledged when every writer has pushed everything it
-committed (``pushed()``). So the mirror in ``--state-dir`` is a cache: a start on an empty
-one reads the unacknowledged entries again and commits what the remote lacks.
+local mirror) queues it with a mark per writer that had unpushed commits then (commits
+pushed so far + those waiting, from ``progress()``), and it is acknowledged once each of
+those writers has pushed that many: a push carries every commit made before it. So the
+mirror in ``--state-dir`` is a cache: a start on an empty one reads the unacknowledged
+entries again and commits what the remote lacks.
 
 Sequence numbers are the stream entry IDs (``ms-n``) as integers, so the seqs ``append``
 returns are those ``read`` gives back. Redis failures never stop the intake: ``read``
@@ -22,7 +24,7 @@ import asyncio
 import contextlib
 import logging
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 from audit_reverser.errors import AuditReverserError, PermanentError
 from audit_reverser.ha.connection import Connection
@@ -39,6 +41,9 @@ PROBE_S = 0.5
 # The per-ms counter of a stream ID stays far below this (one XADD per event).
 _SEQ_BITS = 20
 
+# Per writer: (commits pushed so far, commits waiting in its mirror).
+Progress = Callable[[], Mapping[str, tuple[int, int]]]
+
 
 def seq_of(entry_id: str) -> int:
     ms, _, n = entry_id.partition("-")
@@ -53,7 +58,7 @@ class RedisJournal:
         connection: Connection,
         *,
         consumer: str,
-        pushed: Callable[[], bool],
+        progress: Progress,
         prefix: str = DEFAULT_PREFIX,
         probe_s: float = PROBE_S,
     ) -> None:
@@ -62,7 +67,7 @@ class RedisJournal:
         self.lane = self.stream.lane(INTAKE_LANE, consumer)
         self.lease = Lease(connection, INTAKE_LANE, consumer, prefix=prefix)
         self.consumer = consumer
-        self._pushed = pushed
+        self._progress = progress
         self.probe_s = probe_s
         # Why appends fail now (what /readyz shows), None while Redis takes them.
         self.unwritable: str | None = None
@@ -71,7 +76,9 @@ class RedisJournal:
         self.stream_backlog = 0
         self._last_seq = 0
         self._ids: dict[int, str] = {}  # read, not yet done
-        self._done: list[str] = []  # committed locally, waiting for the push
+        # Committed locally, waiting for the push: the entry and, per writer, the count of
+        # pushed commits that means its commits are in the remote.
+        self._done: list[tuple[str, dict[str, int]]] = []
         self._unread: deque[Entry] = deque()  # read from Redis, beyond the caller's bytes
         self._probe: asyncio.Task[None] | None = None
         self._keeper: asyncio.Task[None] | None = None
@@ -171,16 +178,33 @@ class RedisJournal:
     def done(self, seq: int, tips: dict[str, str | None] | None = None) -> None:
         entry_id = self._ids.pop(seq, None)
         if entry_id is not None:
-            self._done.append(entry_id)
+            # Every writer, not only this event's (``tips``): an event that changed nothing
+            # may stand on another event's unpushed commit.
+            marks = {w: pushed + waiting for w, (pushed, waiting) in self._progress().items()}
+            self._done.append((entry_id, {w: m for w, m in marks.items() if m > 0}))
+
+    @staticmethod
+    def _pushed(marks: Mapping[str, int], now: Mapping[str, tuple[int, int]]) -> bool:
+        """Whether each writer pushed up to its mark, or has nothing waiting (a writer
+        gone with a new config has nothing to push either)."""
+        for writer, mark in marks.items():
+            pushed, waiting = now.get(writer, (mark, 0))
+            if pushed < mark and waiting:
+                return False
+        return True
 
     async def acknowledge_pushed(self) -> int:
-        """Acknowledge the done entries if everything committed is pushed; how many."""
-        waiting = list(self._done)  # before asking: what is done now is pushed if all is
-        if not waiting or not self._pushed():
+        """Acknowledge the done entries whose commits are pushed; how many."""
+        if not self._done:
             return 0
-        await self.lane.acknowledge(waiting)
-        del self._done[: len(waiting)]
-        return len(waiting)
+        now = self._progress()
+        ready = [entry_id for entry_id, marks in self._done if self._pushed(marks, now)]
+        if not ready:
+            return 0
+        await self.lane.acknowledge(ready)
+        acknowledged = set(ready)
+        self._done = [d for d in self._done if d[0] not in acknowledged]
+        return len(ready)
 
     def _unwritable(self, why: str) -> None:
         if self.unwritable is None:
