@@ -20,7 +20,7 @@ import ssl
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -37,7 +37,8 @@ from audit_reverser.cluster.resync import Resyncer, ResyncResult, ResyncStats
 from audit_reverser.cluster.rules import ClusterRules
 from audit_reverser.cluster.snapshot import SnapshotResult, SnapshotScheduler
 from audit_reverser.cluster.status import StatusReporter
-from audit_reverser.config import load_config, load_default_config
+from audit_reverser.config import load_default_config
+from audit_reverser.config.loader import load_rules
 from audit_reverser.config.model import Config, GitTarget, Key
 from audit_reverser.context import EventContext
 from audit_reverser.encryption.certs import make as make_certs
@@ -49,6 +50,7 @@ from audit_reverser.ingest.logfiles import read_chunks, size_of
 from audit_reverser.ingest.server import DEFAULT_MAX_BODY_BYTES, make_app
 from audit_reverser.metrics import exposition
 from audit_reverser.pipeline.filter import Skip
+from audit_reverser.pipeline.layout import CLUSTER_NAME
 from audit_reverser.pipeline.noise import DEFAULT_EXCLUDED_USERS, Exclusions
 from audit_reverser.runtime import (
     DEFAULT_COMMITTER,
@@ -57,6 +59,7 @@ from audit_reverser.runtime import (
     Runtime,
     Settings,
     check_remotes,
+    usable_providers,
 )
 
 log = logging.getLogger("audit_reverser")
@@ -192,6 +195,16 @@ def _parser() -> argparse.ArgumentParser:
         help="read objects with the pod's service account",
     )
     cluster.add_argument(
+        "--cluster",
+        action="append",
+        default=[],
+        type=_fleet_member,
+        dest="fleet",
+        metavar="NAME=KUBECONFIG",
+        help="a fleet: events posted to /audit-webhook/NAME read the objects they lack from "
+        "this cluster, and no other; repeatable; needs --config (docs/fleet.md)",
+    )
+    cluster.add_argument(
         "--resync-interval",
         type=_resync_interval,
         default=DEFAULT_RESYNC_INTERVAL_S,
@@ -316,7 +329,13 @@ def _parser() -> argparse.ArgumentParser:
     )
     common(replay)
     noise_options(replay)
-    replay.add_argument("--cluster", default="", help="cluster name for the Cluster: trailer")
+    replay.add_argument(
+        "--cluster",
+        default="",
+        type=_cluster_name,
+        help="cluster name: the Cluster: trailer, and the cluster's folder under each "
+        "target's path (docs/fleet.md)",
+    )
     replay.add_argument("files", nargs="+", metavar="FILE")
     for sub in (serve, check, snap, hook, certs, replay):
         logging_options(sub, top=False)
@@ -356,6 +375,21 @@ def _exclusions(args: argparse.Namespace) -> Exclusions:
     )
 
 
+def _cluster_name(text: str) -> str:
+    if text and not CLUSTER_NAME.match(text):  # '' is no cluster: replay's default
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a cluster name (letters, digits, '.', '_', '-'; at most 63)"
+        )
+    return text
+
+
+def _fleet_member(text: str) -> tuple[str, Path]:
+    name, sep, kubeconfig = text.partition("=")
+    if not name or not sep or not kubeconfig:
+        raise argparse.ArgumentTypeError(f"{text!r} is not NAME=KUBECONFIG")
+    return _cluster_name(name), Path(kubeconfig)
+
+
 def _positive(text: str) -> int:
     if not text.isdecimal() or int(text) < 1:
         raise argparse.ArgumentTypeError(f"{text!r} is not a positive whole number")
@@ -388,19 +422,32 @@ def _runtime(
     args: argparse.Namespace,
     source: ApiObjects | None = None,
     config: Config | None = None,
+    *,
+    sources: Mapping[str, ApiObjects] | None = None,
+    problems: Sequence[str] = (),
     **options: Any,
 ) -> Runtime:
-    """Load the config (unless given) and build the runtime; file access, so it runs off the
-    event loop."""
-    if config is not None:
-        pass
-    elif args.config:
-        config = load_config(args.config)
-    else:
-        config = load_default_config()
-        # Only the embedded default creates its missing local remote; see Settings.
-        options["create_local_remotes"] = True
-    return Runtime(config, Settings(state_dir=args.state_dir, **options), source=source)
+    """Load the config (unless given: rules from a cluster, with ``problems``) and build
+    the runtime; file access, so it runs off the event loop."""
+    if config is None:
+        if args.config:
+            config, problems = load_rules(args.config)
+            options["leave_out_broken"] = True  # reported; the healthy targets run
+        else:
+            config = load_default_config()
+            # Only the embedded default creates its missing local remote; see Settings.
+            options["create_local_remotes"] = True
+        # Rules from files serve whichever clusters post, each in its own folder; with one
+        # cluster's API (--kubeconfig, --in-cluster) the receiver is that cluster's, and its
+        # snapshots and resyncs write the target's folder itself.
+        config = dataclasses.replace(config, cluster_folders=source is None)
+    return Runtime(
+        config,
+        Settings(state_dir=args.state_dir, **options),
+        source=source,
+        sources=sources,
+        problems=problems,
+    )
 
 
 def _is_loopback(host: str) -> bool:
@@ -459,6 +506,8 @@ def _tune_interpreter_for_ingest() -> None:
 
 async def serve(args: argparse.Namespace) -> int:
     senders, context = await asyncio.to_thread(_senders, args)
+    if args.fleet:
+        return await _serve_fleet(args, senders, context)
     api = None
     if args.kubeconfig is not None or args.in_cluster:
         api = await KubeApi.connect(args.kubeconfig)
@@ -497,6 +546,38 @@ async def _redis_journal(args: argparse.Namespace) -> Connection | None:
     return await connect(settings)
 
 
+async def _serve_fleet(
+    args: argparse.Namespace, senders: auth.SenderPolicy, context: ssl.SSLContext | None
+) -> int:
+    """``serve --cluster NAME=KUBECONFIG``...: the rules from --config serve every cluster,
+    each in its own folder; each cluster's objects come from its own API."""
+    if args.kubeconfig is not None or args.in_cluster:
+        raise PermanentError("--cluster replaces --kubeconfig and --in-cluster: use either")
+    if not args.config:
+        raise PermanentError(
+            "--cluster needs --config: rules from each cluster's own custom resources are not "
+            "supported yet (docs/fleet.md)"
+        )
+    names = [name for name, _ in args.fleet]
+    if len(set(names)) != len(names):
+        raise PermanentError(f"--cluster: each name once (got {', '.join(names)})")
+    apis: dict[str, KubeApi] = {}
+    try:
+        for name, kubeconfig in args.fleet:
+            apis[name] = await KubeApi.connect(kubeconfig)
+            log.info(
+                "cluster %s: events at /audit-webhook/%s, objects they lack from %s",
+                name,
+                name,
+                apis[name].server,
+            )
+        sources = {name: ApiObjects(api) for name, api in apis.items()}
+        return await _serve(args, senders, context, None, None, None, sources=sources)
+    finally:
+        for api in apis.values():
+            await api.close()
+
+
 async def _serve(
     args: argparse.Namespace,
     senders: auth.SenderPolicy,
@@ -504,6 +585,8 @@ async def _serve(
     api: KubeApi | None,
     config: Config | None,
     rules: ClusterRules | None,
+    *,
+    sources: Mapping[str, ApiObjects] | None = None,
 ) -> int:
     source = ApiObjects(api) if api is not None else None
     redis_journal = await _redis_journal(args)
@@ -512,6 +595,8 @@ async def _serve(
         args,
         source,
         config,
+        sources=sources,
+        problems=list(rules.problems.values()) if rules is not None else (),
         journal=True,
         redis_journal=redis_journal,
         max_backlog=args.max_backlog,
@@ -556,7 +641,7 @@ async def _serve(
         scheduler.update(runtime.config)
 
         async def changed(new: Config) -> None:
-            await runtime.reconfigure(new)
+            await runtime.reconfigure(new, list(rules.problems.values()))
             reporter.poke()
             scheduler.update(new)
 
@@ -667,13 +752,23 @@ async def replay(args: argparse.Namespace) -> int:
     )
     for failure in failures:
         print(f"audit-reverser: error: {failure}", file=sys.stderr)
-    return 1 if failures or failed else 0
+    return 1 if failures or failed else _left_out(runtime.problems)
+
+
+def _left_out(problems: Sequence[str]) -> int:
+    """Name what the config left out, after the healthy targets did their work: exit
+    status 2 when there is any, as for any config error, else 0."""
+    for problem in problems:
+        print(f"audit-reverser: config error: left out: {problem}", file=sys.stderr)
+    return 2 if problems else 0
 
 
 async def check(args: argparse.Namespace) -> int:
-    config = await asyncio.to_thread(
-        lambda: load_config(args.config) if args.config else load_default_config()
+    config, problems = await asyncio.to_thread(
+        lambda: load_rules(args.config) if args.config else (load_default_config(), [])
     )
+    config, unusable = await asyncio.to_thread(usable_providers, config)
+    problems = [*problems, *unusable]
     with tempfile.TemporaryDirectory(prefix="audit-reverser-trust-") as home:
         results = await check_remotes(config, Path(home))
     if args.json:
@@ -707,7 +802,9 @@ async def check(args: argparse.Namespace) -> int:
                 print(f"  {'ok' if item.ok else 'FAIL':5} {item.name}: {item.detail}")
             _print_signing(result)
             print("  Ready" if result.ready else f"  Not ready: {result.reason}")
-    return 0 if all(r.ready for r in results) else 1
+    ready = all(r.ready for r in results)
+    left_out = _left_out(problems)
+    return left_out if ready else 1
 
 
 def _print_signing(result: ProviderCheck) -> None:
@@ -776,7 +873,7 @@ async def snapshot(args: argparse.Namespace) -> int:
         await api.close()
     for failure in failures:
         print(f"audit-reverser: error: {failure}", file=sys.stderr)
-    return 1 if failures else 0
+    return 1 if failures else _left_out(runtime.problems)
 
 
 async def certs(args: argparse.Namespace) -> int:

@@ -8,6 +8,7 @@ metric families when Prometheus asks.
 from __future__ import annotations
 
 import itertools
+from collections import Counter
 from collections.abc import Iterator
 
 from prometheus_client import CollectorRegistry, generate_latest
@@ -15,6 +16,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.registry import Collector
 
 from audit_reverser.cluster.resync import ResyncStats
+from audit_reverser.cluster.rules import owner_of
 from audit_reverser.gitstore.writer import PUSH_SECONDS_BUCKETS
 from audit_reverser.ha.journal import RedisJournal
 from audit_reverser.runtime import Runtime
@@ -80,6 +82,7 @@ class _RuntimeCollector(Collector):
         yield GaugeMetricFamily(
             "audit_reverser_ready", "1 when the receiver takes events.", value=int(runtime.ready())
         )
+        yield _config_problems(runtime.problems)
         labels = ["repository"]
         commits = CounterMetricFamily("audit_reverser_commits", "Commits made.", labels=labels)
         failed = CounterMetricFamily(
@@ -153,6 +156,25 @@ def _shared_journal_families(journal: RedisJournal) -> Iterator[Family]:
         "Events stored in the shared journal's streams and not yet pushed, all lanes.",
         value=journal.stream_backlog,
     )
+
+
+def _config_problems(problems: list[str]) -> GaugeMetricFamily:
+    """Problems per object (``kind``, ``object`` namespace/name): an alert on any value
+    above 0 finds every broken object, whichever way the rules were read."""
+    family = GaugeMetricFamily(
+        "audit_reverser_config_problems",
+        "Problems of configuration objects that are left out or cannot do all their work "
+        "(see /readyz?verbose and the log).",
+        labels=["kind", "object"],
+    )
+    counts: Counter[tuple[str, str]] = Counter()
+    for problem in problems:
+        owner = owner_of(problem)
+        kind, namespace, name = owner if owner is not None else ("", "", "")
+        counts[kind, f"{namespace}/{name}" if namespace else name] += 1
+    for labels, count in sorted(counts.items()):
+        family.add_metric(list(labels), count)
+    return family
 
 
 def _resync_families(stats: ResyncStats) -> Iterator[Family]:

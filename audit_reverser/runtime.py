@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import fcntl
 import logging
 import os
 import socket
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -87,6 +88,10 @@ class Settings:
     # (False): such objects are left out, reported in their status, and a generated key goes
     # into the cluster Secret (cluster.rules).
     rules_from_files: bool = True
+    # Rules from files: leave a provider whose credentials cannot be used, or a target whose
+    # key cannot be read, out (logged, in readiness and metrics, in ``Runtime.problems``)
+    # and run the rest, as rules from a cluster always do; False refuses to start.
+    leave_out_broken: bool = False
     # Whose changes are not commits (see pipeline.noise); the defaults skip the control plane.
     exclusions: Exclusions = field(default_factory=Exclusions)
 
@@ -187,6 +192,25 @@ def _remotes(config: Config) -> dict[Key, _Remote | ConfigError]:
     return found
 
 
+def usable_providers(config: Config) -> tuple[Config, list[str]]:
+    """``config`` without the targets whose provider's credentials cannot be used, and
+    why (a signing key is not checked here: ``check`` reports it per provider)."""
+    broken = {}
+    for key in sorted({t.provider_key for t in config.targets.values()}, key=str):
+        try:
+            provider_transport(config, config.providers[key])
+        except ConfigError as exc:
+            broken[key] = config.located(config.providers[key].kind, key, str(exc))
+    targets = {k: t for k, t in config.targets.items() if t.provider_key not in broken}
+    usable = dataclasses.replace(
+        config,
+        targets=targets,
+        watch_rules=tuple(r for r in config.watch_rules if r.target_key in targets),
+        cluster_watch_rules=tuple(r for r in config.cluster_watch_rules if r.target_key in targets),
+    )
+    return usable, list(broken.values())
+
+
 @dataclass(frozen=True, kw_only=True, slots=True)
 class ProviderCheck:
     provider: GitProvider
@@ -241,21 +265,44 @@ async def check_remotes(config: Config, trust_home: Path) -> list[ProviderCheck]
     return checks
 
 
+def _broken_keys(config: Config, keys: Mapping[Key, TargetKeys]) -> list[str]:
+    """Targets that ask for encryption whose key cannot be used (not those without any)."""
+    return [
+        found.problem
+        for key, found in keys.items()
+        if found.problem is not None
+        and (target := config.targets.get(key)) is not None
+        and target.encryption is not None
+        and target.encryption.age_enabled
+    ]
+
+
 class Runtime:
     def __init__(
-        self, config: Config, settings: Settings, *, source: ObjectSource | None = None
+        self,
+        config: Config,
+        settings: Settings,
+        *,
+        source: ObjectSource | None = None,
+        sources: Mapping[str, ObjectSource] | None = None,
+        problems: Sequence[str] = (),
     ) -> None:
+        """``sources``: in a fleet, each cluster's API by name (instead of ``source``);
+        ``problems``: objects the config left out (see :attr:`problems`)."""
         self.config = config
         self.settings = settings
         self.writers: dict[tuple[str, str], BranchWriter] = {}
         # What each writer signs with (fingerprints, committer): logged when it changes.
         self._signing: dict[str, tuple[frozenset[str], Identity]] = {}
-        sinks, _ = self._wire(config, _remotes(config), strict=settings.rules_from_files)
+        strict = settings.rules_from_files and not settings.leave_out_broken
+        sinks, _ = self._wire(config, _remotes(config), strict=strict)
         self.sinks = sinks
         self.stats = PipelineStats()
         # Generated age keys and the fingerprint key live in the state directory: blocking
         # file access, as all of __init__ (callers build the runtime off the event loop).
-        self.keys = self._resolve_keys(config, strict=settings.rules_from_files)
+        self.keys = self._resolve_keys(config, strict=strict)
+        self.config_problems = list(problems)
+        self._log_problems()
         self.processor = Processor(
             config,
             sinks,
@@ -263,6 +310,7 @@ class Runtime:
             keys=self.keys,
             fingerprint_key=fingerprint_key(settings.state_dir),
             source=source,
+            sources=sources,
             exclusions=settings.exclusions,
         )
         self.journal = (
@@ -321,7 +369,9 @@ class Runtime:
                 if strict:
                     raise remote
                 log.error("GitTarget %s left out: %s", target.key, remote)
-                self.provider_problems[provider.key] = str(remote)
+                self.provider_problems[provider.key] = config.located(
+                    provider.kind, provider.key, str(remote)
+                )
                 continue
             transport = remote.transport
             key = (remote.key, target.branch)
@@ -396,13 +446,34 @@ class Runtime:
             except ConfigError as exc:
                 if strict:
                     raise
-                keys[target.key] = TargetKeys(problem=str(exc))
+                keys[target.key] = TargetKeys(
+                    problem=config.located("GitTarget", target.key, str(exc))
+                )
         return keys
 
-    async def reconfigure(self, config: Config) -> None:
-        """Route by ``config`` from now on (rules changed in the cluster). Events being
-        processed finish with the rules they started with; none is dropped. Writers of
-        repository branches no longer used keep running: they may hold unpushed commits."""
+    @property
+    def problems(self) -> list[str]:
+        """Why objects are left out or cannot do all their work, one line each: the
+        config's problems (references, allowed branches), providers whose credentials
+        cannot be used, targets whose encryption key cannot be read."""
+        return [
+            *self.config_problems,
+            *self.provider_problems.values(),
+            *_broken_keys(self.config, self.keys),
+        ]
+
+    def _log_problems(self) -> None:
+        # Rules from a cluster log their own problems as they change (cluster.rules).
+        for problem in self.config_problems if self.settings.rules_from_files else ():
+            log.error("left out: %s", problem)
+        for problem in _broken_keys(self.config, self.keys):
+            log.error("Secrets are not written: %s", problem)
+
+    async def reconfigure(self, config: Config, problems: Sequence[str] = ()) -> None:
+        """Route by ``config`` from now on (rules changed in the cluster; ``problems``: the
+        objects left out). Events being processed finish with the rules they started with;
+        none is dropped. Writers of repository branches no longer used keep running: they
+        may hold unpushed commits."""
         keys = await asyncio.to_thread(self._resolve_keys, config, strict=False)
         remotes = await asyncio.to_thread(_remotes, config)  # local paths: file access
         sinks, new = self._wire(config, remotes, strict=False)
@@ -420,6 +491,7 @@ class Runtime:
         self.sinks = sinks
         self.keys = keys
         self.config = config
+        self.config_problems = list(problems)
         log.info(
             "rules changed: %d targets, %d repository branches (%d new)",
             len(sinks),
@@ -582,6 +654,9 @@ class Runtime:
             ("pipeline", self.intake.running, ""),
             ("journal", problem is None, problem or ""),
         ]
+        # A broken object is reported, not a reason to refuse events: the healthy targets
+        # keep working, and refused batches would be lost once the apiserver's buffer fills.
+        checks.extend(("config", None, problem) for problem in self.problems)
         for writer in self.writers.values():
             checks.append((f"writer {writer.name}", writer.running, ""))
             if writer.last_push_error is not None:

@@ -25,7 +25,7 @@ NOTES = {
     ("GitProvider", "spec.url"): "SSH (`git@host:owner/repo.git`, `ssh://`), HTTPS, or a local "
     "path / `file://` URL of a bare repository.",
     ("GitProvider", "spec.allowedBranches"): "Globs; a GitTarget whose branch matches none is "
-    "not ready (`BranchNotAllowed`).",
+    "not ready (`BranchNotAllowed`) and left out; the other targets keep working.",
     ("GitProvider", "spec.secretRef"): "Keys as Flux names them: `ssh-privatekey` (+ "
     "`passphrase`) and `known_hosts` for SSH; `username` + `password`, or `token`, (+ `ca.crt`) "
     "for HTTPS; Flux's `identity`, `password` (the key's passphrase) and `bearerToken` too. "
@@ -40,7 +40,8 @@ NOTES = {
     "from it, push settings the defaults, any branch allowed: see remotes.md, Flux "
     "GitRepository); anything else is refused with this field named.",
     ("GitTarget", "spec.path"): "A relative folder with `/` separators (empty: the repository "
-    "root); absolute paths, `.` and `..` are refused.",
+    "root); absolute paths, `.` and `..` are refused. Events of a named cluster may go to "
+    "`<path>/<cluster>/` (fleet.md).",
     ("GitTarget", "spec.encryption"): "Secrets are written only SOPS-encrypted "
     "(`{name}.sops.yaml`); a target without working encryption refuses Secrets.",
     ("GitTarget", "spec.encryption.age.recipients.generateWhenMissing"): "In cluster mode the "

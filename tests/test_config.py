@@ -130,7 +130,7 @@ spec: {providerRef: {name: p}, branch: BRANCH}
     problems = _errors(tmp_path, PROVIDER + target.replace("BRANCH", "main"))
     assert problems == [
         "GitTarget ns/t: spec.branch: 'main' is not allowed by GitProvider ns/p "
-        "(allowedBranches: ['release-*'])"
+        f"(allowedBranches: ['release-*']) (in {tmp_path / 'bad.yaml'}: document 2)"
     ]
     file = tmp_path / "ok.yaml"
     file.write_text(PROVIDER + target.replace("BRANCH", "release-1.2"))

@@ -187,7 +187,7 @@ async def test_what_is_wrong_with_a_flux_reference_is_named(tmp_path: Path) -> N
     problems = raised.value.problems
     assert (
         "GitTarget team/missing: spec.providerRef.name: GitRepository team/origin not found"
-        in problems
+        f" (in {config}: document 1)" in problems
     )
     assert any(
         "(GitTarget ungrouped): spec.providerRef.group: a GitRepository is in "

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import dataclasses
 import fnmatch
 import re
 from collections.abc import Iterable, Iterator, Mapping
@@ -465,8 +466,16 @@ def _documents(path: Path, problems: list[str]) -> Iterator[tuple[str, Mapping[s
         yield where, raw
 
 
-def load_config(paths: Iterable[str | Path]) -> Config:
-    """Read every YAML file given (folders are searched for ``*.yaml``/``*.yml``)."""
+def load_rules(paths: Iterable[str | Path]) -> tuple[Config, list[str]]:
+    """Read every YAML file given (folders are searched for ``*.yaml``/``*.yml``): the usable
+    rules, and why the others are left out.
+
+    A file that cannot be read, parsed, or holds a document that is not a valid object of
+    its kind raises :class:`ConfigError`: what the user wrote is not what they meant, and
+    guessing would be worse than stopping. Objects that are valid but cannot be used
+    together (a GitTarget whose provider is missing or forbids its branch, a rule whose
+    target is missing) are left out and returned as problems, with their file and document,
+    as in a cluster: one broken target must not stop the others."""
     problems: list[str] = []
     sources = tuple(str(p) for p in paths)
 
@@ -475,8 +484,18 @@ def load_config(paths: Iterable[str | Path]) -> Config:
             for file in _config_files(Path(source)):
                 yield from _documents(file, problems)
 
-    config, found = build_config(documents(), sources=sources)
+    config, found, origins = _read_objects(documents(), sources=sources)
     problems.extend(found)
+    config = dataclasses.replace(config, origins=origins)
+    broken = check_references(config)
+    if problems:  # all of them, so that one run shows everything to fix
+        raise ConfigError([*problems, *broken])
+    return usable_part(config), broken
+
+
+def load_config(paths: Iterable[str | Path]) -> Config:
+    """Like :func:`load_rules`, but any problem at all raises :class:`ConfigError`."""
+    config, problems = load_rules(paths)
     if problems:
         raise ConfigError(problems)
     return config
@@ -488,6 +507,16 @@ def build_config(
     """A config from ``(where, object)`` pairs (documents of files, or objects read from a
     cluster), and the problems found. An object with a problem is left out; references to
     it then show up as problems too."""
+    config, problems, _ = _read_objects(documents, sources=sources)
+    problems.extend(check_references(config))
+    return config, problems
+
+
+def _read_objects(
+    documents: Iterable[tuple[str, Mapping[str, Any]]], *, sources: tuple[str, ...]
+) -> tuple[Config, list[str], dict[tuple[str, Key], str]]:
+    """The objects of ``documents`` and the problems within them (not between them), and
+    where each object was read."""
     problems: list[str] = []
     providers: dict[Key, GitProvider] = {}
     targets: dict[Key, GitTarget] = {}
@@ -547,8 +576,7 @@ def build_config(
         secrets=secrets,
         sources=sources,
     )
-    problems.extend(check_references(config))
-    return config, problems
+    return config, problems, {(kind, key): where for (kind, key), where in seen.items()}
 
 
 def check_references(config: Config) -> list[str]:
@@ -558,27 +586,32 @@ def check_references(config: Config) -> list[str]:
         provider = config.providers.get(target.provider_key)
         if provider is None:
             kind = target.provider_key.kind or "GitProvider"
-            problems.append(
+            problem = (
                 f"GitTarget {target.key}: spec.providerRef.name: {kind} "
                 f"{target.provider_key} not found"
             )
         elif not any(fnmatch.fnmatchcase(target.branch, g) for g in provider.allowed_branches):
-            problems.append(
+            problem = (
                 f"GitTarget {target.key}: spec.branch: {target.branch!r} is not allowed by "
                 f"GitProvider {provider.key} (allowedBranches: {list(provider.allowed_branches)})"
             )
+        else:
+            continue
+        problems.append(config.located("GitTarget", target.key, problem))
     for rule in config.watch_rules:
         if rule.target_key not in config.targets:
-            problems.append(
+            problem = (
                 f"WatchRule {rule.key}: spec.targetRef.name: GitTarget {rule.target_key} not "
                 "found (a WatchRule's target must be in its own namespace)"
             )
+            problems.append(config.located("WatchRule", rule.key, problem))
     for cluster_rule in config.cluster_watch_rules:
         if cluster_rule.target_key not in config.targets:
-            problems.append(
+            problem = (
                 f"ClusterWatchRule {cluster_rule.key}: spec.targetRef: GitTarget "
                 f"{cluster_rule.target_key} not found"
             )
+            problems.append(config.located("ClusterWatchRule", cluster_rule.key, problem))
     return problems
 
 
@@ -592,11 +625,9 @@ def usable_part(config: Config) -> Config:
         if (provider := config.providers.get(target.provider_key)) is not None
         and any(fnmatch.fnmatchcase(target.branch, g) for g in provider.allowed_branches)
     }
-    return Config(
-        providers=config.providers,
+    return dataclasses.replace(
+        config,
         targets=targets,
         watch_rules=tuple(r for r in config.watch_rules if r.target_key in targets),
         cluster_watch_rules=tuple(r for r in config.cluster_watch_rules if r.target_key in targets),
-        secrets=config.secrets,
-        sources=config.sources,
     )

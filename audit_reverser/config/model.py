@@ -83,6 +83,9 @@ class GitTarget:
     path: str
     encryption: Encryption | None = None
     provider_kind: str = ""  # providerRef.kind: '' (GitProvider) or "GitRepository" (Flux)
+    # Set by routing, never read from YAML: the cluster whose folder under ``path`` this
+    # event's files go to, when one set of rules serves several clusters (docs/fleet.md).
+    cluster: str = ""
 
     @property
     def provider_key(self) -> Key:
@@ -143,3 +146,14 @@ class Config:
     cluster_watch_rules: tuple[ClusterWatchRule, ...]
     secrets: Mapping[Key, SecretData]
     sources: tuple[str, ...] = ()
+    # The rules serve whichever clusters post (files, the embedded default) rather than
+    # being one cluster's own custom resources: an event with a cluster name then goes to
+    # that cluster's folder under each target's path, so clusters never share a file.
+    cluster_folders: bool = False
+    # Where each object was read, by (kind, key): "FILE: document N", for messages.
+    origins: Mapping[tuple[str, Key], str] = field(default_factory=dict)
+
+    def located(self, kind: str, key: Key, problem: str) -> str:
+        """``problem`` with the file and document the object came from, when known."""
+        origin = self.origins.get((kind, key))
+        return f"{problem} (in {origin})" if origin else problem

@@ -10,7 +10,6 @@ work (journal, writers, the intake worker) starts and stops through ``cleanup_ct
 from __future__ import annotations
 
 import logging
-import re
 from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Protocol
 
@@ -22,12 +21,12 @@ from audit_reverser.events import AUDIT_API_VERSIONS
 from audit_reverser.ingest.auth import SenderPolicy, SenderRefused
 from audit_reverser.ingest.intake import Intake, Overloaded
 from audit_reverser.journal import JournalUnavailable
+from audit_reverser.pipeline.layout import CLUSTER_NAME
 
 log = logging.getLogger(__name__)
 
 # Above the apiserver's own cap on one webhook batch body, so real batches always fit.
 DEFAULT_MAX_BODY_BYTES = 16 * 1024 * 1024
-_CLUSTER_NAME = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9._-]{0,61}[A-Za-z0-9])?$")
 
 
 class Receiver(Protocol):
@@ -112,7 +111,7 @@ async def _take_batch(request: web.Request) -> web.Response:
         log.warning("refused audit events from %s: %s", request.remote, exc)
         raise refusal(exc.status, str(exc)) from None
     cluster = request.match_info.get("cluster", "")
-    if cluster and not _CLUSTER_NAME.match(cluster):
+    if cluster and not CLUSTER_NAME.match(cluster):
         raise refusal(400, f"invalid cluster name {shown(cluster)}")
     if request.content_type != "application/json":
         raise refusal(

@@ -1,4 +1,6 @@
-"""Where an object lives in Git: ``{path}/{group}/{version}/{resource}/{namespace}/{name}.yaml``.
+"""Where an object lives in Git: ``{path}/{group}/{version}/{resource}/{namespace}/{name}.yaml``,
+with ``{path}/{cluster}/...`` for an event of a named cluster when the rules serve several
+clusters (docs/fleet.md).
 
 Every component is checked against what Kubernetes itself allows, so a forged objectRef
 (``..``, ``/``, NUL) can never place a file outside the GitTarget's folder.
@@ -17,6 +19,9 @@ _VERSION = re.compile(r"^[a-z0-9]{1,63}$")
 # Object names: Kubernetes' path-segment rule (RBAC names such as system:controller:x are
 # legal), plus no control characters or leading dot, which would make hidden files.
 _OBJECT_NAME = re.compile(r"^[^/%\x00-\x1f\x7f.][^/%\x00-\x1f\x7f]{0,252}$")
+# The name in /audit-webhook/{cluster} (and replay --cluster): it may become a folder, so it
+# never starts or ends with a dot and has no slash.
+CLUSTER_NAME = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9._-]{0,61}[A-Za-z0-9])?$")
 
 
 class InvalidName(PermanentError):
@@ -68,7 +73,9 @@ def object_path(
     resource: str,
     namespace: str,
     name: str,
+    cluster: str = "",
 ) -> ObjectPath:
+    """The file of one object; under ``cluster``'s folder when a cluster is given."""
     if not name:
         raise InvalidName("the object has no name")
     parts = check_reference(
@@ -78,11 +85,14 @@ def object_path(
         namespace=namespace,
         name=name,
     )
+    if cluster:
+        parts.insert(0, _check(CLUSTER_NAME, cluster, "cluster name"))
     relative = "/".join(parts)
     suffix = ".sops.yaml" if is_secret(api_group, resource) else ".yaml"
     prefix = f"{target_path}/" if target_path else ""
+    folder = f"{prefix}{cluster}/" if cluster else prefix
     return ObjectPath(
-        file=f"{prefix}{relative}{suffix}", subject=relative, sops_config=f"{prefix}.sops.yaml"
+        file=f"{prefix}{relative}{suffix}", subject=relative, sops_config=f"{folder}.sops.yaml"
     )
 
 

@@ -118,6 +118,7 @@ class Processor:
         keys: Mapping[Key, TargetKeys] | None = None,
         fingerprint_key: bytes = b"",
         source: ObjectSource | None = None,
+        sources: Mapping[str, ObjectSource] | None = None,
         exclusions: Exclusions = NO_EXCLUSIONS,
     ) -> None:
         self._router = Router(config)
@@ -127,6 +128,8 @@ class Processor:
         self._keys = keys or {}
         self._fingerprint_key = fingerprint_key
         self._source = source
+        # A fleet (serve --cluster): each cluster's API by name; never another cluster's.
+        self._sources = sources
         self._exclusions = exclusions
         self._refused_secrets: set[Key] = set()
         self._rules: dict[tuple[str, ...], bytes] = {}  # .sops.yaml per set of recipients
@@ -290,7 +293,7 @@ class Processor:
         try:
             changes = resolve_offline(event)
         except NeedsApi as exc:
-            if event.verb == "deletecollection" and self._source is not None:
+            if event.verb == "deletecollection" and self._source_for(event) is not None:
                 return await self._delete_collection(event, routes)
             read = await self._read_from_api(event, exc)
             if isinstance(read, Skip):
@@ -392,6 +395,7 @@ class Processor:
             try:
                 path = object_path(
                     target_path=target.path,
+                    cluster=target.cluster,
                     api_group=ref.api_group,
                     api_version=ref.api_version,
                     resource=ref.resource,
@@ -517,9 +521,10 @@ class Processor:
         """A ``deletecollection`` the event does not list: the files in the collection's
         folder whose object no longer exists are removed, in one commit per target."""
         ref = event.object_ref
-        assert ref is not None and self._source is not None
+        source = self._source_for(event)
+        assert ref is not None and source is not None
         try:
-            existing = await self._source.names(ref)
+            existing = await source.names(ref)
         except UnknownResource as exc:
             log.warning("event %s: %s", event.audit_id, exc)
             return self._skip(event, Skip.UNKNOWN_RESOURCE)
@@ -531,6 +536,7 @@ class Processor:
                 keep = {
                     object_path(
                         target_path=target.path,
+                        cluster=target.cluster,
                         api_group=ref.api_group,
                         api_version=ref.api_version,
                         resource=ref.resource,
@@ -541,6 +547,7 @@ class Processor:
                 }
                 probe = object_path(
                     target_path=target.path,
+                    cluster=target.cluster,
                     api_group=ref.api_group,
                     api_version=ref.api_version,
                     resource=ref.resource,
@@ -576,16 +583,21 @@ class Processor:
     async def _read_from_api(self, event: AuditEvent, why: NeedsApi) -> list[ObjectChange] | Skip:
         """The event's change from the object as the API has it now (cluster mode)."""
         ref = event.object_ref
-        if self._source is None or ref is None or not ref.name or event.verb == "deletecollection":
+        source = self._source_for(event)
+        if source is None or ref is None or not ref.name or event.verb == "deletecollection":
             log.debug("event %s: %s", event.audit_id, why)
             return Skip.NEEDS_API
         try:
-            current = await self._source.read(dataclasses.replace(ref, subresource=""))
+            current = await source.read(dataclasses.replace(ref, subresource=""))
         except UnknownResource as exc:
             log.warning("event %s: %s", event.audit_id, exc)
             return Skip.UNKNOWN_RESOURCE
         changes = resolve_from_api(event, current, deleting=self._deletions.pending(event))
         return changes or Skip.GONE
+
+    def _source_for(self, event: AuditEvent) -> ObjectSource | None:
+        """The API of the event's cluster (in a fleet, None for a cluster without one)."""
+        return self._source if self._sources is None else self._sources.get(event.cluster)
 
     def _creation_rules(self, keys: TargetKeys) -> bytes:
         rules = self._rules.get(keys.recipients)

@@ -4,14 +4,18 @@ The matching follows the seed's CRD documentation (admission-webhook style): emp
 ``*`` match all; resources are case-insensitive plural names, ``name/*`` (all subresources
 of ``name``), ``*/sub`` and ``name/sub``, or a group-qualified ``plural.group`` for custom
 resources. A WatchRule selects namespaced objects in its own namespace only.
+
+When the rules serve several clusters (``Config.cluster_folders``), the target of a route
+carries the event's cluster name, so that its files go to that cluster's folder.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from audit_reverser.config.model import Config, GitTarget, Operation, ResourceRule, Scope
+from audit_reverser.config.model import Config, GitTarget, Key, Operation, ResourceRule, Scope
 from audit_reverser.events import AuditEvent, ObjectRef
 from audit_reverser.pipeline.noise import Exclusions
 
@@ -79,6 +83,8 @@ class Router:
             str, list[tuple[tuple[ResourceRule, ...], GitTarget, Exclusions | None]]
         ] = {}
         self._cluster: list[tuple[ResourceRule, GitTarget, Exclusions | None]] = []
+        self._cluster_folders = config.cluster_folders
+        self._in_folder: dict[tuple[Key, str], GitTarget] = {}
         for rule in config.watch_rules:
             target = config.targets[rule.target_key]
             excluded = _exclusions(rule.exclude_users, rule.exclude_field_managers)
@@ -114,7 +120,19 @@ class Router:
             previous = found.get(target.key)
             if previous is None or (explicit and not previous.explicit):
                 found[target.key] = Route(target=target, explicit=explicit)
+        if self._cluster_folders and event is not None and event.cluster:
+            return [
+                Route(target=self._for_cluster(r.target, event.cluster), explicit=r.explicit)
+                for r in found.values()
+            ]
         return list(found.values())
+
+    def _for_cluster(self, target: GitTarget, cluster: str) -> GitTarget:
+        key = (target.key, cluster)
+        found = self._in_folder.get(key)
+        if found is None:
+            found = self._in_folder[key] = dataclasses.replace(target, cluster=cluster)
+        return found
 
 
 def _exclusions(users: tuple[str, ...], managers: tuple[str, ...]) -> Exclusions | None:

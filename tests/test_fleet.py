@@ -1,0 +1,210 @@
+"""Fleets: several clusters post to one receiver; none overwrites another's files, and each
+cluster's objects are read from its own API (docs/fleet.md)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import kmock
+import pytest
+import yaml
+
+from tests.conftest import (
+    bare_repo,
+    configmap,
+    event,
+    event_list,
+    git,
+    git_files,
+    git_show,
+    git_subjects,
+    request,
+    start_serve,
+    write_config,
+)
+from tests.test_cli import _log_line, run
+from tests.test_cluster import JSON, _assert_the_install_allows_every_request, _kubeconfig
+
+
+def _post(port: int, path: str, *items: dict[str, object]) -> int:
+    status, _ = request(port, "POST", path, json.dumps(event_list(*items)).encode(), headers=JSON)
+    return status
+
+
+def _trailer(repo: Path, path: str, name: str) -> list[str]:
+    messages = git(repo, "log", "--format=%B%x00", "main", "--", path).split("\0")
+    return [m for text in messages for m in re.findall(rf"^{name}: (.*)$", text, re.M)]
+
+
+def test_two_clusters_on_the_embedded_default_keep_both_objects(tmp_path: Path) -> None:
+    served = start_serve(tmp_path)
+    try:
+        for cluster in ("prod", "staging"):
+            body = configmap(data={"cluster": cluster})
+            assert (
+                _post(served.port, f"/audit-webhook/{cluster}", event("create", body=body)) == 200
+            )
+        # Without a cluster name: exactly the single-cluster layout of before.
+        plain = configmap(data={"cluster": "unnamed"})
+        assert _post(served.port, "/audit-webhook", event("create", body=plain)) == 200
+    finally:
+        served.stop()
+    repo = tmp_path / "audit-repo.git"
+    assert git_files(repo) == [
+        "live-cluster/prod/v1/configmaps/default/demo.yaml",
+        "live-cluster/staging/v1/configmaps/default/demo.yaml",
+        "live-cluster/v1/configmaps/default/demo.yaml",
+    ]
+    for cluster in ("prod", "staging"):
+        path = f"live-cluster/{cluster}/v1/configmaps/default/demo.yaml"
+        assert f"cluster: {cluster}" in git_show(repo, path)
+        assert _trailer(repo, path, "Cluster") == [cluster]
+    assert "cluster: unnamed" in git_show(repo, "live-cluster/v1/configmaps/default/demo.yaml")
+    assert sorted(git_subjects(repo)) == [
+        "[CREATE] prod/v1/configmaps/default/demo",
+        "[CREATE] staging/v1/configmaps/default/demo",
+        "[CREATE] v1/configmaps/default/demo",
+    ]
+
+
+def test_replay_of_a_named_cluster_writes_its_folder_and_refuses_bad_names(
+    tmp_path: Path,
+) -> None:
+    remote = bare_repo(tmp_path / "remote.git")
+    config = write_config(tmp_path / "c.yaml", remote)
+    log = tmp_path / "audit.log"
+    log.write_bytes(_log_line(event("create", body=configmap())))
+    state = ["--config", str(config), "--state-dir", str(tmp_path / "state")]
+    for cluster in ("prod", "staging"):
+        done = run("replay", *state, "--cluster", cluster, str(log), cwd=tmp_path)
+        assert done.returncode == 0, done.stderr
+    assert git_files(remote) == [
+        "live/prod/v1/configmaps/default/demo.yaml",
+        "live/staging/v1/configmaps/default/demo.yaml",
+    ]
+    refused = run("replay", *state, "--cluster", "../up", str(log), cwd=tmp_path)
+    assert refused.returncode == 2 and "'../up' is not a cluster name" in refused.stderr
+
+
+@dataclass
+class Member:
+    api: kmock.KubernetesEmulator
+    kubeconfig: dict[str, Any]
+
+
+@pytest.fixture
+async def clusters() -> AsyncIterator[dict[str, Member]]:
+    """Two clusters, each its own kmock API, each with its own ConfigMap default/demo."""
+    async with (
+        kmock.KubernetesEmulator() as prod,
+        kmock.Server(prod) as prod_server,
+        kmock.KubernetesEmulator() as staging,
+        kmock.Server(staging) as staging_server,
+    ):
+        found = {}
+        for name, emulator, server in (
+            ("prod", prod, prod_server),
+            ("staging", staging, staging_server),
+        ):
+            emulator.resources["v1/configmaps"] = kmock.ResourceInfo(
+                kind="ConfigMap", namespaced=True
+            )
+            emulator.objects["v1/configmaps", "default", "demo"] = configmap(
+                data={"from": f"{name} api"}
+            )
+            found[name] = Member(emulator, _kubeconfig(server.url))
+        yield found
+        for member in found.values():
+            _assert_the_install_allows_every_request(member.api)
+
+
+async def test_each_cluster_s_objects_are_read_from_its_own_api(
+    tmp_path: Path, clusters: dict[str, Member]
+) -> None:
+    remote = await asyncio.to_thread(bare_repo, tmp_path / "remote.git")
+    config = await asyncio.to_thread(write_config, tmp_path / "c.yaml", remote, max_commits=1)
+    args = ["--config", str(config), "--state-dir", str(tmp_path / "state")]
+    for name, member in clusters.items():
+        kubeconfig = tmp_path / f"{name}.kubeconfig"
+        await asyncio.to_thread(kubeconfig.write_text, yaml.safe_dump(member.kubeconfig))
+        args += ["--cluster", f"{name}={kubeconfig}"]
+    served = await asyncio.to_thread(start_serve, tmp_path, *args)
+    try:
+        # Metadata level: no object in the event, so it must come from the event's cluster.
+        for name in ("prod", "staging", "dev"):
+            item = event("update", level="Metadata", body=None, user=f"{name}@example.com")
+            status = await asyncio.to_thread(_post, served.port, f"/audit-webhook/{name}", item)
+            assert status == 200
+        metrics = ""
+        kept, skipped = "events_kept_total 2.0", 'skipped_total{reason="needs-api"} 1.0'
+        async with asyncio.timeout(60):  # a bound against hangs, not a time to meet
+            while kept not in metrics or skipped not in metrics:  # noqa: ASYNC110
+                await asyncio.sleep(0.05)
+                _, body = await asyncio.to_thread(request, served.port, "GET", "/metrics")
+                metrics = body.decode()
+    finally:
+        log = await asyncio.to_thread(served.stop)
+    files = await asyncio.to_thread(git_files, remote)
+    # dev has no API: its event is skipped and counted, never answered by another cluster.
+    assert files == [
+        "live/prod/v1/configmaps/default/demo.yaml",
+        "live/staging/v1/configmaps/default/demo.yaml",
+    ]
+    for name, member in clusters.items():
+        content = await asyncio.to_thread(git_show, remote, files[name == "staging"])
+        assert f"from: {name} api" in content
+        reads = [
+            r for r in member.api if r.url.path == "/api/v1/namespaces/default/configmaps/demo"
+        ]
+        assert len(reads) == 1, f"{name}: {len(reads)} reads"
+        assert f"cluster {name}: events at /audit-webhook/{name}" in log
+
+
+async def test_a_fleet_without_rules_or_with_one_name_twice_is_refused(tmp_path: Path) -> None:
+    kubeconfig = tmp_path / "k"
+    await asyncio.to_thread(kubeconfig.write_text, "{}")
+    cases = [
+        (["--cluster", f"a={kubeconfig}"], "--cluster needs --config"),
+        (
+            ["--config", "x.yaml", "--cluster", f"a={kubeconfig}", "--cluster", f"a={kubeconfig}"],
+            "each name once",
+        ),
+        (["--config", "x.yaml", "--cluster", "a"], "'a' is not NAME=KUBECONFIG"),
+        (
+            ["--config", "x.yaml", "--kubeconfig", str(kubeconfig), "--cluster", f"a={kubeconfig}"],
+            "--cluster replaces --kubeconfig",
+        ),
+    ]
+    for args, message in cases:
+        done = await asyncio.to_thread(run, "serve", *args, cwd=tmp_path)
+        assert done.returncode != 0 and message in done.stderr, done.stderr
+        assert "Traceback" not in done.stderr
+
+
+async def test_a_receiver_with_one_cluster_s_api_keeps_that_cluster_s_layout(
+    tmp_path: Path, clusters: dict[str, Member]
+) -> None:
+    """serve --kubeconfig --config, posted to /audit-webhook/prod as production.md says:
+    the files stay under the target's path, where snapshots and resyncs write too."""
+    remote = await asyncio.to_thread(bare_repo, tmp_path / "remote.git")
+    config = await asyncio.to_thread(write_config, tmp_path / "c.yaml", remote, max_commits=1)
+    kubeconfig = tmp_path / "prod.kubeconfig"
+    await asyncio.to_thread(kubeconfig.write_text, yaml.safe_dump(clusters["prod"].kubeconfig))
+    args = ["--config", str(config), "--state-dir", str(tmp_path / "state")]
+    args += ["--kubeconfig", str(kubeconfig), "--resync-interval", "0"]
+    served = await asyncio.to_thread(start_serve, tmp_path, *args)
+    try:
+        item = event("create", name="other", body=configmap("other"))
+        assert await asyncio.to_thread(_post, served.port, "/audit-webhook/prod", item) == 200
+        async with asyncio.timeout(60):  # a bound against hangs, not a time to meet
+            while not await asyncio.to_thread(git_files, remote):  # noqa: ASYNC110
+                await asyncio.sleep(0.05)
+    finally:
+        await asyncio.to_thread(served.stop)
+    assert await asyncio.to_thread(git_files, remote) == ["live/v1/configmaps/default/other.yaml"]
