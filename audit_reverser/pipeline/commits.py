@@ -8,6 +8,7 @@ state that answers several events is the latest writer's, the others ``Co-author
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Sequence
 from typing import Literal
@@ -24,6 +25,8 @@ _NOT_SLUG = re.compile(r"[^a-z0-9._-]+")
 _NOT_NAME = re.compile(r"[<>\x00-\x1f\x7f]+")
 
 
+# Every kept write asks, and a cluster has few writers: remembered (an Identity is frozen).
+@functools.lru_cache(maxsize=4096)
 def author_for(username: str) -> Identity:
     """Name and email for a Kubernetes username; the email is the name when it is one."""
     name = _NOT_NAME.sub(" ", username).strip() or "unknown"
@@ -81,7 +84,8 @@ def commit_message(
             authors.add(name)
             identity = author_for(name)
             trailers.append(("Co-authored-by", f"{identity.name} <{identity.email}>"))
-    body = "\n".join(f"{key}: {_one_line(value)}" for key, value in trailers if _one_line(value))
+    lines = ((key, _one_line(value)) for key, value in trailers)
+    body = "\n".join(f"{key}: {value}" for key, value in lines if value)
     return f"[{action}] {subject_path}\n\n{body}\n"
 
 
