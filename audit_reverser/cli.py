@@ -43,6 +43,7 @@ from audit_reverser.config.model import Config, GitTarget, Key
 from audit_reverser.context import EventContext
 from audit_reverser.encryption.certs import make as make_certs
 from audit_reverser.errors import AuditReverserError, ConfigError, PermanentError
+from audit_reverser.ha.connection import Connection, JournalSettings, connect
 from audit_reverser.ingest import auth
 from audit_reverser.ingest.intake import DEFAULT_MAX_BACKLOG
 from audit_reverser.ingest.logfiles import read_chunks, size_of
@@ -158,6 +159,28 @@ def _parser() -> argparse.ArgumentParser:
         default=DEFAULT_SHUTDOWN_TIMEOUT_S,
         metavar="SECONDS",
         help="time to commit and push on SIGTERM; the rest stays in the journal (default: 20)",
+    )
+    shared = serve.add_argument_group(
+        "shared journal (docs/ha.md; without --journal, the journal is in --state-dir)"
+    )
+    shared.add_argument(
+        "--journal",
+        metavar="URL",
+        help="keep the journal in Redis or Valkey ≥ 7: redis://HOST:PORT[/DB], rediss:// for "
+        "TLS; a 200 then means the events are durable there",
+    )
+    shared.add_argument(
+        "--journal-password-file",
+        type=Path,
+        metavar="FILE",
+        help="the Redis password (never in the URL)",
+    )
+    shared.add_argument(
+        "--journal-replicas",
+        type=int,
+        default=0,
+        metavar="N",
+        help="Redis replicas that must also hold a write before the 200 (default: 0)",
     )
     cluster = serve.add_argument_group(
         "cluster (rules from its custom resources unless --config is given, and the objects "
@@ -509,6 +532,20 @@ async def serve(args: argparse.Namespace) -> int:
             await api.close()
 
 
+async def _redis_journal(args: argparse.Namespace) -> Connection | None:
+    """The checked connection ``--journal`` asks for: a wrong password or an unreachable
+    Redis ends the start here, in one line."""
+    if args.journal is None:
+        for flag in ("journal_password_file", "journal_replicas"):
+            if getattr(args, flag):
+                raise PermanentError(f"--{flag.replace('_', '-')} needs --journal")
+        return None
+    settings = JournalSettings(
+        url=args.journal, password_file=args.journal_password_file, replicas=args.journal_replicas
+    )
+    return await connect(settings)
+
+
 async def _serve_fleet(
     args: argparse.Namespace, senders: auth.SenderPolicy, context: ssl.SSLContext | None
 ) -> int:
@@ -552,6 +589,7 @@ async def _serve(
     sources: Mapping[str, ApiObjects] | None = None,
 ) -> int:
     source = ApiObjects(api) if api is not None else None
+    redis_journal = await _redis_journal(args)
     runtime = await asyncio.to_thread(
         _runtime,
         args,
@@ -560,6 +598,7 @@ async def _serve(
         sources=sources,
         problems=list(rules.problems.values()) if rules is not None else (),
         journal=True,
+        redis_journal=redis_journal,
         max_backlog=args.max_backlog,
         shutdown_timeout_s=args.shutdown_timeout,
         exclusions=_exclusions(args),

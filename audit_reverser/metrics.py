@@ -18,6 +18,7 @@ from prometheus_client.registry import Collector
 from audit_reverser.cluster.resync import ResyncStats
 from audit_reverser.cluster.rules import owner_of
 from audit_reverser.gitstore.writer import PUSH_SECONDS_BUCKETS
+from audit_reverser.ha.journal import RedisJournal
 from audit_reverser.runtime import Runtime
 
 Family = CounterMetricFamily | GaugeMetricFamily | HistogramMetricFamily
@@ -61,7 +62,7 @@ class _RuntimeCollector(Collector):
         for target, count in sorted(stats.kept_by_target.items()):
             targets.add_metric([target], count)
         yield targets
-        journal = runtime.journal
+        journal = runtime.intake.journal
         yield GaugeMetricFamily(
             "audit_reverser_journal_backlog",
             "Accepted events not yet committed locally.",
@@ -130,6 +131,31 @@ class _RuntimeCollector(Collector):
         yield from (commits, failed, pushes, pushed, unpushed, last, duration)
         if self._resyncs is not None:
             yield from _resync_families(self._resyncs)
+        if runtime.redis_journal is not None:
+            yield from _shared_journal_families(runtime.redis_journal)
+
+
+def _shared_journal_families(journal: RedisJournal) -> Iterator[Family]:
+    lease = journal.lease
+    held = GaugeMetricFamily(
+        "audit_reverser_lease_held",
+        "1 while this replica holds the lane's lease (writes it), by its own clock.",
+        labels=["lane"],
+    )
+    held.add_metric([lease.lane], int(lease.held))
+    taken = CounterMetricFamily(
+        "audit_reverser_lease_takeovers",
+        "Times this replica took the lane's lease (a start, or after another's expired).",
+        labels=["lane"],
+    )
+    taken.add_metric([lease.lane], lease.taken)
+    yield held
+    yield taken
+    yield GaugeMetricFamily(
+        "audit_reverser_stream_backlog",
+        "Events stored in the shared journal's streams and not yet pushed, all lanes.",
+        value=journal.stream_backlog,
+    )
 
 
 def _config_problems(problems: list[str]) -> GaugeMetricFamily:

@@ -17,6 +17,7 @@ import dataclasses
 import fcntl
 import logging
 import os
+import socket
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,8 +45,10 @@ from audit_reverser.gitstore.transport import (
 )
 from audit_reverser.gitstore.types import Identity
 from audit_reverser.gitstore.writer import BranchWriter
+from audit_reverser.ha.connection import Connection
+from audit_reverser.ha.journal import RedisJournal
 from audit_reverser.ingest.intake import DEFAULT_MAX_BACKLOG, DEFAULT_WINDOW, Intake
-from audit_reverser.journal import DEFAULT_MIN_FREE_BYTES, Journal, SegmentFile
+from audit_reverser.journal import DEFAULT_MIN_FREE_BYTES, EventJournal, Journal, SegmentFile
 from audit_reverser.pipeline.noise import Exclusions
 from audit_reverser.pipeline.processor import Processor
 from audit_reverser.pipeline.resolve import ObjectSource
@@ -75,6 +78,8 @@ class Settings:
     journal_min_free_bytes: int = DEFAULT_MIN_FREE_BYTES
     # The journal's disk access; tests put a file here that fails like a full disk.
     journal_file: Callable[[Path], SegmentFile] = SegmentFile
+    # serve --journal redis://…: the journal is in this Redis instead (ha.journal).
+    redis_journal: Connection | None = None
     # How long close() may spend committing and pushing before it leaves the rest to the
     # journal; below Kubernetes' default 30 s grace period.
     shutdown_timeout_s: float = DEFAULT_SHUTDOWN_TIMEOUT_S
@@ -314,18 +319,32 @@ class Runtime:
                 open_segment=settings.journal_file,
                 min_free_bytes=settings.journal_min_free_bytes,
             )
-            if settings.journal
+            if settings.journal and settings.redis_journal is None
             else None
         )
+        self.redis_journal = (
+            RedisJournal(
+                settings.redis_journal,
+                # One name per state directory (locked by one process at a time).
+                consumer=f"{socket.gethostname()}:{settings.state_dir.resolve()}",
+                progress=self._push_progress,
+            )
+            if settings.redis_journal is not None
+            else None
+        )
+        intake_journal: EventJournal | None = self.redis_journal or self.journal
         self.intake = Intake(
             self.processor,
-            journal=self.journal,
+            journal=intake_journal,
             window=settings.queue_size,
             max_backlog=settings.max_backlog,
         )
         self.accepting = False
         self._lock: int | None = None
         self._checkpoints: asyncio.Task[None] | None = None
+
+    def _push_progress(self) -> dict[str, tuple[int, int]]:
+        return {w.key: (w.stats.pushed_commits, w.mirror.unpushed) for w in self.writers.values()}
 
     def _wire(
         self,
@@ -550,6 +569,13 @@ class Runtime:
             await asyncio.gather(*(w.close() for w in self.writers.values()))
             self._unlock_state_dir()
             raise errors[0]
+        if self.redis_journal is not None:
+            try:
+                await self.redis_journal.open()
+            except BaseException:
+                await asyncio.gather(*(w.close() for w in self.writers.values()))
+                self._unlock_state_dir()
+                raise
         if self.journal is not None:
             await self._recover(self.journal)
             self._checkpoints = asyncio.create_task(
@@ -621,7 +647,8 @@ class Runtime:
         unreachable remote does not make us unready, because commits wait in the mirror
         while a pod that is not ready leaves the Service, and the apiserver then drops
         events once its buffer is full."""
-        problem = self.journal.unwritable if self.journal is not None else None
+        journal = self.redis_journal or self.journal
+        problem = journal.unwritable if journal is not None else None
         checks: list[tuple[str, bool | None, str]] = [
             ("started", self.accepting, "" if self.accepting else "starting or stopping"),
             ("pipeline", self.intake.running, ""),
@@ -662,7 +689,7 @@ class Runtime:
                 "shut-down time (%.0fs) is over: %d events stay in the journal and %d commits "
                 "in the mirrors, for the next start",
                 self.settings.shutdown_timeout_s,
-                self.journal.backlog if self.journal is not None else 0,
+                self.intake.journal.backlog if self.intake.journal is not None else 0,
                 sum(w.mirror.unpushed for w in self.writers.values()),
             )
             await self.intake.stop()
@@ -672,6 +699,8 @@ class Runtime:
                 await self._checkpoints
         if self.journal is not None:
             await self.journal.close()
+        if self.redis_journal is not None:
+            await self.redis_journal.close()
         self._unlock_state_dir()
 
     async def _finish(self) -> None:

@@ -96,3 +96,16 @@ class RedisServer:
             self._process.terminate()
             self._process.wait(10)
             self._process = None
+
+    def command(self, *args: str) -> str:
+        """One command through ``redis-cli`` (the password in its environment, not argv):
+        what an operator would see."""
+        result = subprocess.run(
+            ["redis-cli", "-p", str(self.port), "--no-raw", *args],
+            env={"REDISCLI_AUTH": self.password, "PATH": "/usr/bin:/bin"},
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=True,
+        )
+        return result.stdout.strip().removeprefix("(integer) ")

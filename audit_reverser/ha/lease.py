@@ -74,6 +74,8 @@ class Lease:
         self.key = f"{prefix}:lease:{lane}"
         self._fence_key = f"{prefix}:fence:{lane}"
         self.token: int | None = None
+        # Times this replica took the lease (a metric): each is a takeover of the lane.
+        self.taken = 0
         self._deadline = 0.0
         client = connection.client
         self._acquire = client.register_script(_ACQUIRE)
@@ -107,6 +109,7 @@ class Lease:
             self.token = None
             return False
         self.token = int(token)
+        self.taken += 1
         self._deadline = sent + self.lease_s * (1 - DRIFT)
         log.info("lease %s: taken by %s with token %d", self.lane, self.holder, self.token)
         return True

@@ -37,9 +37,10 @@ DEFAULT_SEEN_TTL_S = 600.0
 # writer skips Audit-IDs it has), where a seen-key without its entry would be a lost event.
 _APPEND = """
 local ttl, group = ARGV[1], ARGV[2]
-local k, a, added = 2, 3, 0
+local k, a, ids = 2, 3, {}
 while a <= #ARGV do
   local cluster, id, event, lanes = ARGV[a], ARGV[a + 1], ARGV[a + 2], tonumber(ARGV[a + 3])
+  local first = ''
   if redis.call('EXISTS', KEYS[k]) == 0 then
     for i = 1, lanes do
       local stream = KEYS[k + i]
@@ -47,15 +48,16 @@ while a <= #ARGV do
         redis.call('XGROUP', 'CREATE', stream, group, '0', 'MKSTREAM')
         redis.call('SADD', KEYS[1], stream)
       end
-      redis.call('XADD', stream, '*', 'id', id, 'cluster', cluster, 'event', event)
+      local added = redis.call('XADD', stream, '*', 'id', id, 'cluster', cluster, 'event', event)
+      if i == 1 then first = added end
     end
     redis.call('SET', KEYS[k], '1', 'PX', ttl)
-    added = added + 1
   end
+  ids[#ids + 1] = first
   k = k + lanes + 1
   a = a + 4
 end
-return added
+return ids
 """
 
 _ACKNOWLEDGE = """
@@ -117,12 +119,18 @@ class StreamJournal:
 
     async def append(self, batch: Sequence[Incoming]) -> int:
         """Store the batch's events not stored before, durably; returns how many were new.
+        See :meth:`append_ids`."""
+        return sum(1 for entry_id in await self.append_ids(batch) if entry_id is not None)
+
+    async def append_ids(self, batch: Sequence[Incoming]) -> list[str | None]:
+        """Store the batch's events not stored before, durably; returns, per event, its
+        entry ID in its first lane's stream, or None when it was stored before.
 
         Raises :class:`~.connection.RedisUnavailable` when Redis cannot be reached or does
         not confirm durability in time: then nothing may be acknowledged (it may or may not
         be stored; a retry stores it at most once)."""
         if not batch:
-            return 0
+            return []
         keys: list[str] = [f"{self.prefix}:lanes"]
         args: list[Any] = [int(self.seen_ttl_s * 1000), GROUP]
         for item in batch:
@@ -135,7 +143,7 @@ class StreamJournal:
                 self.connection.durable_commands(pipe)
                 answers = await pipe.execute()
         self.connection.confirm(answers)
-        return int(answers[0])
+        return [_text(entry_id) or None for entry_id in answers[0]]
 
     async def backlog(self) -> int:
         """Events stored and not yet pushed, over all lanes."""
@@ -166,7 +174,7 @@ class Lane:
         read again by :meth:`read`; returns how many."""
         client, claimed, start = self.connection.client, 0, "0-0"
         with self.connection.errors(f"taking over lane {self.name}"):
-            await _ensure_group(client, self.key)
+            await _ensure_group(client, self.key, f"{self.journal.prefix}:lanes")
             while True:
                 answer = await client.xautoclaim(
                     self.key, GROUP, self.consumer, min_idle_time=0, start_id=start, count=500
@@ -227,9 +235,12 @@ class Lane:
             return int(await self.connection.client.xlen(self.key))
 
 
-async def _ensure_group(client: Any, key: str) -> None:
+async def _ensure_group(client: Any, key: str, lanes: str) -> None:
+    """The stream and its group, listed among the lanes (whose lengths make the backlog:
+    the append script registers only the streams it creates)."""
     if not await client.exists(key):
         await client.xgroup_create(key, GROUP, id="0", mkstream=True)
+        await client.sadd(lanes, key)
 
 
 def _text(value: bytes | str) -> str:

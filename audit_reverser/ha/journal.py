@@ -1,0 +1,243 @@
+"""``serve --journal redis://…``: the intake's journal (:class:`~audit_reverser.journal.
+EventJournal`) kept in Redis instead of files, so that a 200 means "durable in Redis".
+
+This step runs **one** ``serve`` replica per journal: every kept event goes to one stream
+(lane :data:`INTAKE_LANE`), which this replica reads through the consumer group, in order,
+and a lease on that lane keeps a second replica from starting on the same journal (several
+replicas need the per-branch writers of :mod:`.lanes`, docs/ha.md). An entry is
+acknowledged (XACK + XDEL) only once its commits are *pushed*: ``done`` (committed in the
+local mirror) queues it with a mark per writer that had unpushed commits then (commits
+pushed so far + those waiting, from ``progress()``), and it is acknowledged once each of
+those writers has pushed that many: a push carries every commit made before it. So the
+mirror in ``--state-dir`` is a cache: a start on an empty one reads the unacknowledged
+entries again and commits what the remote lacks.
+
+Sequence numbers are the stream entry IDs (``ms-n``) as integers, so the seqs ``append``
+returns are those ``read`` gives back. Redis failures never stop the intake: ``read``
+retries, ``append`` raises :class:`JournalUnavailable` (503), and ``unwritable`` (what
+``/readyz`` reports) stays set until a probe finds Redis reachable and durable again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections import deque
+from collections.abc import Callable, Mapping, Sequence
+
+from audit_reverser.errors import AuditReverserError, PermanentError
+from audit_reverser.ha.connection import Connection
+from audit_reverser.ha.lease import Lease
+from audit_reverser.ha.stream import DEFAULT_PREFIX, Entry, Incoming, StreamJournal
+from audit_reverser.journal import Batch, JournalUnavailable, Record
+from audit_reverser.journal import Entry as JournalEntry
+
+log = logging.getLogger(__name__)
+
+INTAKE_LANE = "intake"
+# How often Redis is probed (durability, backlog) and pushed entries acknowledged.
+PROBE_S = 0.5
+# The per-ms counter of a stream ID stays far below this (one XADD per event).
+_SEQ_BITS = 20
+
+# Per writer: (commits pushed so far, commits waiting in its mirror).
+Progress = Callable[[], Mapping[str, tuple[int, int]]]
+
+
+def seq_of(entry_id: str) -> int:
+    ms, _, n = entry_id.partition("-")
+    return (int(ms) << _SEQ_BITS) | int(n or 0)
+
+
+class RedisJournal:
+    """The intake's journal in Redis; ``open`` before use, ``close`` after."""
+
+    def __init__(
+        self,
+        connection: Connection,
+        *,
+        consumer: str,
+        progress: Progress,
+        prefix: str = DEFAULT_PREFIX,
+        probe_s: float = PROBE_S,
+    ) -> None:
+        self.connection = connection
+        self.stream = StreamJournal(connection, prefix=prefix)
+        self.lane = self.stream.lane(INTAKE_LANE, consumer)
+        self.lease = Lease(connection, INTAKE_LANE, consumer, prefix=prefix)
+        self.consumer = consumer
+        self._progress = progress
+        self.probe_s = probe_s
+        # Why appends fail now (what /readyz shows), None while Redis takes them.
+        self.unwritable: str | None = None
+        self._backlog = 0
+        # Events stored and not pushed over every lane's stream (a metric; the last probe's).
+        self.stream_backlog = 0
+        self._last_seq = 0
+        self._ids: dict[int, str] = {}  # read, not yet done
+        # Committed locally, waiting for the push: the entry and, per writer, the count of
+        # pushed commits that means its commits are in the remote.
+        self._done: list[tuple[str, dict[str, int]]] = []
+        self._unread: deque[Entry] = deque()  # read from Redis, beyond the caller's bytes
+        self._probe: asyncio.Task[None] | None = None
+        self._keeper: asyncio.Task[None] | None = None
+
+    @property
+    def backlog(self) -> int:
+        """The stream's length: events stored and not yet pushed (as of the last probe,
+        plus those appended here since)."""
+        return self._backlog
+
+    @property
+    def last_seq(self) -> int:
+        return self._last_seq
+
+    async def open(self) -> None:
+        """Take the journal's lease (refused: another replica runs on it), make the entries
+        an earlier run read and did not acknowledge ours again, and start probing."""
+        await self._reclaim()
+        # Another replica's lease, or one left by a replica that was killed: wait until it
+        # expires at most.
+        tries = 5
+        while not await self.lease.acquire():
+            tries -= 1
+            if tries == 0:
+                raise PermanentError(
+                    f"another serve replica uses the journal at {self.connection.address} "
+                    f"(lease {self.lease.key}); one replica per journal for now (docs/ha.md)"
+                )
+            await asyncio.sleep(self.lease.lease_s / 3)
+        taken = await self.lane.take_over()
+        self._backlog = await self.lane.length()
+        self.stream_backlog = await self.stream.backlog()
+        log.info(
+            "journal: Redis stream %s, %d events waiting, %d taken over from an earlier run",
+            self.lane.key,
+            self._backlog,
+            taken,
+        )
+        self._keeper = asyncio.create_task(self.lease.keep(), name="journal lease")
+        self._probe = asyncio.create_task(self._probe_loop(), name="journal probe")
+
+    async def _reclaim(self) -> None:
+        """Give up a lease held under our own name: it was taken by an earlier run of ours
+        that was killed (our name holds the state directory, which only one process at a
+        time may use), so a restart need not wait for it to expire."""
+        with self.connection.errors("reading the journal's lease"):
+            value = await self.connection.client.get(self.lease.key)
+        if value is None:
+            return
+        text = value.decode() if isinstance(value, bytes) else str(value)
+        token, _, holder = text.partition(":")
+        if holder == self.lease.holder and token.isdigit():
+            self.lease.token = int(token)
+            await self.lease.release()
+
+    async def append(self, entries: Sequence[JournalEntry]) -> list[int]:
+        batch = [
+            Incoming(audit_id=audit_id, cluster=cluster, event=event, lanes=(INTAKE_LANE,))
+            for audit_id, cluster, event in entries
+        ]
+        try:
+            ids = await self.stream.append_ids(batch)
+        except AuditReverserError as exc:
+            self._unwritable(str(exc))
+            raise JournalUnavailable(str(exc)) from exc
+        # An event stored before (a retried batch) gets seq 0: it is read as that earlier
+        # entry, never as this one.
+        seqs = [seq_of(entry_id) if entry_id else 0 for entry_id in ids]
+        self._backlog += sum(1 for seq in seqs if seq)
+        self._last_seq = max(self._last_seq, *seqs)
+        return seqs
+
+    async def read(self, limit: int, max_bytes: int) -> Batch:
+        while not self._unread:
+            try:
+                self._unread.extend(await self.lane.read(limit, block_s=self.probe_s * 4))
+            except AuditReverserError as exc:
+                self._unwritable(str(exc))
+                await asyncio.sleep(self.probe_s)
+        records: list[Record] = []
+        size = 0
+        while self._unread and len(records) < limit:
+            entry = self._unread[0]
+            if records and size + len(entry.event) > max_bytes:
+                break
+            self._unread.popleft()
+            seq = seq_of(entry.entry_id)
+            self._ids[seq] = entry.entry_id
+            size += len(entry.event)
+            records.append(
+                Record(seq=seq, audit_id=entry.audit_id, cluster=entry.cluster, event=entry.event)
+            )
+        through = records[-1].seq
+        self._last_seq = max(self._last_seq, through)
+        return Batch(records=records, through=through)
+
+    def done(self, seq: int, tips: dict[str, str | None] | None = None) -> None:
+        entry_id = self._ids.pop(seq, None)
+        if entry_id is not None:
+            # Every writer, not only this event's (``tips``): an event that changed nothing
+            # may stand on another event's unpushed commit.
+            marks = {w: pushed + waiting for w, (pushed, waiting) in self._progress().items()}
+            self._done.append((entry_id, {w: m for w, m in marks.items() if m > 0}))
+
+    @staticmethod
+    def _pushed(marks: Mapping[str, int], now: Mapping[str, tuple[int, int]]) -> bool:
+        """Whether each writer pushed up to its mark, or has nothing waiting (a writer
+        gone with a new config has nothing to push either)."""
+        for writer, mark in marks.items():
+            pushed, waiting = now.get(writer, (mark, 0))
+            if pushed < mark and waiting:
+                return False
+        return True
+
+    async def acknowledge_pushed(self) -> int:
+        """Acknowledge the done entries whose commits are pushed; how many."""
+        if not self._done:
+            return 0
+        now = self._progress()
+        ready = [entry_id for entry_id, marks in self._done if self._pushed(marks, now)]
+        if not ready:
+            return 0
+        await self.lane.acknowledge(ready)
+        acknowledged = set(ready)
+        self._done = [d for d in self._done if d[0] not in acknowledged]
+        return len(ready)
+
+    def _unwritable(self, why: str) -> None:
+        if self.unwritable is None:
+            log.error("journal unavailable: %s", why)
+        self.unwritable = why
+
+    async def probe(self) -> None:
+        """One round: is Redis durable and reachable, how long is the stream, acknowledge."""
+        try:
+            await self.connection.check()
+            self._backlog = await self.lane.length()
+            self.stream_backlog = await self.stream.backlog()
+            await self.acknowledge_pushed()
+        except AuditReverserError as exc:
+            self._unwritable(str(exc))
+            return
+        if self.unwritable is not None:
+            log.info("journal available again")
+        self.unwritable = None
+
+    async def _probe_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.probe_s)
+            await self.probe()
+
+    async def close(self) -> None:
+        """Acknowledge what was pushed, give the lease up, and close the connection."""
+        for task in (self._probe, self._keeper):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        with contextlib.suppress(AuditReverserError):
+            await self.acknowledge_pushed()
+            await self.lease.release()
+        await self.connection.close()
