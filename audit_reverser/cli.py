@@ -52,14 +52,12 @@ from audit_reverser.metrics import exposition
 from audit_reverser.pipeline.filter import Skip
 from audit_reverser.pipeline.layout import CLUSTER_NAME
 from audit_reverser.pipeline.noise import DEFAULT_EXCLUDED_USERS, Exclusions
+from audit_reverser.providers import ProviderCheck, check_remotes, usable_providers
 from audit_reverser.runtime import (
     DEFAULT_COMMITTER,
     DEFAULT_SHUTDOWN_TIMEOUT_S,
-    ProviderCheck,
     Runtime,
     Settings,
-    check_remotes,
-    usable_providers,
 )
 
 log = logging.getLogger("audit_reverser")

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import fcntl
 import logging
 import os
@@ -27,22 +26,14 @@ from audit_reverser.cluster.objects import ApiObjects
 from audit_reverser.cluster.resync import ResyncResult, resync_target
 from audit_reverser.cluster.snapshot import SnapshotResult, snapshot
 from audit_reverser.cluster.status import State
-from audit_reverser.config.model import Config, GitProvider, GitTarget, Key, PushPolicy
+from audit_reverser.config.model import Config, GitTarget, Key, PushPolicy
 from audit_reverser.encryption.keys import TargetKeys, fingerprint_key
 from audit_reverser.encryption.keys import resolve as resolve_keys
-from audit_reverser.encryption.sshsig import SigningKey
-from audit_reverser.errors import AuditReverserError, ConfigError, RepositoryError
+from audit_reverser.errors import AuditReverserError, ConfigError
 from audit_reverser.events import AuditID
-from audit_reverser.gitstore.health import RemoteHealth, probe
+from audit_reverser.gitstore.health import probe
 from audit_reverser.gitstore.repository import Mirror
-from audit_reverser.gitstore.transport import (
-    LocalTransport,
-    NetworkTransport,
-    install_trust,
-    mirror_folder,
-    remote_key,
-    transport_for,
-)
+from audit_reverser.gitstore.transport import install_trust, mirror_folder
 from audit_reverser.gitstore.types import Identity
 from audit_reverser.gitstore.writer import BranchWriter
 from audit_reverser.ha.connection import Connection
@@ -53,6 +44,7 @@ from audit_reverser.pipeline.noise import Exclusions
 from audit_reverser.pipeline.processor import Processor
 from audit_reverser.pipeline.resolve import ObjectSource
 from audit_reverser.pipeline.stats import PipelineStats
+from audit_reverser.providers import CommitSigning, Remote, provider_remotes
 
 log = logging.getLogger(__name__)
 
@@ -99,172 +91,6 @@ class Settings:
 CHECKPOINT_INTERVAL_S = 0.2
 
 
-def _provider_secret(
-    config: Config, provider: GitProvider
-) -> tuple[Mapping[str, bytes] | None, str]:
-    """The data of a provider's ``secretRef`` Secret (None without one) and its name."""
-    if provider.secret_name is None:
-        return None, f"no Secret ({provider.kind} spec.secretRef is not set)"
-    key = Key(namespace=provider.key.namespace, name=provider.secret_name)
-    found = config.secrets.get(key)
-    if found is None:
-        raise ConfigError(
-            [f"{provider.kind} {provider.key}: spec.secretRef.name: Secret {key} not found"]
-        )
-    return found.data, f"Secret {key}"
-
-
-def provider_transport(config: Config, provider: GitProvider) -> LocalTransport | NetworkTransport:
-    """The transport of a provider, with the credentials of its ``secretRef`` Secret."""
-    secret, source = _provider_secret(config, provider)
-    try:
-        return transport_for(provider.url, secret, source)
-    except RepositoryError as exc:
-        raise ConfigError([f"{provider.kind} {provider.key}: {exc}"]) from None
-
-
-@dataclass(frozen=True, kw_only=True, slots=True)
-class CommitSigning:
-    """Who commits for a provider and with which key it signs, from its Secret: keys
-    ``committerName``/``committerEmail`` (else the default committer) and ``signingKey``
-    (+ ``signingKeyPassphrase``), an OpenSSH private key; unsigned without it."""
-
-    committer: Identity | None = None
-    key: SigningKey | None = None
-
-
-def _secret_text(secret: Mapping[str, bytes], name: str, source: str) -> str | None:
-    value = secret.get(name)
-    try:
-        return value.decode().strip() if value is not None else None
-    except UnicodeDecodeError:
-        raise ConfigError([f"{source}: {name} is not UTF-8 text"]) from None
-
-
-def provider_signing(config: Config, provider: GitProvider) -> CommitSigning:
-    """The committer and signing key of a provider; a ConfigError names the Secret and key
-    that cannot be used (then nothing is committed for it, rather than unsigned)."""
-    secret, source = _provider_secret(config, provider)
-    if not secret:
-        return CommitSigning()
-    where = f"{provider.kind} {provider.key}: {source}"
-    name = _secret_text(secret, "committerName", where)
-    email = _secret_text(secret, "committerEmail", where)
-    committer = None
-    if name is not None or email is not None:
-        if not name or not email:
-            raise ConfigError([f"{where}: committerName and committerEmail go together"])
-        if any(c in f"{name}{email}" for c in "<>\n\0") or " " in email or "@" not in email:
-            raise ConfigError(
-                [
-                    f"{where}: committerEmail {email!r} with committerName {name!r} is not a Git "
-                    "identity (an email address, and no <, > or line breaks)"
-                ]
-            )
-        committer = Identity(name=name, email=email)
-    text = secret.get("signingKey")
-    if text is None:
-        return CommitSigning(committer=committer)
-    passphrase = secret.get("signingKeyPassphrase")
-    key = SigningKey.load(text, passphrase, source=f"{where}: signingKey")
-    return CommitSigning(committer=committer, key=key)
-
-
-@dataclass(frozen=True, kw_only=True, slots=True)
-class _Remote:
-    transport: LocalTransport | NetworkTransport
-    key: str  # remote_key(url): local paths resolved, so it is made off the event loop
-    signing: CommitSigning
-
-
-def _remotes(config: Config) -> dict[Key, _Remote | ConfigError]:
-    """Each provider's remote, or why it has none."""
-    found: dict[Key, _Remote | ConfigError] = {}
-    for key, provider in config.providers.items():
-        try:
-            found[key] = _Remote(
-                transport=provider_transport(config, provider),
-                key=remote_key(provider.url),
-                signing=provider_signing(config, provider),
-            )
-        except ConfigError as exc:
-            found[key] = exc
-    return found
-
-
-def usable_providers(config: Config) -> tuple[Config, list[str]]:
-    """``config`` without the targets whose provider's credentials cannot be used, and
-    why (a signing key is not checked here: ``check`` reports it per provider)."""
-    broken = {}
-    for key in sorted({t.provider_key for t in config.targets.values()}, key=str):
-        try:
-            provider_transport(config, config.providers[key])
-        except ConfigError as exc:
-            broken[key] = config.located(config.providers[key].kind, key, str(exc))
-    targets = {k: t for k, t in config.targets.items() if t.provider_key not in broken}
-    usable = dataclasses.replace(
-        config,
-        targets=targets,
-        watch_rules=tuple(r for r in config.watch_rules if r.target_key in targets),
-        cluster_watch_rules=tuple(r for r in config.cluster_watch_rules if r.target_key in targets),
-    )
-    return usable, list(broken.values())
-
-
-@dataclass(frozen=True, kw_only=True, slots=True)
-class ProviderCheck:
-    provider: GitProvider
-    targets: tuple[Key, ...]
-    health: RemoteHealth
-    signing: CommitSigning = field(default_factory=CommitSigning)
-    signing_problem: str | None = None  # why the committer or signing key cannot be used
-
-    @property
-    def ready(self) -> bool:
-        return self.health.ready and self.signing_problem is None
-
-    @property
-    def reason(self) -> str:
-        return "SigningKeyInvalid" if self.signing_problem is not None else self.health.reason
-
-    @property
-    def message(self) -> str:
-        return self.signing_problem or self.health.message
-
-
-async def check_remotes(config: Config, trust_home: Path) -> list[ProviderCheck]:
-    """Probe every (provider, branch) the targets use, concurrently; nothing is written."""
-    wanted: dict[tuple[Key, str], list[Key]] = {}
-    for target in config.targets.values():
-        wanted.setdefault((target.provider_key, target.branch), []).append(target.key)
-    transports = {key: provider_transport(config, config.providers[key]) for key, _ in wanted}
-
-    def load_signing(key: Key) -> CommitSigning | ConfigError:
-        try:  # an encrypted key's passphrase is stretched (bcrypt): off the event loop
-            return provider_signing(config, config.providers[key])
-        except ConfigError as exc:
-            return exc
-
-    signings = {key: await asyncio.to_thread(load_signing, key) for key in transports}
-    await asyncio.to_thread(install_trust, trust_home, transports.values())
-    healths = await asyncio.gather(
-        *(asyncio.to_thread(probe, transports[key], branch) for key, branch in wanted)
-    )
-    checks = []
-    for ((key, _), targets), health in zip(wanted.items(), healths, strict=True):
-        signing = signings[key]
-        checks.append(
-            ProviderCheck(
-                provider=config.providers[key],
-                targets=tuple(targets),
-                health=health,
-                signing=signing if isinstance(signing, CommitSigning) else CommitSigning(),
-                signing_problem=str(signing) if isinstance(signing, ConfigError) else None,
-            )
-        )
-    return checks
-
-
 def _broken_keys(config: Config, keys: Mapping[Key, TargetKeys]) -> list[str]:
     """Targets that ask for encryption whose key cannot be used (not those without any)."""
     return [
@@ -295,7 +121,7 @@ class Runtime:
         # What each writer signs with (fingerprints, committer): logged when it changes.
         self._signing: dict[str, tuple[frozenset[str], Identity]] = {}
         strict = settings.rules_from_files and not settings.leave_out_broken
-        sinks, _ = self._wire(config, _remotes(config), strict=strict)
+        sinks, _ = self._wire(config, provider_remotes(config), strict=strict)
         self.sinks = sinks
         self.stats = PipelineStats()
         # Generated age keys and the fingerprint key live in the state directory: blocking
@@ -349,7 +175,7 @@ class Runtime:
     def _wire(
         self,
         config: Config,
-        remotes: Mapping[Key, _Remote | ConfigError],
+        remotes: Mapping[Key, Remote | ConfigError],
         *,
         strict: bool,
     ) -> tuple[dict[Key, BranchWriter], list[BranchWriter]]:
@@ -475,7 +301,7 @@ class Runtime:
         none is dropped. Writers of repository branches no longer used keep running: they
         may hold unpushed commits."""
         keys = await asyncio.to_thread(self._resolve_keys, config, strict=False)
-        remotes = await asyncio.to_thread(_remotes, config)  # local paths: file access
+        remotes = await asyncio.to_thread(provider_remotes, config)  # local paths: file access
         sinks, new = self._wire(config, remotes, strict=False)
         for writer in new:
             await writer.open()

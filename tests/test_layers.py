@@ -16,6 +16,7 @@ LAYERS = [
     "config",
     "encryption",
     "gitstore",
+    "providers",
     "journal",
     "pipeline",
     "ingest",
