@@ -180,6 +180,13 @@ class Connection:
     def errors(self, doing: str) -> contextlib.AbstractContextManager[None]:
         return mapped(self.address, doing)
 
+    async def forget_idle(self) -> None:
+        """Close the pool's idle connections. After Redis restarted, each of them still looks
+        open and would fail the next command it carries (a 503 for a batch that could have
+        been stored): they are opened again when next used."""
+        with self.errors("closing idle connections"):
+            await self.client.connection_pool.disconnect(inuse_connections=False)
+
     async def check(self) -> None:
         """Raise unless a write this server confirms is on its disk (and on ``replicas``
         replicas): with WAITAOF, that the AOF is on; before Redis 7.2, that every write is

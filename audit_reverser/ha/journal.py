@@ -214,6 +214,8 @@ class RedisJournal:
     async def probe(self) -> None:
         """One round: is Redis durable and reachable, how long is the stream, acknowledge."""
         try:
+            if self.unwritable is not None:  # coming back: no stale connection may answer
+                await self.connection.forget_idle()
             await self.connection.check()
             self._backlog = await self.lane.length()
             self.stream_backlog = await self.stream.backlog()
