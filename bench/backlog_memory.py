@@ -23,11 +23,9 @@ Step 3 takes minutes for 80,000 writes: committing and pushing them is Git's wor
 from __future__ import annotations
 
 import argparse
-import os
 import re
 import socket
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -37,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+from traced_serve import SERVE_ENV, serve_command  # bench/, the script's own folder
 
 REPO = Path(__file__).resolve().parent.parent
 BATCH = 400
@@ -126,18 +125,6 @@ spec:
     return path
 
 
-# serve's environment as the image (Dockerfile) sets it: two malloc arenas.
-SERVE_ENV = {**os.environ, "MALLOC_ARENA_MAX": "2"}
-
-
-def _serve_command(traced: bool) -> list[str]:
-    """``python -m audit_reverser``, or under tracemalloc when ``traced`` and BENCH_TRACEMALLOC
-    names a file (bench/traced_serve.py)."""
-    if traced and os.environ.get("BENCH_TRACEMALLOC"):
-        return [sys.executable, str(REPO / "bench" / "traced_serve.py")]
-    return [sys.executable, "-m", "audit_reverser"]
-
-
 def _port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -151,7 +138,7 @@ class Serve:
         with self.log.open("wb") as sink:
             self.process = subprocess.Popen(
                 [
-                    *_serve_command(traced),
+                    *serve_command(traced),
                     "--log-level",
                     "warning",
                     "serve",

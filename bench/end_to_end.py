@@ -39,6 +39,7 @@ from typing import Any
 
 import orjson
 import pygit2
+from traced_serve import SERVE_ENV, serve_command  # bench/, the script's own folder
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -173,18 +174,6 @@ spec:
     return config
 
 
-# serve's environment as the image (Dockerfile) sets it: two malloc arenas.
-SERVE_ENV = {**os.environ, "MALLOC_ARENA_MAX": "2"}
-
-
-def _serve_command() -> list[str]:
-    """``python -m audit_reverser``, or under tracemalloc when BENCH_TRACEMALLOC names a file
-    (bench/traced_serve.py)."""
-    if os.environ.get("BENCH_TRACEMALLOC"):
-        return [sys.executable, str(REPO / "bench" / "traced_serve.py")]
-    return [sys.executable, "-m", "audit_reverser"]
-
-
 def _start_serve(root: Path, config: Path) -> tuple[subprocess.Popen[bytes], int]:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -192,7 +181,7 @@ def _start_serve(root: Path, config: Path) -> tuple[subprocess.Popen[bytes], int
     log = (root / "serve.log").open("wb")
     server = subprocess.Popen(
         [
-            *_serve_command(),
+            *serve_command(),
             "--log-level",
             "warning",
             "serve",

@@ -20,6 +20,17 @@ import time
 import tracemalloc
 from pathlib import Path
 
+# serve's environment as the image (Dockerfile) sets it: two malloc arenas.
+SERVE_ENV = {**os.environ, "MALLOC_ARENA_MAX": "2"}
+
+
+def serve_command(traced: bool = True) -> list[str]:
+    """``python -m audit_reverser`` for a benchmark to start, or this program (serve under
+    tracemalloc) when ``traced`` and BENCH_TRACEMALLOC names a file."""
+    if traced and os.environ.get("BENCH_TRACEMALLOC"):
+        return [sys.executable, str(Path(__file__).resolve())]
+    return [sys.executable, "-m", "audit_reverser"]
+
 
 def _rss_mib() -> int:
     for line in Path(f"/proc/{os.getpid()}/status").read_text().splitlines():
