@@ -102,6 +102,16 @@ class Encoded:
     also: tuple[tuple[str, bytes], ...]
 
 
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Routed:
+    """An event's targets as :meth:`Processor.routes` found them on arrival. Processing
+    reuses them while the rules are the same (``generation``), instead of routing the event
+    a second time; None when they depend on what happens in between (a deletion)."""
+
+    routes: tuple[Route, ...]
+    generation: int | None
+
+
 def _rv_number(rv: str) -> int | None:
     # resourceVersion is opaque by contract, but every apiserver backed by etcd writes the
     # etcd revision as decimal; only such values are compared.
@@ -124,6 +134,7 @@ class Processor:
         self._router = Router(config)
         self._own_secrets = own_secrets(config)
         self._sinks = sinks
+        self._generation = 0  # of the rules and targets, for Routed
         self.stats = stats
         self._keys = keys or {}
         self._fingerprint_key = fingerprint_key
@@ -147,6 +158,7 @@ class Processor:
         self._router = Router(config)
         self._own_secrets = own_secrets(config)
         self._sinks = sinks
+        self._generation += 1
         self._keys = keys
         self._refused_secrets.clear()
 
@@ -179,11 +191,17 @@ class Processor:
             if version is not None and version > self._versions.get(key, -1):
                 self._versions[key] = version
 
-    def routes(self, event: AuditEvent) -> list[Route] | Skip:
+    def routes(self, event: AuditEvent) -> Routed | Skip:
         """Targets for the event, or why it goes nowhere. Cheap: no object is touched."""
         with about(audit_id=event.audit_id):
             found = self._routes(event)
-            return found if isinstance(found, Skip) else found[0]
+            if isinstance(found, Skip):
+                return found
+            routes, noise = found
+            # A delete request is remembered when routed, and whether noise finishes a
+            # deletion depends on the requests before it: those are routed again.
+            settled = noise is None and event.verb not in DELETE_VERBS
+            return Routed(routes=tuple(routes), generation=self._generation if settled else None)
 
     def may_finish_deletion(self, raw: Mapping[str, Any], *, cluster: str = "") -> bool:
         """For a ``status`` write the cheap filter would drop: whether it may be the one that
@@ -267,19 +285,24 @@ class Processor:
         return routes, noise
 
     async def process(
-        self, event: AuditEvent, later: Sequence[AuditEvent] = ()
+        self, event: AuditEvent, later: Sequence[AuditEvent] = (), routed: Routed | None = None
     ) -> list[asyncio.Future[CommitOutcome]]:
         """Submit the event's changes; the futures resolve when each is committed locally.
 
         ``later``: events for the same object queued after this one. When the object is read
-        from the API, the state read holds their changes too: one commit, by the latest."""
+        from the API, the state read holds their changes too: one commit, by the latest.
+        ``routed``: what :meth:`routes` said on arrival, reused while it still holds."""
         with about(audit_id=event.audit_id):
-            return await self._process(event, later)
+            return await self._process(event, later, routed)
 
     async def _process(
-        self, event: AuditEvent, later: Sequence[AuditEvent]
+        self, event: AuditEvent, later: Sequence[AuditEvent], routed: Routed | None
     ) -> list[asyncio.Future[CommitOutcome]]:
-        found = self._routes(event)
+        found: tuple[list[Route], Skip | None] | Skip
+        if routed is not None and routed.generation == self._generation:
+            found = list(routed.routes), None
+        else:
+            found = self._routes(event)
         if isinstance(found, Skip):
             return self._skip(event, found)
         routes, noise = found
