@@ -80,6 +80,12 @@ NOISE_RESOURCES = frozenset(
 )
 
 DEDUP_WINDOW = 100_000
+# Files whose newest resourceVersion is kept in memory (about 320 bytes each: 16 MB), the
+# most recently written ones. An event for a file written longer ago that is not newer than
+# every version forgotten is checked against the Resource-Version of the file's last commit
+# instead (a walk back through the history, on the Git thread). Before this bound, one entry
+# per file ever written stayed for the life of the process.
+VERSION_WINDOW = 50_000
 # Events one read answers at most (their users become Co-authored-by trailers).
 FOLD_LIMIT = 50
 
@@ -90,6 +96,8 @@ UNKNOWN_TIME = datetime(1970, 1, 1, tzinfo=UTC)
 
 class CommitSink(Protocol):
     async def submit(self, change: FileChange | TreeChange) -> asyncio.Future[CommitOutcome]: ...
+
+    async def last_message(self, path: str) -> str | None: ...
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -145,7 +153,8 @@ class Processor:
         self._refused_secrets: set[Key] = set()
         self._rules: dict[tuple[str, ...], bytes] = {}  # .sops.yaml per set of recipients
         self._handled: OrderedDict[AuditID, None] = OrderedDict()
-        self._versions: dict[tuple[int, str], int] = {}
+        self._versions: OrderedDict[tuple[int, str], int] = OrderedDict()
+        self._forgotten = -1  # the newest version dropped from _versions
         self._deletions = Deletions()
         # Events whose change a commit made for an earlier event holds (one read answered
         # both): their own turn returns that commit, so their journal records wait for it.
@@ -172,12 +181,12 @@ class Processor:
         so that events processed again never regress a file a later event already wrote."""
         for path, message in commits:
             version = _rv_number(trailer(message, "Resource-Version") or "")
-            key = (id(sink), path)
-            if version is not None and version > self._versions.get(key, -1):
-                self._versions[key] = version
+            if version is not None:
+                self._keep_version((id(sink), path), version)
 
     def wrote_newer(self, sink: CommitSink, path: str, resource_version: str) -> bool:
-        """Whether an event wrote ``path`` through ``sink`` at a newer resourceVersion."""
+        """Whether an event wrote ``path`` through ``sink`` at a newer resourceVersion.
+        A file not written among the last VERSION_WINDOW is not: the API's state is newer."""
         version = _rv_number(resource_version)
         stored = self._versions.get((id(sink), path))
         return version is not None and stored is not None and stored > version
@@ -187,9 +196,28 @@ class Processor:
         event older than them is stale, as if an event had written them."""
         for path, resource_version in versions.items():
             version = _rv_number(resource_version)
-            key = (id(sink), path)
-            if version is not None and version > self._versions.get(key, -1):
-                self._versions[key] = version
+            if version is not None:
+                self._keep_version((id(sink), path), version)
+
+    def _keep_version(self, key: tuple[int, str], version: int) -> None:
+        """Remember the file's version unless a newer one is; forget the least recently
+        written file beyond VERSION_WINDOW."""
+        versions = self._versions
+        if version < versions.get(key, -1):
+            return
+        versions[key] = version
+        versions.move_to_end(key)
+        if len(versions) > VERSION_WINDOW:
+            _, dropped = versions.popitem(last=False)
+            self._forgotten = max(self._forgotten, dropped)
+
+    async def _stored_version(self, sink: CommitSink, path: str, version: int) -> int | None:
+        """The newest version written to ``path``, as far as it matters for ``version``."""
+        stored = self._versions.get((id(sink), path))
+        if stored is not None or version > self._forgotten:
+            return stored  # not forgotten, or newer than anything forgotten
+        message = await sink.last_message(path)
+        return _rv_number(trailer(message, "Resource-Version") or "") if message else None
 
     def routes(self, event: AuditEvent) -> Routed | Skip:
         """Targets for the event, or why it goes nowhere. Cheap: no object is touched."""
@@ -477,9 +505,8 @@ class Processor:
             return encoded
         path = encoded.path
         sink = self._sinks[target.key]
-        version_key = (id(sink), path.file)
         version = _rv_number(change.resource_version)
-        stored = self._versions.get(version_key)
+        stored = None if version is None else await self._stored_version(sink, path.file, version)
         if version is not None and stored is not None and version < stored:
             log.info(
                 "event %s: %s is already at resourceVersion %d, newer than %d",
@@ -497,7 +524,7 @@ class Processor:
         else:
             action = "UPDATE"
         if version is not None:
-            self._versions[version_key] = version
+            self._keep_version((id(sink), path.file), version)
         message = commit_message(
             action=action,
             subject_path=path.subject,
