@@ -27,6 +27,11 @@ VERB_OPERATIONS: dict[str, Operation] = {
     "deletecollection": "DELETE",
 }
 
+# Answers the router remembers (bounded: emptied when full). Events come in runs of the same
+# kind of object, and without rules that exclude users or tools the answer depends only on
+# the reference's kind, namespace and the verb: the rules are matched once per such key.
+MEMO_LIMIT = 4096
+
 # Writes through these subresources change the parent object's own spec, so a rule that
 # selects the parent selects them too (``kubectl scale`` must show up in a deployments rule).
 PARENT_WRITING_SUBRESOURCES = frozenset({"scale", "ephemeralcontainers", "resize"})
@@ -85,6 +90,7 @@ class Router:
         self._cluster: list[tuple[ResourceRule, GitTarget, Exclusions | None]] = []
         self._cluster_folders = config.cluster_folders
         self._in_folder: dict[tuple[Key, str], GitTarget] = {}
+        self._memo: dict[tuple[str, ...], list[Route]] = {}
         for rule in config.watch_rules:
             target = config.targets[rule.target_key]
             excluded = _exclusions(rule.exclude_users, rule.exclude_field_managers)
@@ -95,10 +101,33 @@ class Router:
             target = config.targets[cluster_rule.target_key]
             excluded = _exclusions(cluster_rule.exclude_users, cluster_rule.exclude_field_managers)
             self._cluster.extend((r, target, excluded) for r in cluster_rule.rules)
+        self._excludes = any(
+            x is not None
+            for _, _, x in (*self._cluster, *(e for n in self._namespaced.values() for e in n))
+        )
 
     def routes(self, ref: ObjectRef, verb: str, event: AuditEvent | None = None) -> list[Route]:
         """Targets for ``ref``; with ``event``, rules that exclude its user or field manager
-        do not count."""
+        do not count. The list is shared: callers do not change it."""
+        if self._excludes and event is not None:
+            return self._routes(ref, verb, event)
+        key = (
+            verb,
+            ref.api_group,
+            ref.api_version,
+            ref.resource,
+            ref.subresource,
+            ref.namespace,
+            event.cluster if event is not None and self._cluster_folders else "",
+        )
+        found = self._memo.get(key)
+        if found is None:
+            if len(self._memo) >= MEMO_LIMIT:
+                self._memo.clear()
+            found = self._memo[key] = self._routes(ref, verb, event)
+        return found
+
+    def _routes(self, ref: ObjectRef, verb: str, event: AuditEvent | None) -> list[Route]:
         operation = VERB_OPERATIONS.get(verb)
         if operation is None:
             return []
