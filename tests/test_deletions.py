@@ -11,10 +11,29 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import time
+from pathlib import Path
 from typing import Any
 
+import orjson
+import pytest
+
+from audit_reverser.events import AuditEvent, parse_event
+from audit_reverser.pipeline.deletions import KEPT_AGE_S, Deletions
 from audit_reverser.pipeline.filter import Skip
-from tests.conftest import Harness, configmap, event, git
+from tests.conftest import (
+    Harness,
+    bare_repo,
+    configmap,
+    event,
+    event_list,
+    git,
+    git_files,
+    request,
+    start_harness,
+    start_serve,
+    write_config,
+)
 
 KCM = "kube-controller-manager/v1.31.0 (linux/amd64) kubernetes/9edcffc"
 PVC_PROTECTION = "system:serviceaccount:kube-system:pvc-protection-controller"
@@ -149,6 +168,56 @@ async def test_a_pvc_released_by_the_pvc_protection_controller_leaves_git_in_the
     assert last["Delete-Audit-ID"] == "bob-deletes-pvc"
     assert last["Audit-ID"] == "controller-releases" and last["Verb"] == "update"
     assert last["removed"] == PVC_FILE
+
+
+def _post(port: int, *items: dict[str, Any]) -> None:
+    status, body = request(port, "POST", "/audit-webhook", orjson.dumps(event_list(*items)))
+    assert status == 200, body
+
+
+def _wait_until_done(state: Path, records: int) -> None:
+    """Until the journal says ``records`` records are committed: a kill -9 from then on does
+    not send them through the pipeline again (their memories must be elsewhere)."""
+    checkpoint = state / "journal" / "checkpoint.json"
+    deadline = time.monotonic() + 120  # a bound against hangs, not a time to meet
+    while not (checkpoint.exists() and orjson.loads(checkpoint.read_bytes())["done"] >= records):
+        assert time.monotonic() < deadline, "the journal never counted the records as done"
+        time.sleep(0.05)
+
+
+def test_a_restart_between_a_delete_and_its_completion_keeps_the_requester(
+    tmp_path: Path,
+) -> None:
+    remote = bare_repo(tmp_path / "remote.git")
+    config = write_config(tmp_path / "c.yaml", remote, max_commits=1, interval="100ms")
+    args = ["--config", str(config), "--state-dir", str(tmp_path / "state")]
+    server = start_serve(tmp_path, *args)
+    protected = pvc("200", ["kubernetes.io/pvc-protection"])
+    asked = deleted(pvc("202"), "202", finalizers=["kubernetes.io/pvc-protection"])
+    _post(
+        server.port,
+        _pvc_event("create", protected, user="alice@example.com"),
+        _pvc_event("delete", asked, user="bob@example.com", audit_id="bob-deletes-pvc"),
+    )
+    _wait_until_done(tmp_path / "state", 2)
+    server.kill()  # no clean-up: what is not on disk now is lost
+
+    server = start_serve(tmp_path, *args)
+    released = deleted(pvc("203"), "203", finalizers=None)
+    _post(
+        server.port,
+        by_controller(
+            _pvc_event("update", released, audit_id="controller-releases"), PVC_PROTECTION
+        ),
+    )
+    log = server.stop()
+    assert server.process.returncode == 0, log
+
+    assert git_files(remote) == []
+    message = git(remote, "log", "-1", "--format=%an <%ae>%n%B", "main")
+    assert message.startswith("bob@example.com <bob@example.com>\n[DELETE] v1/persistent")
+    assert f"Deleted-By: {PVC_PROTECTION}\n" in message
+    assert "Delete-Audit-ID: bob-deletes-pvc\n" in message
 
 
 def namespace(
@@ -532,3 +601,55 @@ async def test_a_finished_job_deleted_by_the_ttl_controller_leaves_git(harness: 
     ttl_email = "system-serviceaccount-kube-system-ttl-after-finished-controller"
     assert last["author"] == f"{TTL_CONTROLLER} <{ttl_email}@audit-reverser.invalid>"
     assert last["Deleted-By"] == GARBAGE_COLLECTOR
+
+
+def _asked_and_finished() -> tuple[AuditEvent, AuditEvent]:
+    ask = parse_event(
+        _pvc_event(
+            "delete",
+            deleted(pvc("202"), "202", finalizers=["kubernetes.io/pvc-protection"]),
+            user="bob@example.com",
+        )
+    )
+    finish = parse_event(
+        by_controller(
+            _pvc_event("update", deleted(pvc("203"), "203", finalizers=None)), PVC_PROTECTION
+        )
+    )
+    return ask, finish
+
+
+def test_requests_older_than_a_week_are_not_kept_across_a_restart() -> None:
+    ask, finish = _asked_and_finished()
+    before = Deletions()
+    before.asked(ask, person=True)
+    now = time.time()
+    for later, kept in ((now + 60, True), (now + KEPT_AGE_S + 60, False)):
+        after = Deletions()
+        after.restore(orjson.loads(orjson.dumps(before.export(now))), later)
+        found = after.requester(finish, "shop", "data")
+        assert (found.user.username if found else None) == ("bob@example.com" if kept else None)
+
+
+@pytest.mark.parametrize(
+    "damaged",
+    [
+        b'{"requests": [{"x": 1}]',  # cut short
+        b'{"requests": [{"x": 1}], "objects": [[["a"], 0]], "uids": [], "owners": []}',
+        b"[]",
+    ],
+)
+async def test_a_damaged_memory_of_deletions_is_set_aside_and_serve_starts(
+    tmp_path: Path, damaged: bytes
+) -> None:
+    state = tmp_path / "state"
+    await asyncio.to_thread(state.mkdir)
+    await asyncio.to_thread((state / "deletions.json").write_bytes, damaged)
+    started = await start_harness(tmp_path, settings={"journal": True})
+    try:
+        await started.send(event("create", name="after", body=configmap("after")))
+        await started.sync()
+        assert await started.files() == ["live/v1/configmaps/default/after.yaml"]
+    finally:
+        await started.runtime.close()
+    assert await asyncio.to_thread((state / "deletions.json.bad").exists)

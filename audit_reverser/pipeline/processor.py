@@ -179,6 +179,11 @@ class Processor:
             if version is not None and version > self._versions.get(key, -1):
                 self._versions[key] = version
 
+    @property
+    def deletions(self) -> Deletions:
+        """Who asked for the deletions pending (saved across restarts by the runtime)."""
+        return self._deletions
+
     def routes(self, event: AuditEvent) -> list[Route] | Skip:
         """Targets for the event, or why it goes nowhere. Cheap: no object is touched."""
         with about(audit_id=event.audit_id):
