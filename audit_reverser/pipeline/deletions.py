@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from typing import Any, TypedDict
 
 from audit_reverser.events import AuditEvent, AuditID, User
+from audit_reverser.pipeline.resolve import NeedsApi, resolve_offline
 
 DELETE_VERBS = frozenset({"delete", "deletecollection"})
 LIMIT = 100_000
@@ -106,6 +107,15 @@ def _uid_of(response: Mapping[str, Any] | None) -> str:
     return uid if isinstance(uid, str) else ""
 
 
+def _gone_at_once(event: AuditEvent) -> bool:
+    """Whether the delete's answer shows its object gone (not held by finalizers)."""
+    try:
+        changes = resolve_offline(event)
+    except NeedsApi:
+        return False
+    return bool(changes) and all(change.body is None for change in changes)
+
+
 class _Bounded(OrderedDict[Any, Any]):
     def put(self, key: object, value: object) -> None:
         self[key] = value
@@ -155,6 +165,8 @@ class Deletions:
             uid = _uid_of(response) or self._uids.get(keys[0], "")
             if uid:
                 self._by_uid.put(uid, request)
+            if _gone_at_once(event):
+                keys = []  # nobody finishes it: only its dependents' cascade may follow
         for key in keys:
             previous = self._by_object.get(key)
             if previous is None or person or not previous.person:  # a person's request wins
@@ -223,8 +235,9 @@ class Deletions:
             del self._owners[key]
 
     def export(self, now: float) -> Saved:
-        """What a restart must not forget: the newest requests younger than the age bound,
-        and which objects the owners named by them own (the garbage collector's cascade)."""
+        """What a restart must not forget: the newest requests younger than the age bound
+        (an owner's only while objects it owns are known), and which objects those owners
+        own (the garbage collector's cascade)."""
         oldest = now - KEPT_AGE_S
         requests: dict[int, int] = {}  # id(Request) -> index
         saved: Saved = {"requests": [], "objects": [], "uids": [], "owners": []}
@@ -252,13 +265,16 @@ class Deletions:
         for key, request in list(self._by_object.items())[-KEPT_LIMIT:]:
             if (i := index(request)) is not None:
                 saved["objects"].append((list(key), i))
-        for uid, request in list(self._by_uid.items())[-KEPT_LIMIT:]:
+        # An owner's request matters only while objects it owns are known to exist.
+        owners = {uid for uids in self._owners.values() for uid in uids}
+        owned = [(uid, r) for uid, r in self._by_uid.items() if uid in owners]
+        for uid, request in owned[-KEPT_LIMIT:]:
             if (i := index(request)) is not None:
                 saved["uids"].append((uid, i))
-        owners = {uid for uid, _ in saved["uids"]}
-        if owners:
+        asked = {uid for uid, _ in saved["uids"]}
+        if asked:
             for key, uids in self._owners.items():
-                if owners.intersection(uids):
+                if asked.intersection(uids):
                     saved["owners"].append((list(key), list(uids)))
         return saved
 
