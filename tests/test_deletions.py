@@ -18,9 +18,12 @@ from typing import Any
 import orjson
 import pytest
 
+from audit_reverser.cluster.objects import ApiObjects
+from audit_reverser.config import load_config
 from audit_reverser.events import AuditEvent, parse_event
 from audit_reverser.pipeline.deletions import KEPT_AGE_S, Deletions
 from audit_reverser.pipeline.filter import Skip
+from audit_reverser.runtime import Runtime, Settings
 from tests.conftest import (
     Harness,
     bare_repo,
@@ -34,6 +37,9 @@ from tests.conftest import (
     start_serve,
     write_config,
 )
+from tests.test_cluster import Cluster, cluster
+
+__all__ = ["cluster"]  # the fixture, shared with test_cluster
 
 KCM = "kube-controller-manager/v1.31.0 (linux/amd64) kubernetes/9edcffc"
 PVC_PROTECTION = "system:serviceaccount:kube-system:pvc-protection-controller"
@@ -653,3 +659,113 @@ async def test_a_damaged_memory_of_deletions_is_set_aside_and_serve_starts(
     finally:
         await started.runtime.close()
     assert await asyncio.to_thread((state / "deletions.json.bad").exists)
+
+
+CREATE_AND_DELETE_ONLY = """\
+apiVersion: configbutler.ai/v1alpha1
+kind: GitProvider
+metadata: {{name: origin, namespace: team}}
+spec: {{url: "file://{remote}", allowedBranches: ["main"]}}
+---
+apiVersion: configbutler.ai/v1alpha1
+kind: GitTarget
+metadata: {{name: live, namespace: team}}
+spec: {{providerRef: {{name: origin}}, branch: main, path: live}}
+---
+apiVersion: configbutler.ai/v1alpha1
+kind: ClusterWatchRule
+metadata: {{name: claims}}
+spec:
+  targetRef: {{name: live, namespace: team}}
+  rules:
+    - {{scope: Namespaced, operations: [CREATE, DELETE], resources: ["persistentvolumeclaims"]}}
+"""
+
+
+async def _harness_with(
+    tmp_path: Path, config_text: str, source: ApiObjects | None = None
+) -> Harness:
+    def prepare() -> Harness:
+        remote = bare_repo(tmp_path / "remote.git")
+        path = tmp_path / "rules.yaml"
+        path.write_text(config_text.format(remote=remote))
+        settings = Settings(state_dir=tmp_path / "state")
+        runtime = Runtime(load_config([path]), settings, source=source)
+        return Harness(runtime, remote)
+
+    started = await asyncio.to_thread(prepare)
+    await started.runtime.start()
+    return started
+
+
+async def test_a_deletion_finished_by_an_update_is_a_delete_for_rules_that_select_deletes(
+    tmp_path: Path,
+) -> None:
+    """A rule for CREATE and DELETE only: the controller's update that removes the last
+    finalizer is the deletion, not an update it ignores."""
+    harness = await _harness_with(tmp_path, CREATE_AND_DELETE_ONLY)
+    try:
+        await harness.send(
+            _pvc_event("create", pvc("200", ["kubernetes.io/pvc-protection"])),
+            # A user's update: not selected.
+            _pvc_event("update", pvc("201", ["kubernetes.io/pvc-protection"]), user="x@a.com"),
+        )
+        asked = deleted(pvc("202"), "202", finalizers=["kubernetes.io/pvc-protection"])
+        await harness.send(_pvc_event("delete", asked, user="bob@example.com"))
+        await harness.sync()
+        assert await harness.files() == [PVC_FILE]
+        released = deleted(pvc("203"), "203", finalizers=None)
+        await harness.send(by_controller(_pvc_event("update", released), PVC_PROTECTION))
+        await harness.sync()
+
+        assert await harness.files() == []
+        last = (await commits(harness))[-1]
+        assert last["subject"] == "[DELETE] v1/persistentvolumeclaims/shop/data"
+        assert last["author"] == "bob@example.com <bob@example.com>"
+        assert last["Deleted-By"] == PVC_PROTECTION and last["Verb"] == "update"
+        assert len(await commits(harness)) == 2  # the create and the deletion
+    finally:
+        await harness.runtime.close()
+
+
+CONFIGMAPS_CREATED_AND_DELETED = CREATE_AND_DELETE_ONLY.replace(
+    "persistentvolumeclaims", "configmaps"
+)
+
+
+async def test_a_metadata_level_write_is_a_delete_only_when_the_api_shows_the_object_gone(
+    tmp_path: Path, cluster: Cluster
+) -> None:
+    """Without its object, a write to an object whose deletion was asked for is routed both
+    ways until the API answers: gone, a deletion; still there, an update (not selected)."""
+    source = ApiObjects(cluster.client)
+    harness = await _harness_with(tmp_path, CONFIGMAPS_CREATED_AND_DELETED, source)
+    try:
+        held = ["example.com/cleanup"]
+        for name in ("gone", "kept"):
+            await harness.send(
+                event("create", name=name, body=configmap(name, finalizers=held)),
+                event(
+                    "delete",
+                    name=name,
+                    body=deleted(configmap(name, finalizers=held), "101", finalizers=held),
+                    user="bob@example.com",
+                    audit_id=f"bob-deletes-{name}",
+                ),
+            )
+        still = deleted(configmap("kept", data={"v": "2"}), "102", finalizers=held)
+        cluster.add("v1/configmaps", "default", "kept", still)
+        await harness.send(
+            by_controller(event("update", name="gone", level="Metadata"), GARBAGE_COLLECTOR),
+            event("update", name="kept", level="Metadata", user="carol@example.com"),
+        )
+        await harness.sync()
+
+        assert await harness.files() == ["live/v1/configmaps/default/kept.yaml"]
+        last = (await commits(harness))[-1]
+        assert last["subject"] == "[DELETE] v1/configmaps/default/gone"
+        assert last["author"] == "bob@example.com <bob@example.com>"
+        assert last["Deleted-By"] == GARBAGE_COLLECTOR
+        assert "v: '2'" not in await harness.show("live/v1/configmaps/default/kept.yaml")
+    finally:
+        await harness.runtime.close()

@@ -229,6 +229,41 @@ class Processor:
             and is_gone(body)
         )
 
+    def _verbs(self, event: AuditEvent) -> tuple[str, ...]:
+        """The verbs an event is routed by: a write that finishes a deletion goes where the
+        delete it completes goes (a rule that selects only DELETE takes it); one whose object
+        must be read first, where either goes (see :meth:`_for_change`)."""
+        if event.verb in DELETE_VERBS:
+            return (event.verb,)
+        if event.response_object is not None:
+            return ("delete",) if self._may_finish_deletion(event) else (event.verb,)
+        return (event.verb, "delete") if self._deletions.pending(event) else (event.verb,)
+
+    def _routed(
+        self, ref: ObjectRef, verbs: tuple[str, ...], event: AuditEvent | None = None
+    ) -> list[Route]:
+        if len(verbs) == 1:
+            return self._router.routes(ref, verbs[0], event)
+        found: dict[Key, Route] = {}
+        for verb in verbs:
+            for route in self._router.routes(ref, verb, event):
+                known = found.get(route.target.key)
+                if known is None or (route.explicit and not known.explicit):
+                    found[route.target.key] = route
+        return list(found.values())
+
+    def _for_change(
+        self, event: AuditEvent, verbs: tuple[str, ...], routes: list[Route], change: ObjectChange
+    ) -> list[Route]:
+        """Of an event routed by two verbs, the routes of what it turned out to do."""
+        ref = event.object_ref
+        if len(verbs) < 2 or ref is None:
+            return routes
+        parent = dataclasses.replace(ref, subresource="")
+        done = self._router.routes(parent, "delete" if change.body is None else event.verb)
+        keys = {route.target.key for route in done}
+        return [route for route in routes if route.target.key in keys]
+
     def _routes(self, event: AuditEvent) -> tuple[list[Route], Skip | None] | Skip:
         """Targets for the event and, when it counts only if it finishes a deletion, why it
         would be skipped otherwise."""
@@ -239,9 +274,10 @@ class Processor:
         self._deletions.asked(event, person=noise is None)
         if ref.subresource in BOOKKEEPING_SUBRESOURCES:
             ref = dataclasses.replace(ref, subresource="")  # routed as its parent object
-        routes = self._router.routes(ref, event.verb, event)
+        verbs = self._verbs(event)
+        routes = self._routed(ref, verbs, event)
         if not routes:
-            routes = self._router.routes(ref, event.verb)
+            routes = self._routed(ref, verbs)
             if not routes:
                 return Skip.NO_RULE
             # A rule that selected it but excludes its user or tool says more than no-rule.
@@ -318,10 +354,14 @@ class Processor:
         author, earlier = ordered[-1], ordered[:-1]
         futures: list[asyncio.Future[CommitOutcome]] = []
         last_reason = Skip.UNCHANGED
+        verbs = self._verbs(event) if event.response_object is None else ()
         for change in changes:
             requested = self._requester(event, change)
+            chosen = self._for_change(event, verbs, routes, change)
             self._deletions.seen(event, change.namespace, change.name, change.body)
-            for route in routes:
+            if not chosen:
+                last_reason = Skip.NO_RULE
+            for route in chosen:
                 if not route.explicit and controlled(change.body):
                     last_reason = Skip.CONTROLLED  # generated from its owner, which is in Git
                     continue
