@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import dataclasses
 import time
 from pathlib import Path
 from typing import Any
@@ -683,14 +684,19 @@ spec:
 
 
 async def _harness_with(
-    tmp_path: Path, config_text: str, source: ApiObjects | None = None
+    tmp_path: Path,
+    config_text: str,
+    source: ApiObjects | None = None,
+    *,
+    cluster_folders: bool = False,
 ) -> Harness:
     def prepare() -> Harness:
         remote = bare_repo(tmp_path / "remote.git")
         path = tmp_path / "rules.yaml"
         path.write_text(config_text.format(remote=remote))
+        config = dataclasses.replace(load_config([path]), cluster_folders=cluster_folders)
         settings = Settings(state_dir=tmp_path / "state")
-        runtime = Runtime(load_config([path]), settings, source=source)
+        runtime = Runtime(config, settings, source=source)
         return Harness(runtime, remote)
 
     started = await asyncio.to_thread(prepare)
@@ -767,5 +773,117 @@ async def test_a_metadata_level_write_is_a_delete_only_when_the_api_shows_the_ob
         assert last["author"] == "bob@example.com <bob@example.com>"
         assert last["Deleted-By"] == GARBAGE_COLLECTOR
         assert "v: '2'" not in await harness.show("live/v1/configmaps/default/kept.yaml")
+    finally:
+        await harness.runtime.close()
+
+
+DEFINITIONS_AND_INSTANCES_APART = """\
+apiVersion: configbutler.ai/v1alpha1
+kind: GitProvider
+metadata: {{name: origin, namespace: team}}
+spec: {{url: "file://{remote}", allowedBranches: ["main"]}}
+---
+apiVersion: configbutler.ai/v1alpha1
+kind: GitTarget
+metadata: {{name: definitions, namespace: team}}
+spec: {{providerRef: {{name: origin}}, branch: main, path: definitions}}
+---
+apiVersion: configbutler.ai/v1alpha1
+kind: GitTarget
+metadata: {{name: apps, namespace: team}}
+spec: {{providerRef: {{name: origin}}, branch: main, path: apps}}
+---
+apiVersion: configbutler.ai/v1alpha1
+kind: ClusterWatchRule
+metadata: {{name: crds}}
+spec:
+  targetRef: {{name: definitions, namespace: team}}
+  rules: [{{scope: Cluster, resources: ["customresourcedefinitions"]}}]
+---
+apiVersion: configbutler.ai/v1alpha1
+kind: ClusterWatchRule
+metadata: {{name: widgets}}
+spec:
+  targetRef: {{name: apps, namespace: team}}
+  rules: [{{scope: Namespaced, resources: ["widgets.example.com"]}}]
+"""
+
+
+@pytest.mark.parametrize("definitions_selected", [True, False])
+async def test_a_crd_removed_takes_its_instances_from_targets_that_do_not_select_it(
+    tmp_path: Path, definitions_selected: bool
+) -> None:
+    """One target holds the definitions (or none does), another the widgets; two clusters
+    post (each has its folder): the CRD's deletion in prod empties prod's widgets in the
+    other target too, in one commit per target, and leaves staging's."""
+    rules = DEFINITIONS_AND_INSTANCES_APART
+    if not definitions_selected:
+        rules = rules.replace("customresourcedefinitions", "nothing-here")
+    harness = await _harness_with(tmp_path, rules, cluster_folders=True)
+
+    async def send(cluster: str, *items: dict[str, Any]) -> None:
+        intake = harness.runtime.intake
+        await intake.accept(intake.triage(items, cluster=cluster), cluster=cluster)
+
+    crd_ref = {
+        "group": "apiextensions.k8s.io",
+        "resource": "customresourcedefinitions",
+        "namespace": None,
+        "name": "widgets.example.com",
+    }
+    widgets = {"group": "example.com", "resource": "widgets"}
+    try:
+        await send(
+            "prod",
+            event("create", **crd_ref, body=crd("500")),
+            event("create", **widgets, name="w1", body=widget("w1", "default", "v1")),
+            event(
+                "create",
+                **widgets,
+                version="v1beta1",
+                namespace="team",
+                name="w2",
+                body=widget("w2", "team", "v1beta1"),
+            ),
+        )
+        await send(
+            "staging", event("create", **widgets, name="w1", body=widget("w1", "default", "v1"))
+        )
+        await harness.sync()
+        assert len(await harness.files()) == 3 + definitions_selected
+        cleanup = ["customresourcecleanup.apiextensions.k8s.io"]
+        await send(
+            "prod",
+            event(
+                "delete",
+                **crd_ref,
+                body=crd("501", cleanup, terminating=True),
+                user="dave@example.com",
+            ),
+            by_apiserver(
+                event("update", **crd_ref, subresource="status", body=crd("502", terminating=True))
+            ),
+        )
+        await harness.sync()
+
+        assert await harness.files() == ["apps/staging/example.com/v1/widgets/default/w1.yaml"]
+        deletions = [c for c in await commits(harness) if c["subject"].startswith("[DELETE]")]
+        removed = {
+            "apps/prod/example.com/v1/widgets/default/w1.yaml "
+            "apps/prod/example.com/v1beta1/widgets/team/w2.yaml",
+        }
+        if definitions_selected:
+            removed.add(
+                "definitions/prod/apiextensions.k8s.io/v1/customresourcedefinitions/"
+                "widgets.example.com.yaml"
+            )
+        assert {c["removed"] for c in deletions} == removed and len(deletions) == len(removed)
+        for commit in deletions:
+            assert commit["subject"] == (
+                "[DELETE] prod/apiextensions.k8s.io/v1/customresourcedefinitions/"
+                "widgets.example.com"
+            )
+            assert commit["author"] == "dave@example.com <dave@example.com>"
+            assert commit["Deleted-By"] == "system:apiserver"
     finally:
         await harness.runtime.close()

@@ -35,6 +35,7 @@ from audit_reverser.pipeline.commits import Action, author_for, commit_message, 
 from audit_reverser.pipeline.deletions import DELETE_VERBS, Deletions, Request
 from audit_reverser.pipeline.filter import Skip
 from audit_reverser.pipeline.layout import (
+    CRDS,
     InvalidName,
     ObjectPath,
     check_reference,
@@ -276,9 +277,13 @@ class Processor:
             ref = dataclasses.replace(ref, subresource="")  # routed as its parent object
         verbs = self._verbs(event)
         routes = self._routed(ref, verbs, event)
+        # A CRD's deletion takes its instances from every target, selected or not.
+        takes_instances = (ref.api_group, ref.resource) == CRDS and "delete" in verbs
         if not routes:
             routes = self._routed(ref, verbs)
-            if not routes:
+            if not routes and takes_instances:
+                noise = noise or Skip.NO_RULE  # it counts only if it finishes the deletion
+            elif not routes:
                 return Skip.NO_RULE
             # A rule that selected it but excludes its user or tool says more than no-rule.
             noise = noise if noise is Skip.STATUS else Skip.EXCLUDED_BY_RULE
@@ -290,7 +295,7 @@ class Processor:
             return Skip.OWN_SECRET
         # A target whose provider cannot be used (rules from a cluster) has no writer.
         routes = [r for r in routes if r.target.key in self._sinks]
-        if not routes:
+        if not routes and not takes_instances:
             return Skip.TARGET_NOT_READY
         if noise is not None and not self._may_finish_deletion(event):
             return noise
@@ -373,6 +378,9 @@ class Processor:
                 else:
                     futures.append(outcome)
                     self.stats.kept_by_target[str(route.target.key)] += 1
+            ref = event.object_ref
+            if change.body is None and ref and (ref.api_group, ref.resource) == CRDS:
+                futures += await self._prune_instances(author, routes, change, requested)
         if futures:
             self.stats.kept += 1
         else:
@@ -404,6 +412,25 @@ class Processor:
             if {route.target.key for route in theirs[0]} == targets:
                 found.append(other)
         return found
+
+    async def _prune_instances(
+        self,
+        event: AuditEvent,
+        routes: list[Route],
+        change: ObjectChange,
+        requested: Request | None,
+    ) -> list[asyncio.Future[CommitOutcome]]:
+        """A CRD gone: its instances' files go from the targets its rules do not select too
+        (a target may select the custom resources and not their definition)."""
+        routed = {route.target.key for route in routes}
+        futures = []
+        for target in self._router.every_target(event):
+            if target.key in routed or target.key not in self._sinks:
+                continue
+            outcome = await self._submit(event, target, change, requested=requested)
+            if not isinstance(outcome, Skip):
+                futures.append(outcome)
+        return futures
 
     def _requester(self, event: AuditEvent, change: ObjectChange) -> Request | None:
         """Who asked for the deletion ``event`` finished, when that is someone else."""
@@ -558,6 +585,7 @@ class Processor:
             api_group=ref.api_group,
             resource=ref.resource,
             name=change.name,
+            cluster=target.cluster,
         )
 
     async def _delete_collection(

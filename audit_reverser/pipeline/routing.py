@@ -85,6 +85,7 @@ class Router:
         self._cluster: list[tuple[ResourceRule, GitTarget, Exclusions | None]] = []
         self._cluster_folders = config.cluster_folders
         self._in_folder: dict[tuple[Key, str], GitTarget] = {}
+        self._targets = tuple(config.targets.values())
         for rule in config.watch_rules:
             target = config.targets[rule.target_key]
             excluded = _exclusions(rule.exclude_users, rule.exclude_field_managers)
@@ -126,6 +127,12 @@ class Router:
                 for r in found.values()
             ]
         return list(found.values())
+
+    def every_target(self, event: AuditEvent) -> list[GitTarget]:
+        """Every target, as the event's files would go to it (its cluster's folder)."""
+        if self._cluster_folders and event.cluster:
+            return [self._for_cluster(t, event.cluster) for t in self._targets]
+        return list(self._targets)
 
     def _for_cluster(self, target: GitTarget, cluster: str) -> GitTarget:
         key = (target.key, cluster)
