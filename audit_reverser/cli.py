@@ -617,8 +617,8 @@ async def _serve(
     reloading: asyncio.Task[None] | None = None
     if resyncs is not None and api is not None and source is not None:
 
-        async def resync(target: GitTarget) -> ResyncResult | None:
-            return await runtime.resync(target, api, source)
+        async def resync(targets: list[GitTarget]) -> Mapping[Key, ResyncResult | Exception]:
+            return await runtime.resync(targets, api, source)
 
         resyncer = Resyncer(
             interval_s=args.resync_interval,

@@ -18,13 +18,13 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from audit_reverser.cluster.api import KubeApi
 from audit_reverser.cluster.objects import ApiObjects
-from audit_reverser.cluster.resync import ResyncResult, resync_target
+from audit_reverser.cluster.resync import ResyncResult, resync_targets
 from audit_reverser.cluster.snapshot import SnapshotResult, snapshot
 from audit_reverser.cluster.status import State
 from audit_reverser.config.model import Config, GitTarget, Key, PushPolicy
@@ -350,20 +350,18 @@ class Runtime:
         )
 
     async def resync(
-        self, target: GitTarget, api: KubeApi, objects: ApiObjects
-    ) -> ResyncResult | None:
-        """Compare ``target``'s folder with the cluster (see
-        :mod:`audit_reverser.cluster.resync`); None when it has no writer."""
-        writer = self.sinks.get(target.key)
-        if writer is None:
-            return None
-        return await resync_target(
+        self, targets: Iterable[GitTarget], api: KubeApi, objects: ApiObjects
+    ) -> dict[Key, ResyncResult | Exception]:
+        """Compare the targets' folders with the cluster, listed once for all of them (see
+        :mod:`audit_reverser.cluster.resync`); a target without a writer (its provider
+        cannot be used) is left out of the result."""
+        pairs = [(t, self.sinks[t.key]) for t in targets if t.key in self.sinks]
+        return await resync_targets(
             api=api,
             objects=objects,
             config=self.config,
-            target=target,
+            targets=pairs,
             processor=self.processor,
-            writer=writer,
             committer=self.settings.committer,
         )
 
