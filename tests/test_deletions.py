@@ -887,3 +887,49 @@ async def test_a_crd_removed_takes_its_instances_from_targets_that_do_not_select
             assert commit["Deleted-By"] == "system:apiserver"
     finally:
         await harness.runtime.close()
+
+
+async def test_a_cascade_finished_after_a_restart_is_still_the_owners_deleters(
+    tmp_path: Path,
+) -> None:
+    owner_uid = "1a2b3c4d-0000-4000-8000-0000000000aa"
+    owned_uid = "5e6f7a8b-0000-4000-8000-0000000000bb"
+    owner_ref = {"apiVersion": "apps/v1", "kind": "Deployment", "name": "web", "uid": owner_uid}
+    owned = configmap("web-config", ownerReferences=[owner_ref], uid=owned_uid)
+    web = {"group": "apps", "resource": "deployments", "name": "web"}
+    first = await start_harness(tmp_path, settings={"journal": True})
+    try:
+        await first.send(
+            event("create", **web, body=deployment("web", "default", owner_uid)),
+            event("create", name="web-config", body=owned),
+        )
+        await first.send(
+            event(
+                "delete",
+                **web,
+                body=success("web", "deployments", owner_uid, "apps"),
+                user="erin@example.com",
+            )
+        )
+        await first.sync()
+    finally:
+        await first.runtime.close()
+
+    second = await start_harness(tmp_path, settings={"journal": True})
+    try:
+        await second.send(
+            by_controller(
+                event(
+                    "delete", name="web-config", body=success("web-config", "configmaps", owned_uid)
+                ),
+                GARBAGE_COLLECTOR,
+            )
+        )
+        await second.sync()
+        assert await second.files() == []
+        last = (await commits(second))[-1]
+        assert last["subject"] == "[DELETE] v1/configmaps/default/web-config"
+        assert last["author"] == "erin@example.com <erin@example.com>"
+        assert last["Deleted-By"] == GARBAGE_COLLECTOR
+    finally:
+        await second.runtime.close()
