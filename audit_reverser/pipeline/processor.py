@@ -380,7 +380,7 @@ class Processor:
                     self.stats.kept_by_target[str(route.target.key)] += 1
             ref = event.object_ref
             if change.body is None and ref and (ref.api_group, ref.resource) == CRDS:
-                futures += await self._prune_instances(author, routes, change, requested)
+                futures += await self._prune_instances(author, chosen, change, requested)
         if futures:
             self.stats.kept += 1
         else:
