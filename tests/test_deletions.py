@@ -878,6 +878,11 @@ async def test_a_crd_removed_takes_its_instances_from_targets_that_do_not_select
                 "widgets.example.com.yaml"
             )
         assert {c["removed"] for c in deletions} == removed and len(deletions) == len(removed)
+        # Without a rule for CRDs, their create and the delete that finished nothing.
+        skipped = harness.runtime.stats.skipped
+        assert (skipped[Skip.NO_RULE], skipped[Skip.EXCLUDED_BY_RULE]) == (
+            (0, 0) if definitions_selected else (2, 0)
+        )
         for commit in deletions:
             assert commit["subject"] == (
                 "[DELETE] prod/apiextensions.k8s.io/v1/customresourcedefinitions/"

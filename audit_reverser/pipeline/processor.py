@@ -281,12 +281,13 @@ class Processor:
         takes_instances = (ref.api_group, ref.resource) == CRDS and "delete" in verbs
         if not routes:
             routes = self._routed(ref, verbs)
-            if not routes and takes_instances:
+            if routes:
+                # A rule that selected it but excludes its user or tool says more than no-rule.
+                noise = noise if noise is Skip.STATUS else Skip.EXCLUDED_BY_RULE
+            elif takes_instances:
                 noise = noise or Skip.NO_RULE  # it counts only if it finishes the deletion
-            elif not routes:
+            else:
                 return Skip.NO_RULE
-            # A rule that selected it but excludes its user or tool says more than no-rule.
-            noise = noise if noise is Skip.STATUS else Skip.EXCLUDED_BY_RULE
         if (ref.api_group, ref.resource) in NOISE_RESOURCES:
             routes = [r for r in routes if r.explicit]
             if not routes:
