@@ -50,6 +50,7 @@ from audit_reverser.ingest.logfiles import read_chunks, size_of
 from audit_reverser.ingest.server import DEFAULT_MAX_BODY_BYTES, make_app
 from audit_reverser.metrics import exposition
 from audit_reverser.pipeline.filter import Skip
+from audit_reverser.pipeline.home import HomeCluster
 from audit_reverser.pipeline.layout import CLUSTER_NAME
 from audit_reverser.pipeline.noise import DEFAULT_EXCLUDED_USERS, Exclusions
 from audit_reverser.providers import ProviderCheck, check_remotes, usable_providers
@@ -198,9 +199,12 @@ def _parser() -> argparse.ArgumentParser:
         default=[],
         type=_fleet_member,
         dest="fleet",
-        metavar="NAME=KUBECONFIG",
-        help="a fleet: events posted to /audit-webhook/NAME read the objects they lack from "
-        "this cluster, and no other; repeatable; needs --config (docs/fleet.md)",
+        metavar="NAME[=KUBECONFIG]",
+        help="NAME=KUBECONFIG, repeatable: a fleet, events posted to /audit-webhook/NAME read "
+        "the objects they lack from this cluster, and no other; needs --config. NAME alone, "
+        "with --kubeconfig or --in-cluster: that cluster's name (default: the first name "
+        "events are posted under); other names' events go to their own folders "
+        "(docs/fleet.md)",
     )
     cluster.add_argument(
         "--resync-interval",
@@ -381,11 +385,13 @@ def _cluster_name(text: str) -> str:
     return text
 
 
-def _fleet_member(text: str) -> tuple[str, Path]:
+def _fleet_member(text: str) -> tuple[str, Path | None]:
+    """``NAME=KUBECONFIG`` (a fleet's cluster), or ``NAME`` alone (the name of the cluster
+    --kubeconfig or --in-cluster reads)."""
     name, sep, kubeconfig = text.partition("=")
-    if not name or not sep or not kubeconfig:
-        raise argparse.ArgumentTypeError(f"{text!r} is not NAME=KUBECONFIG")
-    return _cluster_name(name), Path(kubeconfig)
+    if not name or (sep and not kubeconfig):
+        raise argparse.ArgumentTypeError(f"{text!r} is not NAME=KUBECONFIG or NAME")
+    return _cluster_name(name), Path(kubeconfig) if sep else None
 
 
 def _positive(text: str) -> int:
@@ -422,6 +428,7 @@ def _runtime(
     config: Config | None = None,
     *,
     sources: Mapping[str, ApiObjects] | None = None,
+    cluster_name: str | None = None,
     problems: Sequence[str] = (),
     **options: Any,
 ) -> Runtime:
@@ -439,11 +446,14 @@ def _runtime(
         # cluster's API (--kubeconfig, --in-cluster) the receiver is that cluster's, and its
         # snapshots and resyncs write the target's folder itself.
         config = dataclasses.replace(config, cluster_folders=source is None)
+    # One cluster's API: that cluster's events are its own, others' go to their folders.
+    home = HomeCluster.load(args.state_dir, cluster_name) if source is not None else None
     return Runtime(
         config,
         Settings(state_dir=args.state_dir, **options),
         source=source,
         sources=sources,
+        home=home,
         problems=problems,
     )
 
@@ -504,7 +514,19 @@ def _tune_interpreter_for_ingest() -> None:
 
 async def serve(args: argparse.Namespace) -> int:
     senders, context = await asyncio.to_thread(_senders, args)
-    if args.fleet:
+    named = [name for name, kubeconfig in args.fleet if kubeconfig is None]
+    if named:
+        if len(args.fleet) > 1:
+            raise PermanentError(
+                "--cluster NAME names the one cluster of --kubeconfig or --in-cluster: give it "
+                "once, or NAME=KUBECONFIG for each cluster of a fleet"
+            )
+        if args.kubeconfig is None and not args.in_cluster:
+            raise PermanentError(
+                f"--cluster {named[0]} needs --kubeconfig or --in-cluster (or "
+                f"{named[0]}=KUBECONFIG for a fleet)"
+            )
+    elif args.fleet:
         return await _serve_fleet(args, senders, context)
     api = None
     if args.kubeconfig is not None or args.in_cluster:
@@ -522,7 +544,9 @@ async def serve(args: argparse.Namespace) -> int:
                 len(config.watch_rules),
                 len(config.cluster_watch_rules),
             )
-        return await _serve(args, senders, context, api, config, rules)
+        return await _serve(
+            args, senders, context, api, config, rules, cluster_name=named[0] if named else None
+        )
     finally:
         if rules is not None:
             await rules.close()
@@ -585,6 +609,7 @@ async def _serve(
     rules: ClusterRules | None,
     *,
     sources: Mapping[str, ApiObjects] | None = None,
+    cluster_name: str | None = None,
 ) -> int:
     source = ApiObjects(api) if api is not None else None
     redis_journal = await _redis_journal(args)
@@ -594,6 +619,7 @@ async def _serve(
         source,
         config,
         sources=sources,
+        cluster_name=cluster_name,
         problems=list(rules.problems.values()) if rules is not None else (),
         journal=True,
         redis_journal=redis_journal,

@@ -175,7 +175,12 @@ async def test_a_fleet_without_rules_or_with_one_name_twice_is_refused(tmp_path:
             ["--config", "x.yaml", "--cluster", f"a={kubeconfig}", "--cluster", f"a={kubeconfig}"],
             "each name once",
         ),
-        (["--config", "x.yaml", "--cluster", "a"], "'a' is not NAME=KUBECONFIG"),
+        (["--config", "x.yaml", "--cluster", "a"], "--cluster a needs --kubeconfig or"),
+        (["--config", "x.yaml", "--cluster", "a="], "'a=' is not NAME=KUBECONFIG or NAME"),
+        (
+            ["--kubeconfig", str(kubeconfig), "--cluster", "a", "--cluster", f"b={kubeconfig}"],
+            "--cluster NAME names the one cluster",
+        ),
         (
             ["--config", "x.yaml", "--kubeconfig", str(kubeconfig), "--cluster", f"a={kubeconfig}"],
             "--cluster replaces --kubeconfig",
@@ -208,3 +213,111 @@ async def test_a_receiver_with_one_cluster_s_api_keeps_that_cluster_s_layout(
     finally:
         await asyncio.to_thread(served.stop)
     assert await asyncio.to_thread(git_files, remote) == ["live/v1/configmaps/default/other.yaml"]
+
+
+async def _metrics_show(port: int, *wanted: str) -> None:
+    metrics = ""
+    async with asyncio.timeout(60):  # a bound against hangs, not a time to meet
+        while not all(w in metrics for w in wanted):  # noqa: ASYNC110
+            await asyncio.sleep(0.05)
+            _, body = await asyncio.to_thread(request, port, "GET", "/metrics")
+            metrics = body.decode()
+
+
+async def _one_cluster_serve(
+    tmp_path: Path, member: Member, remote: Path, *extra: str
+) -> tuple[list[str], Any]:
+    config = tmp_path / "c.yaml"
+    if not await asyncio.to_thread(config.exists):
+        await asyncio.to_thread(write_config, config, remote, max_commits=1)
+    kubeconfig = tmp_path / "prod.kubeconfig"
+    await asyncio.to_thread(kubeconfig.write_text, yaml.safe_dump(member.kubeconfig))
+    args = ["--config", str(config), "--state-dir", str(tmp_path / "state")]
+    args += ["--kubeconfig", str(kubeconfig), "--resync-interval", "0", *extra]
+    return args, await asyncio.to_thread(start_serve, tmp_path, *args)
+
+
+def _api_reads(member: Member, name: str = "demo") -> int:
+    path = f"/api/v1/namespaces/default/configmaps/{name}"
+    return len([r for r in member.api if r.url.path == path])
+
+
+async def test_a_one_cluster_receiver_pins_the_first_name_and_keeps_other_clusters_apart(
+    tmp_path: Path, clusters: dict[str, Member]
+) -> None:
+    """serve --kubeconfig (prod's API) without a name: the first name posted is this
+    receiver's, kept over a restart; staging's files go to its own folder and its events
+    without their object are skipped, never answered from prod's API."""
+    prod = clusters["prod"]
+    remote = await asyncio.to_thread(bare_repo, tmp_path / "remote.git")
+    _, served = await _one_cluster_serve(tmp_path, prod, remote)
+    try:
+        metadata = event("update", level="Metadata", body=None, user="ana@example.com")
+        assert await asyncio.to_thread(_post, served.port, "/audit-webhook/prod", metadata) == 200
+        theirs = event("create", body=configmap(data={"from": "staging's event"}))
+        for item in (
+            theirs,
+            event("update", level="Metadata", body=None, user="bob@example.com"),
+            event("update", level="Metadata", body=None, user="carol@example.com"),
+        ):
+            assert (
+                await asyncio.to_thread(_post, served.port, "/audit-webhook/staging", item) == 200
+            )
+        await _metrics_show(
+            served.port, "events_kept_total 2.0", 'skipped_total{reason="needs-api"} 2.0'
+        )
+    finally:
+        log = await asyncio.to_thread(served.stop)
+    assert log.count("this receiver is cluster prod") == 1
+    assert log.count("events posted to /audit-webhook/staging: this receiver reads") == 1
+    assert await asyncio.to_thread(git_files, remote) == [
+        "live/staging/v1/configmaps/default/demo.yaml",
+        "live/v1/configmaps/default/demo.yaml",
+    ]
+    assert "from: prod api" in await asyncio.to_thread(
+        git_show, remote, "live/v1/configmaps/default/demo.yaml"
+    )
+    assert "from: staging's event" in await asyncio.to_thread(
+        git_show, remote, "live/staging/v1/configmaps/default/demo.yaml"
+    )
+    assert _api_reads(prod) == 1  # prod's event only
+
+    # After a restart, staging posting first does not make the receiver staging's.
+    _, served = await _one_cluster_serve(tmp_path, prod, remote)
+    try:
+        late = event("create", name="late", body=configmap("late"))
+        assert await asyncio.to_thread(_post, served.port, "/audit-webhook/staging", late) == 200
+        await _metrics_show(served.port, "events_kept_total 1.0")
+    finally:
+        log = await asyncio.to_thread(served.stop)
+    assert "this receiver is cluster prod (pinned in" in log
+    assert "live/staging/v1/configmaps/default/late.yaml" in await asyncio.to_thread(
+        git_files, remote
+    )
+
+
+async def test_a_one_cluster_receiver_named_by_the_user_is_that_cluster_from_the_start(
+    tmp_path: Path, clusters: dict[str, Member]
+) -> None:
+    prod = clusters["prod"]
+    remote = await asyncio.to_thread(bare_repo, tmp_path / "remote.git")
+    _, served = await _one_cluster_serve(tmp_path, prod, remote, "--cluster", "prod")
+    try:
+        # staging posts first; it still is not this receiver's cluster.
+        for cluster, user in (("staging", "bob@example.com"), ("prod", "ana@example.com")):
+            item = event("update", level="Metadata", body=None, user=user)
+            path = f"/audit-webhook/{cluster}"
+            assert await asyncio.to_thread(_post, served.port, path, item) == 200
+        await _metrics_show(
+            served.port, "events_kept_total 1.0", 'skipped_total{reason="needs-api"} 1.0'
+        )
+    finally:
+        await asyncio.to_thread(served.stop)
+    assert await asyncio.to_thread(git_files, remote) == ["live/v1/configmaps/default/demo.yaml"]
+    cluster = await asyncio.to_thread(
+        _trailer, remote, "live/v1/configmaps/default/demo.yaml", "Cluster"
+    )
+    assert cluster == ["prod"]
+    assert _api_reads(prod) == 1
+    pinned = tmp_path / "state" / "cluster-name"
+    assert (await asyncio.to_thread(pinned.read_text)).strip() == "prod"

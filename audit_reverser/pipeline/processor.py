@@ -34,6 +34,7 @@ from audit_reverser.pipeline import canonical
 from audit_reverser.pipeline.commits import Action, author_for, commit_message, trailer
 from audit_reverser.pipeline.deletions import DELETE_VERBS, Deletions, Request
 from audit_reverser.pipeline.filter import Skip
+from audit_reverser.pipeline.home import HomeCluster
 from audit_reverser.pipeline.layout import (
     InvalidName,
     ObjectPath,
@@ -119,9 +120,11 @@ class Processor:
         fingerprint_key: bytes = b"",
         source: ObjectSource | None = None,
         sources: Mapping[str, ObjectSource] | None = None,
+        home: HomeCluster | None = None,
         exclusions: Exclusions = NO_EXCLUSIONS,
     ) -> None:
-        self._router = Router(config)
+        self._home = home
+        self._router = Router(config, home)
         self._own_secrets = own_secrets(config)
         self._sinks = sinks
         self.stats = stats
@@ -130,6 +133,7 @@ class Processor:
         self._source = source
         # A fleet (serve --cluster): each cluster's API by name; never another cluster's.
         self._sources = sources
+        self._strangers: set[str] = set()  # other clusters' names, warned about once
         self._exclusions = exclusions
         self._refused_secrets: set[Key] = set()
         self._rules: dict[tuple[str, ...], bytes] = {}  # .sops.yaml per set of recipients
@@ -144,7 +148,7 @@ class Processor:
         self, config: Config, sinks: Mapping[Key, CommitSink], keys: Mapping[Key, TargetKeys]
     ) -> None:
         """New rules, targets and keys; the next event is routed by them."""
-        self._router = Router(config)
+        self._router = Router(config, self._home)
         self._own_secrets = own_secrets(config)
         self._sinks = sinks
         self._keys = keys
@@ -596,8 +600,29 @@ class Processor:
         return changes or Skip.GONE
 
     def _source_for(self, event: AuditEvent) -> ObjectSource | None:
-        """The API of the event's cluster (in a fleet, None for a cluster without one)."""
-        return self._source if self._sources is None else self._sources.get(event.cluster)
+        """The API of the event's cluster (in a fleet, None for a cluster without one; with
+        one cluster's API, None for the events of any other cluster)."""
+        if self._sources is not None:
+            return self._sources.get(event.cluster)
+        if self._home is not None and not self._home.owns(event.cluster):
+            if event.cluster not in self._strangers:
+                self._strangers.add(event.cluster)
+                log.warning(
+                    "events posted to /audit-webhook/%s: this receiver reads cluster %s's API, "
+                    "so those that lack their object are skipped (needs-api), never read from "
+                    "it; their files go to the %s folder under each target (docs/fleet.md)",
+                    event.cluster,
+                    self._home.name,
+                    event.cluster,
+                )
+            return None
+        return self._source
+
+    async def claim(self, cluster: str) -> None:
+        """Events posted under ``cluster`` are about to be accepted: a receiver that is one
+        cluster's pins its name first, if it has none yet (see :class:`HomeCluster`)."""
+        if self._home is not None:
+            await self._home.claim(cluster)
 
     def _creation_rules(self, keys: TargetKeys) -> bytes:
         rules = self._rules.get(keys.recipients)

@@ -6,7 +6,8 @@ of ``name``), ``*/sub`` and ``name/sub``, or a group-qualified ``plural.group`` 
 resources. A WatchRule selects namespaced objects in its own namespace only.
 
 When the rules serve several clusters (``Config.cluster_folders``), the target of a route
-carries the event's cluster name, so that its files go to that cluster's folder.
+carries the event's cluster name, so that its files go to that cluster's folder. A receiver
+that is one cluster's (a :class:`HomeCluster`) does the same for every other cluster's events.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from dataclasses import dataclass
 
 from audit_reverser.config.model import Config, GitTarget, Key, Operation, ResourceRule, Scope
 from audit_reverser.events import AuditEvent, ObjectRef
+from audit_reverser.pipeline.home import HomeCluster
 from audit_reverser.pipeline.noise import Exclusions
 
 VERB_OPERATIONS: dict[str, Operation] = {
@@ -78,12 +80,13 @@ def _rule_matches(rule: ResourceRule, ref: ObjectRef, operation: Operation) -> b
 class Router:
     """Answers 'which targets, and was it asked for by name?' for one object reference."""
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, home: HomeCluster | None = None) -> None:
         self._namespaced: dict[
             str, list[tuple[tuple[ResourceRule, ...], GitTarget, Exclusions | None]]
         ] = {}
         self._cluster: list[tuple[ResourceRule, GitTarget, Exclusions | None]] = []
         self._cluster_folders = config.cluster_folders
+        self._home = home
         self._in_folder: dict[tuple[Key, str], GitTarget] = {}
         for rule in config.watch_rules:
             target = config.targets[rule.target_key]
@@ -120,12 +123,17 @@ class Router:
             previous = found.get(target.key)
             if previous is None or (explicit and not previous.explicit):
                 found[target.key] = Route(target=target, explicit=explicit)
-        if self._cluster_folders and event is not None and event.cluster:
+        if event is not None and event.cluster and self._in_cluster_folder(event.cluster):
             return [
                 Route(target=self._for_cluster(r.target, event.cluster), explicit=r.explicit)
                 for r in found.values()
             ]
         return list(found.values())
+
+    def _in_cluster_folder(self, cluster: str) -> bool:
+        if self._cluster_folders:
+            return True
+        return self._home is not None and not self._home.owns(cluster)
 
     def _for_cluster(self, target: GitTarget, cluster: str) -> GitTarget:
         key = (target.key, cluster)
