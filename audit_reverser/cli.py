@@ -31,6 +31,7 @@ from aiohttp import web
 
 from audit_reverser import __version__
 from audit_reverser.cluster.api import KubeApi
+from audit_reverser.cluster.fleet import FleetRules
 from audit_reverser.cluster.objects import ApiObjects
 from audit_reverser.cluster.resync import DEFAULT_INTERVAL_S as DEFAULT_RESYNC_INTERVAL_S
 from audit_reverser.cluster.resync import Resyncer, ResyncResult, ResyncStats
@@ -201,7 +202,8 @@ def _parser() -> argparse.ArgumentParser:
         dest="fleet",
         metavar="NAME[=KUBECONFIG]",
         help="NAME=KUBECONFIG, repeatable: a fleet, events posted to /audit-webhook/NAME read "
-        "the objects they lack from this cluster, and no other; needs --config. NAME alone, "
+        "the objects they lack from this cluster, and no other; rules from --config, else "
+        "from each cluster's own custom resources. NAME alone, "
         "with --kubeconfig or --in-cluster: that cluster's name (default: the first name "
         "events are posted under); other names' events go to their own folders "
         "(docs/fleet.md)",
@@ -571,15 +573,11 @@ async def _redis_journal(args: argparse.Namespace) -> Connection | None:
 async def _serve_fleet(
     args: argparse.Namespace, senders: auth.SenderPolicy, context: ssl.SSLContext | None
 ) -> int:
-    """``serve --cluster NAME=KUBECONFIG``...: the rules from --config serve every cluster,
-    each in its own folder; each cluster's objects come from its own API."""
+    """``serve --cluster NAME=KUBECONFIG``...: each cluster's objects come from its own API;
+    the rules from --config serve every cluster, each in its own folder, or else each
+    cluster's rules are its own custom resources (cluster.fleet)."""
     if args.kubeconfig is not None or args.in_cluster:
         raise PermanentError("--cluster replaces --kubeconfig and --in-cluster: use either")
-    if not args.config:
-        raise PermanentError(
-            "--cluster needs --config: rules from each cluster's own custom resources are not "
-            "supported yet (docs/fleet.md)"
-        )
     names = [name for name, _ in args.fleet]
     if len(set(names)) != len(names):
         raise PermanentError(f"--cluster: each name once (got {', '.join(names)})")
@@ -593,8 +591,24 @@ async def _serve_fleet(
                 name,
                 apis[name].server,
             )
-        sources = {name: ApiObjects(api) for name, api in apis.items()}
-        return await _serve(args, senders, context, None, None, None, sources=sources)
+        if args.config:
+            sources = {name: ApiObjects(api) for name, api in apis.items()}
+            return await _serve(args, senders, context, None, None, None, sources=sources)
+        fleet = FleetRules(apis)
+        try:
+            config = await fleet.start()
+            log.info(
+                "rules from each cluster's custom resources: %d GitTargets, %d WatchRules, "
+                "%d ClusterWatchRules",
+                len(config.targets),
+                len(config.watch_rules),
+                len(config.cluster_watch_rules),
+            )
+            return await _serve(
+                args, senders, context, None, config, None, sources=fleet.objects, fleet=fleet
+            )
+        finally:
+            await fleet.close()
     finally:
         for api in apis.values():
             await api.close()
@@ -610,6 +624,7 @@ async def _serve(
     *,
     sources: Mapping[str, ApiObjects] | None = None,
     cluster_name: str | None = None,
+    fleet: FleetRules | None = None,
 ) -> int:
     source = ApiObjects(api) if api is not None else None
     redis_journal = await _redis_journal(args)
@@ -620,16 +635,17 @@ async def _serve(
         config,
         sources=sources,
         cluster_name=cluster_name,
-        problems=list(rules.problems.values()) if rules is not None else (),
+        problems=_problems(rules, fleet),
         journal=True,
         redis_journal=redis_journal,
         max_backlog=args.max_backlog,
         shutdown_timeout_s=args.shutdown_timeout,
         exclusions=_exclusions(args),
-        rules_from_files=rules is None,
+        rules_from_files=rules is None and fleet is None,
     )
     _tune_interpreter_for_ingest()
-    resyncs = ResyncStats() if api is not None and args.resync_interval else None
+    with_api = api is not None or fleet is not None
+    resyncs = ResyncStats() if with_api and args.resync_interval else None
     app = make_app(
         runtime,
         max_body_bytes=args.max_body_bytes,
@@ -641,9 +657,12 @@ async def _serve(
     await runner.setup()  # starts the runtime
     reporter = scheduler = resyncer = None
     reloading: asyncio.Task[None] | None = None
-    if resyncs is not None and api is not None and source is not None:
+    if resyncs is not None:
 
         async def resync(target: GitTarget) -> ResyncResult | None:
+            if fleet is not None:  # each target against its own cluster
+                return await runtime.resync(target, *fleet.source_of(target))
+            assert api is not None and source is not None
             return await runtime.resync(target, api, source)
 
         resyncer = Resyncer(
@@ -670,6 +689,13 @@ async def _serve(
             scheduler.update(new)
 
         rules.on_change = changed
+    if fleet is not None:
+
+        async def fleet_changed(new: Config) -> None:
+            await runtime.reconfigure(new, fleet.problems)
+
+        fleet.on_change = fleet_changed
+        fleet.report(runtime.status_state, runtime.take_snapshot, runtime.config)
     try:
         host, port = args.listen
         site = web.TCPSite(runner, host, port, ssl_context=context)
@@ -704,6 +730,12 @@ async def _serve(
             await reporter.close()
         await runner.cleanup()
     return 0
+
+
+def _problems(rules: ClusterRules | None, fleet: FleetRules | None) -> list[str]:
+    if fleet is not None:
+        return fleet.problems
+    return list(rules.problems.values()) if rules is not None else []
 
 
 async def _reload_certificate(reloader: auth.CertificateReloader) -> None:

@@ -84,7 +84,7 @@ class Listing:
 def _route(router: Router, ref: ObjectRef, target: GitTarget) -> Route | None:
     """The target's route for ``ref``, as the pipeline would take it (noise only by name)."""
     explicit_only = (ref.api_group, ref.resource) in NOISE_RESOURCES
-    for route in router.routes(ref, "create"):
+    for route in router.routes(ref, "create", cluster=target.key.cluster):
         if route.target.key == target.key and (route.explicit or not explicit_only):
             return route
     return None

@@ -134,6 +134,7 @@ class Processor:
         # A fleet (serve --cluster): each cluster's API by name; never another cluster's.
         self._sources = sources
         self._strangers: set[str] = set()  # other clusters' names, warned about once
+        self._by_cluster = config.by_cluster
         self._exclusions = exclusions
         self._refused_secrets: set[Key] = set()
         self._rules: dict[tuple[str, ...], bytes] = {}  # .sops.yaml per set of recipients
@@ -149,6 +150,7 @@ class Processor:
     ) -> None:
         """New rules, targets and keys; the next event is routed by them."""
         self._router = Router(config, self._home)
+        self._by_cluster = config.by_cluster
         self._own_secrets = own_secrets(config)
         self._sinks = sinks
         self._keys = keys
@@ -240,8 +242,9 @@ class Processor:
             ref = dataclasses.replace(ref, subresource="")  # routed as its parent object
         routes = self._router.routes(ref, event.verb, event)
         if not routes:
-            routes = self._router.routes(ref, event.verb)
+            routes = self._router.routes(ref, event.verb, cluster=event.cluster)
             if not routes:
+                self._stranger_in_fleet(event.cluster)
                 return Skip.NO_RULE
             # A rule that selected it but excludes its user or tool says more than no-rule.
             noise = noise if noise is Skip.STATUS else Skip.EXCLUDED_BY_RULE
@@ -617,6 +620,17 @@ class Processor:
                 )
             return None
         return self._source
+
+    def _stranger_in_fleet(self, cluster: str) -> None:
+        """A fleet whose rules are each cluster's own has none for a name it does not know."""
+        known = self._sources is not None and cluster in self._sources
+        if self._by_cluster and not known and cluster not in self._strangers:
+            self._strangers.add(cluster)
+            log.warning(
+                "events posted to %s: no cluster of that name in this fleet (--cluster "
+                "NAME=KUBECONFIG), so no rules select them; skipped (no-rule)",
+                f"/audit-webhook/{cluster}" if cluster else "/audit-webhook",
+            )
 
     async def claim(self, cluster: str) -> None:
         """Events posted under ``cluster`` are about to be accepted: a receiver that is one

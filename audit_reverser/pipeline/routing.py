@@ -81,37 +81,46 @@ class Router:
     """Answers 'which targets, and was it asked for by name?' for one object reference."""
 
     def __init__(self, config: Config, home: HomeCluster | None = None) -> None:
+        # Keyed by (cluster, namespace) and cluster: the cluster is '' unless the rules are
+        # several clusters' own (Config.by_cluster), where each cluster has its own rules.
         self._namespaced: dict[
-            str, list[tuple[tuple[ResourceRule, ...], GitTarget, Exclusions | None]]
+            tuple[str, str], list[tuple[tuple[ResourceRule, ...], GitTarget, Exclusions | None]]
         ] = {}
-        self._cluster: list[tuple[ResourceRule, GitTarget, Exclusions | None]] = []
+        self._cluster: dict[str, list[tuple[ResourceRule, GitTarget, Exclusions | None]]] = {}
+        self._by_cluster = config.by_cluster
         self._cluster_folders = config.cluster_folders
         self._home = home
         self._in_folder: dict[tuple[Key, str], GitTarget] = {}
         for rule in config.watch_rules:
             target = config.targets[rule.target_key]
             excluded = _exclusions(rule.exclude_users, rule.exclude_field_managers)
-            self._namespaced.setdefault(rule.key.namespace, []).append(
+            self._namespaced.setdefault((rule.key.cluster, rule.key.namespace), []).append(
                 (rule.rules, target, excluded)
             )
         for cluster_rule in config.cluster_watch_rules:
             target = config.targets[cluster_rule.target_key]
             excluded = _exclusions(cluster_rule.exclude_users, cluster_rule.exclude_field_managers)
-            self._cluster.extend((r, target, excluded) for r in cluster_rule.rules)
+            self._cluster.setdefault(cluster_rule.key.cluster, []).extend(
+                (r, target, excluded) for r in cluster_rule.rules
+            )
 
-    def routes(self, ref: ObjectRef, verb: str, event: AuditEvent | None = None) -> list[Route]:
+    def routes(
+        self, ref: ObjectRef, verb: str, event: AuditEvent | None = None, *, cluster: str = ""
+    ) -> list[Route]:
         """Targets for ``ref``; with ``event``, rules that exclude its user or field manager
-        do not count."""
+        do not count. Rules of several clusters: only the rules of the event's cluster (or,
+        without an event, of ``cluster``)."""
         operation = VERB_OPERATIONS.get(verb)
         if operation is None:
             return []
+        whose = (event.cluster if event is not None else cluster) if self._by_cluster else ""
         cluster_scoped = is_cluster_scoped(ref)
         scope: Scope = "Cluster" if cluster_scoped else "Namespaced"
         candidates: Iterable[tuple[ResourceRule, GitTarget, Exclusions | None]] = (
-            (r, t, x) for r, t, x in self._cluster if r.scope == scope
+            (r, t, x) for r, t, x in self._cluster.get(whose, ()) if r.scope == scope
         )
         if not cluster_scoped:
-            namespaced = self._namespaced.get(ref.namespace, ())
+            namespaced = self._namespaced.get((whose, ref.namespace), ())
             candidates = [*candidates, *((r, t, x) for rules, t, x in namespaced for r in rules)]
         found: dict[object, Route] = {}
         for rule, target, excluded in candidates:
