@@ -172,7 +172,7 @@ async def list_target(
             route = _route(router, ref, target)
             if route is None or (not route.explicit and controlled(item)):
                 continue  # not selected, or generated from an owner that is in Git
-            if is_own_secret(ref, secrets):
+            if is_own_secret(ref, secrets, target.key.cluster):
                 continue
             item.setdefault("apiVersion", resource.group_version)
             item.setdefault("kind", resource.kind)

@@ -252,7 +252,7 @@ class Processor:
             routes = [r for r in routes if r.explicit]
             if not routes:
                 return Skip.NOISE
-        if is_own_secret(ref, self._own_secrets):
+        if is_own_secret(ref, self._own_secrets, event.cluster if self._by_cluster else ""):
             return Skip.OWN_SECRET
         # A target whose provider cannot be used (rules from a cluster) has no writer.
         routes = [r for r in routes if r.target.key in self._sinks]
