@@ -728,6 +728,8 @@ async def _serve(
             await scheduler.close()
         if reporter is not None:
             await reporter.close()
+        if fleet is not None:
+            await fleet.stop_reporting()
         await runner.cleanup()
     return 0
 

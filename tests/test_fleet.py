@@ -15,6 +15,7 @@ import kmock
 import pytest
 import yaml
 
+from audit_reverser.pipeline.home import HomeCluster
 from tests.conftest import (
     bare_repo,
     configmap,
@@ -498,3 +499,15 @@ async def test_a_fleet_reads_each_cluster_s_rules_from_its_own_custom_resources(
         ("staging/v1/configmaps/team/demo.yaml", "from: staging api, missed"),
     ):
         assert text in await asyncio.to_thread(git_show, remote, path)
+
+
+def test_a_cluster_name_the_user_gives_replaces_the_pinned_one(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    (tmp_path / "cluster-name").write_text("kind\n")
+    assert HomeCluster.load(tmp_path).name == "kind"
+    home = HomeCluster.load(tmp_path, "prod")
+    assert "this receiver is cluster prod (--cluster), it was kind" in caplog.text
+    assert home.owns("prod") and home.owns("") and not home.owns("kind")
+    assert (tmp_path / "cluster-name").read_text() == "prod\n"
+    assert HomeCluster.load(tmp_path).name == "prod"

@@ -266,10 +266,16 @@ class FleetRules:
         """The API a GitTarget's objects are listed from (resyncs): its own cluster's."""
         return self.apis[target.key.cluster], self.objects[target.key.cluster]
 
-    async def close(self) -> None:
+    async def stop_reporting(self) -> None:
+        """Stop the status reports and snapshots (before the receiver they use stops)."""
         for scheduler in self._schedulers.values():
             await scheduler.close()
         for reporter in self._reporters:
             await reporter.close()
+        self._schedulers.clear()
+        self._reporters.clear()
+
+    async def close(self) -> None:
+        await self.stop_reporting()
         for rules in self.rules.values():
             await rules.close()
