@@ -42,6 +42,7 @@ from audit_reverser.ha.journal import RedisJournal
 from audit_reverser.ingest.intake import DEFAULT_MAX_BACKLOG, DEFAULT_WINDOW, Intake
 from audit_reverser.journal import DEFAULT_MIN_FREE_BYTES, EventJournal, Journal, SegmentFile
 from audit_reverser.pipeline.deletions_file import DeletionsFile
+from audit_reverser.pipeline.home import HomeCluster
 from audit_reverser.pipeline.noise import Exclusions
 from audit_reverser.pipeline.processor import Processor
 from audit_reverser.pipeline.resolve import ObjectSource
@@ -113,9 +114,11 @@ class Runtime:
         *,
         source: ObjectSource | None = None,
         sources: Mapping[str, ObjectSource] | None = None,
+        home: HomeCluster | None = None,
         problems: Sequence[str] = (),
     ) -> None:
         """``sources``: in a fleet, each cluster's API by name (instead of ``source``);
+        ``home``: with one cluster's API (``source``), which cluster that is;
         ``problems``: objects the config left out (see :attr:`problems`)."""
         self.config = config
         self.settings = settings
@@ -139,6 +142,7 @@ class Runtime:
             fingerprint_key=fingerprint_key(settings.state_dir),
             source=source,
             sources=sources,
+            home=home,
             exclusions=settings.exclusions,
         )
         # serve keeps who asked for pending deletions across restarts (replay has no state).

@@ -86,7 +86,7 @@ class Listing:
 def _route(router: Router, ref: ObjectRef, target: GitTarget) -> Route | None:
     """The target's route for ``ref``, as the pipeline would take it (noise only by name)."""
     explicit_only = (ref.api_group, ref.resource) in NOISE_RESOURCES
-    for route in router.routes(ref, "create"):
+    for route in router.routes(ref, "create", cluster=target.key.cluster):
         if route.target.key == target.key and (route.explicit or not explicit_only):
             return route
     return None
@@ -213,7 +213,7 @@ async def list_targets(
                 route = _route(router, ref, target)
                 if route is None or (not route.explicit and controlled(item)):
                     continue  # not selected, or generated from an owner that is in Git
-                if is_own_secret(ref, secrets):
+                if is_own_secret(ref, secrets, target.key.cluster):
                     continue
                 encoded = processor.encode(
                     target, ref, namespace, name, item, when=now, label=f"listed {name}"

@@ -34,6 +34,7 @@ from audit_reverser.pipeline import canonical
 from audit_reverser.pipeline.commits import Action, author_for, commit_message, trailer
 from audit_reverser.pipeline.deletions import DELETE_VERBS, Deletions, Request
 from audit_reverser.pipeline.filter import Skip
+from audit_reverser.pipeline.home import HomeCluster
 from audit_reverser.pipeline.layout import (
     CRDS,
     InvalidName,
@@ -120,9 +121,11 @@ class Processor:
         fingerprint_key: bytes = b"",
         source: ObjectSource | None = None,
         sources: Mapping[str, ObjectSource] | None = None,
+        home: HomeCluster | None = None,
         exclusions: Exclusions = NO_EXCLUSIONS,
     ) -> None:
-        self._router = Router(config)
+        self._home = home
+        self._router = Router(config, home)
         self._own_secrets = own_secrets(config)
         self._sinks = sinks
         self.stats = stats
@@ -131,6 +134,8 @@ class Processor:
         self._source = source
         # A fleet (serve --cluster): each cluster's API by name; never another cluster's.
         self._sources = sources
+        self._strangers: set[str] = set()  # other clusters' names, warned about once
+        self._by_cluster = config.by_cluster
         self._exclusions = exclusions
         self._refused_secrets: set[Key] = set()
         self._rules: dict[tuple[str, ...], bytes] = {}  # .sops.yaml per set of recipients
@@ -145,7 +150,8 @@ class Processor:
         self, config: Config, sinks: Mapping[Key, CommitSink], keys: Mapping[Key, TargetKeys]
     ) -> None:
         """New rules, targets and keys; the next event is routed by them."""
-        self._router = Router(config)
+        self._router = Router(config, self._home)
+        self._by_cluster = config.by_cluster
         self._own_secrets = own_secrets(config)
         self._sinks = sinks
         self._keys = keys
@@ -241,13 +247,18 @@ class Processor:
         return (event.verb, "delete") if self._deletions.pending(event) else (event.verb,)
 
     def _routed(
-        self, ref: ObjectRef, verbs: tuple[str, ...], event: AuditEvent | None = None
+        self,
+        ref: ObjectRef,
+        verbs: tuple[str, ...],
+        event: AuditEvent | None = None,
+        *,
+        cluster: str = "",
     ) -> list[Route]:
         if len(verbs) == 1:
-            return self._router.routes(ref, verbs[0], event)
+            return self._router.routes(ref, verbs[0], event, cluster=cluster)
         found: dict[Key, Route] = {}
         for verb in verbs:
-            for route in self._router.routes(ref, verb, event):
+            for route in self._router.routes(ref, verb, event, cluster=cluster):
                 known = found.get(route.target.key)
                 if known is None or (route.explicit and not known.explicit):
                     found[route.target.key] = route
@@ -280,19 +291,20 @@ class Processor:
         # A CRD's deletion takes its instances from every target, selected or not.
         takes_instances = (ref.api_group, ref.resource) == CRDS and "delete" in verbs
         if not routes:
-            routes = self._routed(ref, verbs)
+            routes = self._routed(ref, verbs, cluster=event.cluster)
             if routes:
                 # A rule that selected it but excludes its user or tool says more than no-rule.
                 noise = noise if noise is Skip.STATUS else Skip.EXCLUDED_BY_RULE
             elif takes_instances:
                 noise = noise or Skip.NO_RULE  # it counts only if it finishes the deletion
             else:
+                self._stranger_in_fleet(event.cluster)
                 return Skip.NO_RULE
         if (ref.api_group, ref.resource) in NOISE_RESOURCES:
             routes = [r for r in routes if r.explicit]
             if not routes:
                 return Skip.NOISE
-        if is_own_secret(ref, self._own_secrets):
+        if is_own_secret(ref, self._own_secrets, event.cluster if self._by_cluster else ""):
             return Skip.OWN_SECRET
         # A target whose provider cannot be used (rules from a cluster) has no writer.
         routes = [r for r in routes if r.target.key in self._sinks]
@@ -670,8 +682,40 @@ class Processor:
         return changes or Skip.GONE
 
     def _source_for(self, event: AuditEvent) -> ObjectSource | None:
-        """The API of the event's cluster (in a fleet, None for a cluster without one)."""
-        return self._source if self._sources is None else self._sources.get(event.cluster)
+        """The API of the event's cluster (in a fleet, None for a cluster without one; with
+        one cluster's API, None for the events of any other cluster)."""
+        if self._sources is not None:
+            return self._sources.get(event.cluster)
+        if self._home is not None and not self._home.owns(event.cluster):
+            if event.cluster not in self._strangers:
+                self._strangers.add(event.cluster)
+                log.warning(
+                    "events posted to /audit-webhook/%s: this receiver reads cluster %s's API, "
+                    "so those that lack their object are skipped (needs-api), never read from "
+                    "it; their files go to the %s folder under each target (docs/fleet.md)",
+                    event.cluster,
+                    self._home.name,
+                    event.cluster,
+                )
+            return None
+        return self._source
+
+    def _stranger_in_fleet(self, cluster: str) -> None:
+        """A fleet whose rules are each cluster's own has none for a name it does not know."""
+        known = self._sources is not None and cluster in self._sources
+        if self._by_cluster and not known and cluster not in self._strangers:
+            self._strangers.add(cluster)
+            log.warning(
+                "events posted to %s: no cluster of that name in this fleet (--cluster "
+                "NAME=KUBECONFIG), so no rules select them; skipped (no-rule)",
+                f"/audit-webhook/{cluster}" if cluster else "/audit-webhook",
+            )
+
+    async def claim(self, cluster: str) -> None:
+        """Events posted under ``cluster`` are about to be accepted: a receiver that is one
+        cluster's pins its name first, if it has none yet (see :class:`HomeCluster`)."""
+        if self._home is not None:
+            await self._home.claim(cluster)
 
     def _creation_rules(self, keys: TargetKeys) -> bytes:
         rules = self._rules.get(keys.recipients)
