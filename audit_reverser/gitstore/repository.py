@@ -25,7 +25,8 @@ from audit_reverser.errors import MirrorWriteFailed, RemoteUnavailable, Reposito
 from audit_reverser.gitstore.heap import release_free_memory
 from audit_reverser.gitstore.localpush import RemoteMoved, can_push_directly, push_packs
 from audit_reverser.gitstore.packing import BLOB, COMMIT, NewObjects, merge_packs, object_id
-from audit_reverser.gitstore.transport import LocalTransport, Transport
+from audit_reverser.gitstore.packpush import PackPushUnsupported, push_pack
+from audit_reverser.gitstore.transport import LocalTransport, NetworkTransport, Transport
 from audit_reverser.gitstore.trees import WorkingTree
 from audit_reverser.gitstore.types import FileChange, Identity, Signer, TreeChange
 
@@ -110,6 +111,7 @@ class Mirror:
         # remote hands over. None when unknown (commits of an earlier run): libgit2 pushes.
         self._outgoing: list[Path] | None = None
         self._builds_on: bytes | None = None
+        self._pack_push_unsupported = False  # the remote or key needs libgit2's push
 
     @property
     def repo(self) -> pygit2.Repository:
@@ -433,14 +435,43 @@ class Mirror:
             and self._outgoing is not None
             and can_push_directly(self.transport.path, self._local_ref)
         ):
-            old = self._target(self._tracking_ref)
-            if old is not None and old != self._builds_on and not self._contains(self._head, old):
-                # Never forced: the remote's tip must be in what we push, as git checks.
-                raise RemoteMoved(f"{self.branch} of {self.transport.display} moved")
+            old = self._last_seen_remote_tip()
             push_packs(self.transport.path, self._local_ref, old, self._head, self._outgoing)
-        else:
+        elif not self._sent_our_packs():
             self._push_with_libgit2()
         self.repo.references.create(self._tracking_ref, _oid(self._head), force=True)
+
+    def _last_seen_remote_tip(self) -> bytes | None:
+        """The remote tip as last fetched, which our packs build on; RemoteMoved when our
+        branch does not contain it (never forced: the remote's tip must be in what we push,
+        as git checks)."""
+        assert self._head is not None
+        old = self._target(self._tracking_ref)
+        if old is not None and old != self._builds_on and not self._contains(self._head, old):
+            raise RemoteMoved(f"{self.branch} of {self.transport.display} moved")
+        return old
+
+    def _sent_our_packs(self) -> bool:
+        """Push an SSH remote our packs through receive-pack (:mod:`.packpush`); False when
+        libgit2 must push instead (a reason logged once)."""
+        if (
+            not isinstance(self.transport, NetworkTransport)
+            or not self._outgoing
+            or self._pack_push_unsupported
+        ):
+            return False
+        assert self._head is not None
+        old = self._last_seen_remote_tip()
+        scratch = self.path / "audit-reverser" / "outgoing"
+        try:
+            push_pack(self.transport, self._local_ref, old, self._head, self._outgoing, scratch)
+        except PackPushUnsupported as exc:
+            self._pack_push_unsupported = True
+            log.info("%s: pushing with libgit2: %s", self.transport.display, exc)
+            return False
+        except OSError as exc:  # reading or merging our own packs
+            raise RemoteUnavailable(f"push to {self.transport.display} failed: {exc}") from exc
+        return True
 
     def _push_with_libgit2(self) -> None:
         callbacks = self.transport.callbacks()
