@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import Harness, bare_repo, configmap, event, git, start_harness
-from tests.gitservers import KeyPair, SshServer
+from tests.gitservers import GitHttpServer, KeyPair, SshServer
 
 FALLBACK = "pushing with libgit2"
 
@@ -205,3 +205,32 @@ async def test_without_an_ssh_program_libgit2_pushes(
     assert caplog.text.count(f"{FALLBACK}: no ssh program") == 1
     assert await harness.subjects() and len(await harness.subjects()) == 2
     assert await asyncio.to_thread(git, remote, "fsck", "--strict", "--no-dangling") == ""
+
+
+async def test_https_pushes_send_our_packs_too(
+    tmp_path: Path, git_http: GitHttpServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    remote = await asyncio.to_thread(_remote, tmp_path / "remote.git")
+    secret = {"username": "bot", "password": "s3cr3t-t0ken-9f8e7d"}
+    harness = await start_harness(tmp_path, url=git_http.url(remote), secret=secret)
+    try:
+        assert await _send(harness, "a", "b") == []
+        assert await _send(harness, "c") == []
+    finally:
+        await harness.runtime.close()
+    assert FALLBACK not in caplog.text
+    remote_packs = await asyncio.to_thread(_packs, remote)
+    assert len(remote_packs) == 2
+    assert remote_packs <= await asyncio.to_thread(_packs, tmp_path / "state")
+    assert await asyncio.to_thread(git, remote, "fsck", "--strict", "--no-dangling") == ""
+    assert len(await harness.subjects()) == 3
+    # Credentials only where they were asked for: each push's first request is anonymous.
+    # (The first two: the fetch on start; info/refs?service=git-receive-pack after.)
+    push = [
+        "GET /remote.git/info/refs -",
+        "GET /remote.git/info/refs bot",
+        "POST /remote.git/git-receive-pack bot",
+    ]
+    assert git_http.requests[2:] == push * 2
+    assert "s3cr3t-t0ken-9f8e7d" not in caplog.text

@@ -1,29 +1,35 @@
-"""Pushing to an SSH remote by sending the packs we already wrote through ``git-receive-pack``.
+"""Pushing to SSH and HTTPS remotes by sending the packs we already wrote to receive-pack.
 
-libgit2's push over SSH builds a new pack: it walks the new commits, reads every tree back
-and searches deltas our batch packs already hold (about 400 µs and 100 MiB of peak RSS more
-per write than handing a local remote our packs, :mod:`.localpush`). The receive-pack
-protocol takes any pack holding what the remote lacks, so the packs written since the last
-push (merged into one when there are several) are sent as they are.
+libgit2's push over SSH or HTTPS builds a new pack: it walks the new commits, reads every
+tree back and searches deltas our batch packs already hold (about 400 µs and 100 MiB of peak
+RSS more per write than handing a local remote our packs, :mod:`.localpush`). Git's
+receive-pack protocol takes any pack holding what the remote lacks, so the packs written
+since the last push (merged into one when there are several) are sent as they are.
 
-OpenSSH's ``ssh`` client carries it, with the security of the libgit2 path: the host key is
-checked against the provider's ``known_hosts`` only (``StrictHostKeyChecking=yes``, no user
-or system configuration, no agent, no password prompt), and the deploy key goes in a file of
+Over SSH, OpenSSH's ``ssh`` client carries it, with the security of the libgit2 path: the
+host key is checked against the provider's ``known_hosts`` only (``StrictHostKeyChecking``,
+no user or system configuration, no agent, no prompt), and the deploy key goes in a file of
 its own (0600, in a private folder removed afterwards), never on a command line or in a log.
+Over HTTP(S) the same exchange is a GET of ``info/refs`` and a POST to ``git-receive-pack``
+(Git's smart HTTP), the credentials sent only once the server asks for them, certificates
+checked against the system's authorities and the Secret's ``ca.crt``.
+
 Before the pack is sent the advertised branch must be where we last saw it, else
 :class:`RemoteMoved` (someone else pushed: the caller fetches and replays, as after a
 rejected push). The update names that old id, so receive-pack refuses it if the branch moves
 meanwhile; nothing is ever forced. Anything this code does not handle (no ``ssh`` program, an
-encrypted key, a server without ``report-status``) raises :class:`PackPushUnsupported` before
-anything is sent, and the caller uses libgit2's push instead.
+encrypted key, a server without ``report-status``, a redirection) raises
+:class:`PackPushUnsupported` before anything is sent, and the caller uses libgit2's push.
 """
 
 from __future__ import annotations
 
 import base64
 import contextlib
+import http.client
 import os
 import shutil
+import ssl
 import subprocess
 import tempfile
 from collections.abc import Iterator
@@ -34,13 +40,14 @@ from urllib.parse import unquote, urlsplit
 from audit_reverser.errors import RemoteUnavailable
 from audit_reverser.gitstore.localpush import RemoteMoved
 from audit_reverser.gitstore.packing import merge_packs
-from audit_reverser.gitstore.transport import NetworkTransport, SshKey
+from audit_reverser.gitstore.transport import NetworkTransport, Password, SshKey, scrub
 
 ZERO_ID = b"\0" * 20
 # As libgit2's own limits (transport.py): a silent server must not hold the writer forever.
 CONNECT_TIMEOUT_S = 15
 ALIVE_INTERVAL_S = 15
 ALIVE_COUNT = 8
+SERVER_TIMEOUT_S = 120
 _CHUNK = 1 << 20
 
 
@@ -71,6 +78,10 @@ def push_pack(
 ) -> None:
     """Move ``ref`` of the remote from ``old`` (None: it must not exist) to ``new``, sending
     the objects of ``packs``; ``scratch`` is a folder for a merged pack (emptied after)."""
+    if urlsplit(transport.url).scheme in ("http", "https"):
+        with _one_pack(packs, scratch) as pack:
+            _push_http(transport, ref, old, new, pack)
+        return
     key = ssh_key(transport)
     try:
         folder = tempfile.TemporaryDirectory(prefix="audit-reverser-ssh-")
@@ -78,13 +89,20 @@ def push_pack(
         raise PackPushUnsupported(f"no private temporary folder: {exc}") from exc
     with folder as private:
         command = _ssh_command(transport.url, key, Path(private))
-        try:
-            pack = packs[0] if len(packs) == 1 else merge_packs(packs, scratch)
-            with open(pack, "rb") as body:
-                _exchange(command, Path(private), transport, key, ref, old, new, body)
-        finally:
-            if len(packs) != 1:
-                shutil.rmtree(scratch, ignore_errors=True)
+        with _one_pack(packs, scratch) as pack:
+            _exchange(command, Path(private), transport, key, ref, old, new, pack)
+
+
+@contextlib.contextmanager
+def _one_pack(packs: list[Path], scratch: Path) -> Iterator[Path]:
+    """The one pack holding the objects of ``packs``: itself, or them merged in ``scratch``."""
+    if len(packs) == 1:
+        yield packs[0]
+        return
+    try:
+        yield merge_packs(packs, scratch)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
 
 
 def _encrypted(private_key: str) -> bool:
@@ -152,7 +170,7 @@ def _exchange(
     ref: str,
     old: bytes | None,
     new: bytes,
-    pack: IO[bytes],
+    pack: Path,
 ) -> None:
     """Run receive-pack over ssh: read its references, send the update and the pack, read
     its report; any failure is RemoteUnavailable (or RemoteMoved) naming the reason."""
@@ -193,9 +211,21 @@ def _converse(
     ref: str,
     old: bytes | None,
     new: bytes,
-    pack: IO[bytes],
+    pack: Path,
     where: str,
 ) -> None:
+    _check_advertisement(answers, ref, old, where)
+    send.write(_update(ref, old, new))
+    with open(pack, "rb") as body:
+        while chunk := body.read(_CHUNK):
+            send.write(chunk)
+    send.flush()
+    send.close()
+    _check_report(answers, ref, where)
+
+
+def _check_advertisement(answers: IO[bytes], ref: str, old: bytes | None, where: str) -> None:
+    """Read what receive-pack announces; RemoteMoved unless ``ref`` is at ``old``."""
     refs, capabilities = _advertisement(answers, where)
     if "report-status" not in capabilities:
         raise PackPushUnsupported("the server does not report the push's status")
@@ -205,12 +235,16 @@ def _converse(
     if current != old:
         seen = current.hex()[:12] if current else "nothing"
         raise RemoteMoved(f"{ref} of {where} moved (it is at {seen})")
+
+
+def _update(ref: str, old: bytes | None, new: bytes) -> bytes:
+    """The one command of our push, and the flush that ends the commands."""
     update = f"{(old or ZERO_ID).hex()} {new.hex()} {ref}\0report-status agent=audit-reverser\n"
-    send.write(_pkt(update.encode()) + b"0000")
-    while chunk := pack.read(_CHUNK):
-        send.write(chunk)
-    send.flush()
-    send.close()
+    return _pkt(update.encode()) + b"0000"
+
+
+def _check_report(answers: IO[bytes], ref: str, where: str) -> None:
+    """Read receive-pack's report: anything but the pack stored and ``ref`` updated fails."""
     status = list(_pkt_lines(answers))
     if not status or status[0] != b"unpack ok":
         reason = status[0].decode(errors="replace") if status else "no status"
@@ -278,3 +312,100 @@ def _reason(
         return f"push to {transport.display} failed: authentication failed ({key.source})"
     detail = text.splitlines()[-1] if text else str(exc or "ssh failed")
     return f"push to {transport.display} failed: {key.scrub(detail)}"
+
+
+# -- HTTP(S): the same exchange as a GET of the references and a POST of update and pack ----
+
+# Some hosts answer Git's smart protocol only to clients that say they are git.
+_USER_AGENT = "git/2.0 (audit-reverser)"
+_ADVERTISEMENT = "application/x-git-receive-pack-advertisement"
+
+
+def _push_http(
+    transport: NetworkTransport, ref: str, old: bytes | None, new: bytes, pack: Path
+) -> None:
+    credential = transport.credential
+    if credential is not None and not isinstance(credential, Password):
+        raise PackPushUnsupported("not a password or token")
+    parts = urlsplit(transport.url)
+    base = parts.path.rstrip("/")
+    where = transport.display
+    connection = _connect(parts.scheme, parts.hostname or "", parts.port, transport.authority)
+    headers = {"User-Agent": _USER_AGENT}
+    try:
+        # Anonymous first, as libgit2 asks: the credentials go only where they are asked for.
+        answer = _send(connection, "GET", f"{base}/info/refs?service=git-receive-pack", headers)
+        if answer.status == 401 and credential is not None:
+            answer.read()
+            token = f"{credential.username}:{credential.password}".encode()
+            headers["Authorization"] = "Basic " + base64.b64encode(token).decode()
+            answer = _send(connection, "GET", f"{base}/info/refs?service=git-receive-pack", headers)
+        _check_answer(answer, transport)
+        if answer.getheader("Content-Type") != _ADVERTISEMENT:
+            raise PackPushUnsupported("the server does not speak Git's smart HTTP protocol")
+        if list(_pkt_lines(answer)) != [b"# service=git-receive-pack"]:
+            raise ValueError("not a receive-pack advertisement")
+        _check_advertisement(answer, ref, old, where)
+        answer.read()
+        update = _update(ref, old, new)
+        headers |= {
+            "Content-Type": "application/x-git-receive-pack-request",
+            "Accept": "application/x-git-receive-pack-result",
+            "Content-Length": str(len(update) + pack.stat().st_size),
+        }
+        answer = _send(connection, "POST", f"{base}/git-receive-pack", headers, _body(update, pack))
+        _check_answer(answer, transport)
+        _check_report(answer, ref, where)
+    except ssl.SSLCertVerificationError:
+        source = credential.source if credential else "the GitProvider's Secret"
+        raise RemoteUnavailable(
+            f"push to {where} failed: certificate of {parts.hostname} is not trusted by the "
+            f"system's authorities nor by ca.crt in {source}"
+        ) from None
+    except (OSError, http.client.HTTPException, ValueError, EOFError) as exc:
+        text = credential.scrub(str(exc)) if credential else str(exc)
+        raise RemoteUnavailable(f"push to {where} failed: {scrub(text)}") from None
+    finally:
+        connection.close()
+
+
+def _connect(
+    scheme: str, host: str, port: int | None, authority: str | None
+) -> http.client.HTTPConnection:
+    if scheme == "http":
+        return http.client.HTTPConnection(host, port, timeout=SERVER_TIMEOUT_S)
+    context = ssl.create_default_context()  # the system's authorities, as libgit2 trusts
+    if authority:
+        context.load_verify_locations(cadata=authority)
+    return http.client.HTTPSConnection(host, port, timeout=SERVER_TIMEOUT_S, context=context)
+
+
+def _send(
+    connection: http.client.HTTPConnection,
+    method: str,
+    path: str,
+    headers: dict[str, str],
+    body: Iterator[bytes] | None = None,
+) -> http.client.HTTPResponse:
+    connection.request(method, path, body=body, headers=headers)
+    return connection.getresponse()
+
+
+def _body(update: bytes, pack: Path) -> Iterator[bytes]:
+    yield update
+    with open(pack, "rb") as body:
+        while chunk := body.read(_CHUNK):
+            yield chunk
+
+
+def _check_answer(answer: http.client.HTTPResponse, transport: NetworkTransport) -> None:
+    if answer.status == 200:
+        return
+    answer.read()
+    if 300 <= answer.status < 400:  # libgit2 follows a redirection of the first request
+        raise PackPushUnsupported(f"the server redirects (HTTP {answer.status})")
+    where = transport.display
+    if answer.status in (401, 403):
+        source = transport.credential.source if transport.credential else "no credentials"
+        raise RemoteUnavailable(f"push to {where} failed: authentication failed ({source})")
+    raise RemoteUnavailable(f"push to {where} failed: HTTP {answer.status} {answer.reason}")

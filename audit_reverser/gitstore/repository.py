@@ -452,8 +452,8 @@ class Mirror:
         return old
 
     def _sent_our_packs(self) -> bool:
-        """Push an SSH remote our packs through receive-pack (:mod:`.packpush`); False when
-        libgit2 must push instead (a reason logged once)."""
+        """Send an SSH or HTTPS remote our packs through receive-pack (:mod:`.packpush`);
+        False when libgit2 must push instead (the reason logged once)."""
         if (
             not isinstance(self.transport, NetworkTransport)
             or not self._outgoing
