@@ -20,7 +20,7 @@ import ssl
 import sys
 import tempfile
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -31,7 +31,7 @@ from aiohttp import web
 
 from audit_reverser import __version__
 from audit_reverser.cluster.api import KubeApi
-from audit_reverser.cluster.fleet import FleetRules
+from audit_reverser.cluster.fleet import FleetRules, FolderFleet
 from audit_reverser.cluster.objects import ApiObjects
 from audit_reverser.cluster.resync import DEFAULT_INTERVAL_S as DEFAULT_RESYNC_INTERVAL_S
 from audit_reverser.cluster.resync import Resyncer, ResyncResult, ResyncStats
@@ -592,8 +592,10 @@ async def _serve_fleet(
                 apis[name].server,
             )
         if args.config:
-            sources = {name: ApiObjects(api) for name, api in apis.items()}
-            return await _serve(args, senders, context, None, None, None, sources=sources)
+            folders = FolderFleet(apis)
+            return await _serve(
+                args, senders, context, None, None, None, sources=folders.objects, folders=folders
+            )
         fleet = FleetRules(apis)
         try:
             config = await fleet.start()
@@ -625,6 +627,7 @@ async def _serve(
     sources: Mapping[str, ApiObjects] | None = None,
     cluster_name: str | None = None,
     fleet: FleetRules | None = None,
+    folders: FolderFleet | None = None,
 ) -> int:
     source = ApiObjects(api) if api is not None else None
     redis_journal = await _redis_journal(args)
@@ -644,13 +647,14 @@ async def _serve(
         rules_from_files=rules is None and fleet is None,
     )
     _tune_interpreter_for_ingest()
-    with_api = api is not None or fleet is not None
+    with_api = api is not None or fleet is not None or folders is not None
     resyncs = ResyncStats() if with_api and args.resync_interval else None
     app = make_app(
         runtime,
         max_body_bytes=args.max_body_bytes,
         senders=senders,
         metrics=lambda: exposition(runtime, resyncs),
+        waiting_for=runtime.waiting_for,
     )
     # In-flight requests get a few seconds to finish; the rest is the apiserver's to retry.
     runner = web.AppRunner(app, handle_signals=False, access_log=None, shutdown_timeout=5)
@@ -660,19 +664,20 @@ async def _serve(
     if resyncs is not None:
 
         async def resync(targets: list[GitTarget]) -> Mapping[Key, ResyncResult | Exception]:
-            if fleet is None:
-                assert api is not None and source is not None
-                return await runtime.resync(targets, api, source)
-            results: dict[Key, ResyncResult | Exception] = {}
-            for own_api, own_source, group in fleet.grouped(targets):  # each its own cluster's
-                results.update(await runtime.resync(group, own_api, own_source))
-            return results
+            if folders is not None:  # each cluster's folders with its own API
+                return await folders.resync(targets, runtime.resync)
+            if fleet is not None:  # each target with its own cluster's API
+                return await fleet.resync(targets, runtime.resync)
+            assert api is not None and source is not None
+            return await runtime.resync(targets, api, source)
+
+        def resynced() -> Iterable[GitTarget]:
+            if folders is not None:
+                return folders.targets(runtime.config)
+            return runtime.config.targets.values()
 
         resyncer = Resyncer(
-            interval_s=args.resync_interval,
-            targets=lambda: runtime.config.targets.values(),
-            run=resync,
-            stats=resyncs,
+            interval_s=args.resync_interval, targets=resynced, run=resync, stats=resyncs
         )
         resyncer.start()
     if rules is not None and api is not None and source is not None:
@@ -698,6 +703,8 @@ async def _serve(
             await runtime.reconfigure(new, fleet.problems)
 
         fleet.on_change = fleet_changed
+        if resyncer is not None:
+            fleet.on_join = lambda name: resyncer.soon()  # changes missed while it was away
         fleet.report(runtime.status_state, runtime.take_snapshot, runtime.config)
     try:
         host, port = args.listen

@@ -509,6 +509,11 @@ class Runtime:
     def ready(self) -> bool:
         return all(ok for _, ok, _ in self.readiness() if ok is not None)
 
+    def waiting_for(self, cluster: str) -> str | None:
+        """Why events posted under ``cluster`` cannot be taken yet: a fleet's cluster whose
+        rules are not read (the rules events are routed by: none is taken before them)."""
+        return self.config.waiting.get(cluster)
+
     def readiness(self) -> list[tuple[str, bool | None, str]]:
         """What /readyz checks: (name, passed, detail). Remotes are reported with None: an
         unreachable remote does not make us unready, because commits wait in the mirror

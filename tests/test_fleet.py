@@ -14,6 +14,7 @@ from typing import Any
 import kmock
 import pytest
 import yaml
+import yarl
 
 from audit_reverser.pipeline.home import HomeCluster
 from tests.conftest import (
@@ -21,6 +22,7 @@ from tests.conftest import (
     configmap,
     event,
     event_list,
+    free_port,
     git,
     git_files,
     git_show,
@@ -511,3 +513,100 @@ def test_a_cluster_name_the_user_gives_replaces_the_pinned_one(
     assert home.owns("prod") and home.owns("") and not home.owns("kind")
     assert (tmp_path / "cluster-name").read_text() == "prod\n"
     assert HomeCluster.load(tmp_path).name == "prod"
+
+
+# -- a cluster whose API is down at start -----------------------------------------------------
+
+
+async def test_a_cluster_down_at_start_joins_later_and_the_others_run_meanwhile(
+    tmp_path: Path, clusters: dict[str, Member]
+) -> None:
+    """serve --cluster prod=… --cluster staging=…, staging's API not up: the receiver starts
+    with prod; staging's batches get 503 (the apiserver sends them again) and it is shown as
+    a problem; once its API is up, its rules are read, its events committed, its status
+    written."""
+    prod = clusters["prod"]
+    remote = await asyncio.to_thread(bare_repo, tmp_path / "remote.git")
+    _own_rules(prod, remote, "default", {"live": "prod"})
+    port = free_port()
+    async with kmock.KubernetesEmulator() as emulator:
+        staging = Member(emulator, _kubeconfig(yarl.URL(f"http://127.0.0.1:{port}")))
+        _own_rules(staging, remote, "team", {"live": "staging"})
+        staging.api.objects["v1/configmaps", "team", "demo"] = configmap(
+            namespace="team", data={"from": "staging api"}
+        )
+        args = ["--state-dir", str(tmp_path / "state"), "--resync-interval", "0"]
+        for name, member in (("prod", prod), ("staging", staging)):
+            kubeconfig = tmp_path / f"{name}.kubeconfig"
+            await asyncio.to_thread(kubeconfig.write_text, yaml.safe_dump(member.kubeconfig))
+            args += ["--cluster", f"{name}={kubeconfig}"]
+        served = await asyncio.to_thread(start_serve, tmp_path, *args)
+        try:
+            ours = event("create", name="mine", body=configmap("mine"), user="ana@example.com")
+            assert await asyncio.to_thread(_post, served.port, "/audit-webhook/prod", ours) == 200
+            theirs = event(
+                "create", namespace="team", body=configmap(namespace="team"), user="bob@example.com"
+            )
+            status, body = await asyncio.to_thread(
+                request,
+                served.port,
+                "POST",
+                "/audit-webhook/staging",
+                json.dumps(event_list(theirs)).encode(),
+                headers=JSON,
+            )
+            refused = json.loads(body)
+            assert (status, refused["details"]["retryAfterSeconds"]) == (503, 10), refused
+            assert "rules of cluster staging are not read yet" in refused["message"]
+            ready, text = await asyncio.to_thread(request, served.port, "GET", "/readyz?verbose")
+            assert ready == 200, text
+            assert "[!]config warning: Cluster staging: the rules of cluster staging" in (
+                text.decode()
+            )
+            await _metrics_show(
+                served.port,
+                'config_problems{kind="Cluster",object="staging"} 1.0',
+                "events_kept_total 1.0",
+            )
+            async with asyncio.timeout(60):  # a bound against hangs, not a time to meet
+                while "prod/v1/configmaps/default/mine.yaml" not in await asyncio.to_thread(  # noqa: ASYNC110
+                    git_files, remote
+                ):
+                    await asyncio.sleep(0.05)
+
+            async with kmock.Server(emulator, port=port):  # staging's API comes up
+                async with asyncio.timeout(120):  # a bound against hangs, not a time to meet
+                    while _ready(staging, "gittargets", "team", "live") != ("True", "Ready"):  # noqa: ASYNC110
+                        await asyncio.sleep(0.1)
+                    while True:
+                        status, _ = await asyncio.to_thread(
+                            request,
+                            served.port,
+                            "POST",
+                            "/audit-webhook/staging",
+                            json.dumps(event_list(theirs)).encode(),
+                            headers=JSON,
+                        )
+                        if status == 200:
+                            break
+                        assert status == 503
+                        await asyncio.sleep(0.1)
+                await _metrics_show(served.port, "events_kept_total 2.0")
+                _, text = await asyncio.to_thread(request, served.port, "GET", "/readyz?verbose")
+                assert "Cluster staging" not in text.decode()
+                log = await asyncio.to_thread(served.stop)
+            _assert_the_install_allows_every_request(emulator)
+        finally:
+            if served.process.poll() is None:
+                await asyncio.to_thread(served.stop)
+    files = await asyncio.to_thread(git_files, remote)
+    assert "prod/v1/configmaps/default/mine.yaml" in files
+    assert "staging/v1/configmaps/team/demo.yaml" in files
+    authors = await asyncio.to_thread(
+        git, remote, "log", "--format=%an", "main", "--", "staging/v1/configmaps/team/demo.yaml"
+    )
+    assert "bob@example.com" in authors.split()
+    assert log.count("cluster staging: rules not read") == 1
+    assert re.search(r"ERROR .*cluster staging: rules not read: .*127\.0\.0\.1", log), log
+    assert re.search(r"INFO .*cluster staging: rules read \(1 GitTargets\)", log), log
+    assert _ready(staging, "gitproviders", "team", "origin") == ("True", "Ready")
