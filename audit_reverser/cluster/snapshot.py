@@ -164,7 +164,8 @@ async def list_targets(
 ) -> dict[Key, Listing]:
     """:func:`list_target` for several targets at once: each resource is listed once, for
     every target whose rules cover it (several targets selecting the same resources make
-    one LIST, not one each)."""
+    one LIST, not one each). A target carrying a cluster (``GitTarget.cluster``: a fleet
+    with rules from files) is compared in that cluster's folder under its path."""
     router = Router(config)
     secrets = own_secrets(config)
     found = {target.key: _Collected() for target in targets}
