@@ -49,6 +49,7 @@ JOIN_RETRY_S = 5.0
 Resync = Callable[
     [list[GitTarget], KubeApi, ApiObjects], Awaitable[Mapping[Key, ResyncResult | Exception]]
 ]
+Take = Callable[[GitTarget, KubeApi, ApiObjects], Awaitable[SnapshotResult | None]]
 
 
 def _stamp(key: Key, cluster: str) -> Key:
@@ -117,7 +118,7 @@ class FleetRules:
         self._schedulers: dict[str, SnapshotScheduler] = {}
         self._away: dict[str, str] = {}  # clusters whose rules are not read yet, why
         self._joins: list[asyncio.Task[None]] = []
-        self._reporting: tuple[Any, Any] | None = None  # report()'s state and take
+        self._reporting: tuple[Callable[[], Awaitable[State]], Take] | None = None
         self.on_join: Callable[[str], None] | None = None
         self._last: Config | None = None  # the latest merged config
 
@@ -290,7 +291,7 @@ class FleetRules:
     def report(
         self,
         state: Callable[[], Awaitable[State]],
-        take: Callable[[GitTarget, KubeApi, ApiObjects], Awaitable[SnapshotResult | None]],
+        take: Take,
         config: Config,
     ) -> None:
         """Start writing each cluster's status to it and snapshotting its new GitTargets
@@ -299,7 +300,9 @@ class FleetRules:
         self._reporting = (state, take)
         for name in self.rules:
             if name in self._away:
-                self._joins.append(asyncio.create_task(self._join(name), name=f"join {name}"))
+                join = asyncio.create_task(self._join(name), name=f"join {name}")
+                join.add_done_callback(_join_ended)
+                self._joins.append(join)
             else:
                 self._report_on(name, config)
 
@@ -323,9 +326,7 @@ class FleetRules:
         self._schedulers[name] = scheduler
 
     def _taker(
-        self,
-        name: str,
-        take: Callable[[GitTarget, KubeApi, ApiObjects], Awaitable[SnapshotResult | None]],
+        self, name: str, take: Take
     ) -> Callable[[GitTarget], Awaitable[SnapshotResult | None]]:
         async def run(target: GitTarget) -> SnapshotResult | None:
             return await take(target, self.apis[name], self.objects[name])
@@ -394,6 +395,11 @@ class FleetRules:
         await self.stop_reporting()
         for rules in self.rules.values():
             await rules.close()
+
+
+def _join_ended(task: asyncio.Task[None]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.critical("%s stopped unexpectedly", task.get_name(), exc_info=task.exception())
 
 
 async def _each_cluster(
