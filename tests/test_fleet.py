@@ -456,6 +456,14 @@ async def test_a_fleet_reads_each_cluster_s_rules_from_its_own_custom_resources(
     # Status went to the cluster each object came from; the intruder says why it waits.
     assert _ready(prod, "gitproviders", "default", "origin") == ("True", "Ready")
     assert _ready(staging, "gitproviders", "team", "origin") == ("True", "Ready")
+    # Staging's GitTarget, snapshotted before, was resynced when staging joined.
+    subjects = await asyncio.to_thread(git_subjects, remote)
+    assert "[RESYNC] staging" in subjects and "[SNAPSHOT] staging" not in subjects
+    history = await asyncio.to_thread(
+        git, remote, "log", "--reverse", "--format=%H", "main", "--", "staging"
+    )
+    first = f"{history.split()[0]}:staging/v1/configmaps/team/demo.yaml"
+    assert "from: staging api" in await asyncio.to_thread(git, remote, "show", first)
     assert _ready(staging, "gittargets", "team", "intruder") == ("False", "FolderInUse")
     status = staging.api.objects[f"{CB}/gittargets", "team", "intruder"]["status"]
     assert "GitTarget default/live of cluster prod" in status["conditions"][0]["message"]
@@ -538,13 +546,17 @@ async def test_a_cluster_down_at_start_joins_later_and_the_others_run_meanwhile(
         staging.api.objects["v1/configmaps", "team", "demo"] = configmap(
             namespace="team", data={"from": "staging api"}
         )
-        args = ["--state-dir", str(tmp_path / "state"), "--resync-interval", "0"]
+        # Snapshotted by an earlier run: what it missed comes from the resync when it joins.
+        live = staging.api.objects[f"{CB}/gittargets", "team", "live"]
+        live["status"] = {"snapshot": {"lastCompletedTime": "2026-01-01T00:00:00Z"}}
+        args = ["--state-dir", str(tmp_path / "state"), "--resync-interval", "3600"]
         for name, member in (("prod", prod), ("staging", staging)):
             kubeconfig = tmp_path / f"{name}.kubeconfig"
             await asyncio.to_thread(kubeconfig.write_text, yaml.safe_dump(member.kubeconfig))
             args += ["--cluster", f"{name}={kubeconfig}"]
         served = await asyncio.to_thread(start_serve, tmp_path, *args)
         try:
+            prod.api.objects["v1/configmaps", "default", "mine"] = configmap("mine")
             ours = event("create", name="mine", body=configmap("mine"), user="ana@example.com")
             assert await asyncio.to_thread(_post, served.port, "/audit-webhook/prod", ours) == 200
             theirs = event(
@@ -581,6 +593,10 @@ async def test_a_cluster_down_at_start_joins_later_and_the_others_run_meanwhile(
                 async with asyncio.timeout(120):  # a bound against hangs, not a time to meet
                     while _ready(staging, "gittargets", "team", "live") != ("True", "Ready"):  # noqa: ASYNC110
                         await asyncio.sleep(0.1)
+                    while "[RESYNC] staging" not in await asyncio.to_thread(  # noqa: ASYNC110
+                        git_subjects, remote
+                    ):
+                        await asyncio.sleep(0.1)
                     while True:
                         status, _ = await asyncio.to_thread(
                             request,
@@ -613,6 +629,14 @@ async def test_a_cluster_down_at_start_joins_later_and_the_others_run_meanwhile(
     assert re.search(r"ERROR .*cluster staging: rules not read: .*127\.0\.0\.1", log), log
     assert re.search(r"INFO .*cluster staging: rules read \(1 GitTargets\)", log), log
     assert _ready(staging, "gitproviders", "team", "origin") == ("True", "Ready")
+    # Staging's GitTarget, snapshotted before, was resynced when staging joined.
+    subjects = await asyncio.to_thread(git_subjects, remote)
+    assert "[RESYNC] staging" in subjects and "[SNAPSHOT] staging" not in subjects
+    history = await asyncio.to_thread(
+        git, remote, "log", "--reverse", "--format=%H", "main", "--", "staging"
+    )
+    first = f"{history.split()[0]}:staging/v1/configmaps/team/demo.yaml"
+    assert "from: staging api" in await asyncio.to_thread(git, remote, "show", first)
 
 
 # -- a fleet with rules from files: each cluster's folder resynced with its own API -----------
