@@ -223,6 +223,11 @@ class BranchWriter:
             )
         return found
 
+    async def last_message(self, path: str) -> str | None:
+        """The message of the newest commit that changed ``path`` (see
+        :meth:`Mirror.last_message`), read on the Git thread between batches."""
+        return await self._blocking(lambda: self.mirror.last_message(path))
+
     @property
     def tip(self) -> str | None:
         return self.mirror.tip
