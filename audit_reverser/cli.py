@@ -44,6 +44,7 @@ from audit_reverser.context import EventContext
 from audit_reverser.encryption.certs import make as make_certs
 from audit_reverser.errors import AuditReverserError, ConfigError, PermanentError
 from audit_reverser.ha.connection import Connection, JournalSettings, connect
+from audit_reverser.ha.lease import DEFAULT_LEASE_S
 from audit_reverser.ingest import auth
 from audit_reverser.ingest.intake import DEFAULT_MAX_BACKLOG
 from audit_reverser.ingest.logfiles import read_chunks, size_of
@@ -66,6 +67,9 @@ DEFAULT_LISTEN = "127.0.0.1:8080"
 DEFAULT_STATE_DIR = ".audit-reverser"
 # A renewed serving certificate (cert-manager, a Secret volume) is picked up this often.
 CERTIFICATE_RELOAD_INTERVAL_S = 30.0
+# serve --journal: another replica took the writer lease from this one (EX_TEMPFAIL); a
+# supervisor (Kubernetes) starts it again, as a standby.
+EXIT_LEASE_LOST = 75
 MAX_RESYNC_INTERVAL_S = 7 * 24 * 3600
 
 
@@ -179,6 +183,14 @@ def _parser() -> argparse.ArgumentParser:
         default=0,
         metavar="N",
         help="Redis replicas that must also hold a write before the 200 (default: 0)",
+    )
+    shared.add_argument(
+        "--journal-lease",
+        type=_seconds,
+        default=DEFAULT_LEASE_S,
+        metavar="SECONDS",
+        help="how long the writer lease lasts unrenewed: a standby replica takes over this "
+        f"long after the writer stops at most, plus a third (default: {DEFAULT_LEASE_S:g})",
     )
     cluster = serve.add_argument_group(
         "cluster (rules from its custom resources unless --config is given, and the objects "
@@ -597,6 +609,7 @@ async def _serve(
         problems=list(rules.problems.values()) if rules is not None else (),
         journal=True,
         redis_journal=redis_journal,
+        journal_lease_s=args.journal_lease,
         max_backlog=args.max_backlog,
         shutdown_timeout_s=args.shutdown_timeout,
         exclusions=_exclusions(args),
@@ -615,6 +628,7 @@ async def _serve(
     await runner.setup()  # starts the runtime
     reporter = scheduler = resyncer = None
     reloading: asyncio.Task[None] | None = None
+    exit_code = 0
     if resyncs is not None and api is not None and source is not None:
 
         async def resync(target: GitTarget) -> ResyncResult | None:
@@ -664,8 +678,14 @@ async def _serve(
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
-        await stop.wait()
-        log.info("stopping: finishing accepted events and pushing")
+        lost = runtime.redis_journal.lost if runtime.redis_journal is not None else None
+        await _first_of(stop, lost)
+        if lost is not None and lost.is_set():
+            # Whatever the pipeline holds belongs to the new writer now: start again clean.
+            log.error("stopping: another replica writes now; this one starts again as a standby")
+            exit_code = EXIT_LEASE_LOST
+        else:
+            log.info("stopping: finishing accepted events and pushing")
         runtime.accepting = False
     finally:
         if reloading is not None:
@@ -677,7 +697,16 @@ async def _serve(
         if reporter is not None:
             await reporter.close()
         await runner.cleanup()
-    return 0
+    return exit_code
+
+
+async def _first_of(*events: asyncio.Event | None) -> None:
+    waits = [asyncio.create_task(e.wait()) for e in events if e is not None]
+    try:
+        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for wait in waits:
+            wait.cancel()
 
 
 async def _reload_certificate(reloader: auth.CertificateReloader) -> None:

@@ -29,7 +29,7 @@ from audit_reverser.cluster.status import State
 from audit_reverser.config.model import Config, GitTarget, Key, PushPolicy
 from audit_reverser.encryption.keys import TargetKeys, fingerprint_key
 from audit_reverser.encryption.keys import resolve as resolve_keys
-from audit_reverser.errors import AuditReverserError, ConfigError
+from audit_reverser.errors import AuditReverserError, ConfigError, TemporaryError
 from audit_reverser.events import AuditID
 from audit_reverser.gitstore.health import probe
 from audit_reverser.gitstore.repository import Mirror
@@ -38,6 +38,8 @@ from audit_reverser.gitstore.types import Identity
 from audit_reverser.gitstore.writer import BranchWriter
 from audit_reverser.ha.connection import Connection
 from audit_reverser.ha.journal import RedisJournal
+from audit_reverser.ha.lease import DEFAULT_LEASE_S
+from audit_reverser.ha.stream import StaleWriter
 from audit_reverser.ingest.intake import DEFAULT_MAX_BACKLOG, DEFAULT_WINDOW, Intake
 from audit_reverser.journal import DEFAULT_MIN_FREE_BYTES, EventJournal, Journal, SegmentFile
 from audit_reverser.pipeline.noise import Exclusions
@@ -72,6 +74,8 @@ class Settings:
     journal_file: Callable[[Path], SegmentFile] = SegmentFile
     # serve --journal redis://…: the journal is in this Redis instead (ha.journal).
     redis_journal: Connection | None = None
+    # How long the writer lease lasts without renewal (a standby takes over after it).
+    journal_lease_s: float = DEFAULT_LEASE_S
     # How long close() may spend committing and pushing before it leaves the rest to the
     # journal; below Kubernetes' default 30 s grace period.
     shutdown_timeout_s: float = DEFAULT_SHUTDOWN_TIMEOUT_S
@@ -89,6 +93,8 @@ class Settings:
 
 
 CHECKPOINT_INTERVAL_S = 0.2
+# A new writer whose remote does not answer tries to catch up with it again after this long.
+TAKE_OVER_RETRY_S = 2.0
 
 
 def _broken_keys(config: Config, keys: Mapping[Key, TargetKeys]) -> list[str]:
@@ -154,6 +160,7 @@ class Runtime:
                 # One name per state directory (locked by one process at a time).
                 consumer=f"{socket.gethostname()}:{settings.state_dir.resolve()}",
                 progress=self._push_progress,
+                lease_s=settings.journal_lease_s,
             )
             if settings.redis_journal is not None
             else None
@@ -168,6 +175,7 @@ class Runtime:
         self.accepting = False
         self._lock: int | None = None
         self._checkpoints: asyncio.Task[None] | None = None
+        self._leading: asyncio.Task[None] | None = None
 
     def _push_progress(self) -> dict[str, tuple[int, int]]:
         return {w.key: (w.stats.pushed_commits, w.mirror.unpushed) for w in self.writers.values()}
@@ -307,7 +315,10 @@ class Runtime:
             await writer.open()
             if self.journal is not None:
                 self.journal.set_tips({writer.key: writer.tip})
-            writer.start()
+            if self.redis_journal is None:
+                writer.start()
+            elif self.redis_journal.leading.is_set():
+                await self._catch_up(writer, self.redis_journal)
         await asyncio.to_thread(
             install_trust,
             self.settings.state_dir / "trust",
@@ -407,10 +418,50 @@ class Runtime:
             self._checkpoints = asyncio.create_task(
                 self._checkpoint_loop(self.journal), name="journal-checkpoints"
             )
-        for writer in self.writers.values():
-            writer.start()
+        if self.redis_journal is None:
+            for writer in self.writers.values():
+                writer.start()
+        else:
+            self._leading = asyncio.create_task(
+                self._lead(self.redis_journal), name="journal writer lease"
+            )
         self.intake.start()
         self.accepting = True
+
+    @property
+    def leads(self) -> bool:
+        """Whether this replica does what one replica at a time may do (write Git, patch
+        statuses, take snapshots, resync): always without a shared journal; with one, while
+        it holds the writer lease."""
+        return self.redis_journal is None or self.redis_journal.writing
+
+    async def _lead(self, journal: RedisJournal) -> None:
+        """A standby until this replica holds the writer lease; then each writer catches up
+        with the remote, and the intake starts reading the shared journal."""
+        await journal.leading.wait()
+        try:
+            for writer in list(self.writers.values()):
+                await self._catch_up(writer, journal)
+            await journal.lead()
+        except StaleWriter as exc:  # lost before it started: exits like any other loss
+            log.error("%s", exc)
+            journal.lost.set()
+
+    async def _catch_up(self, writer: BranchWriter, journal: RedisJournal) -> None:
+        """Fence the writer by the lease, drop what its mirror did not push and learn the
+        remote's history (retried while the remote does not answer), then start it."""
+        writer.fence = journal.fence
+        writer.mirror.fence = journal.lease.assert_held
+        while True:
+            await journal.fence()
+            try:
+                found = await writer.take_over()
+                break
+            except TemporaryError as exc:
+                log.error("%s: %s; trying again in %.0fs", writer.name, exc, TAKE_OVER_RETRY_S)
+                await asyncio.sleep(TAKE_OVER_RETRY_S)
+        self.processor.recall_versions(writer, found)
+        writer.start()
 
     async def _recover(self, journal: Journal) -> None:
         recovery = await asyncio.to_thread(journal.recover)
@@ -483,7 +534,9 @@ class Runtime:
         # A broken object is reported, not a reason to refuse events: the healthy targets
         # keep working, and refused batches would be lost once the apiserver's buffer fills.
         checks.extend(("config", None, problem) for problem in self.problems)
-        for writer in self.writers.values():
+        if not self.leads:  # a standby: its writers wait for the lease (and must)
+            checks.append(("writers", None, "standby: another replica holds the writer lease"))
+        for writer in self.writers.values() if self.leads else ():
             checks.append((f"writer {writer.name}", writer.running, ""))
             if writer.last_push_error is not None:
                 waiting = f"{writer.mirror.unpushed} commits wait in the mirror"
@@ -508,6 +561,28 @@ class Runtime:
         """Stop accepting, commit what was accepted and push once, within the shut-down time;
         what is left then stays in the journal (and unpushed commits in the mirrors)."""
         self.accepting = False
+        if self._leading is not None:
+            self._leading.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._leading
+        if not self.leads:
+            # A standby has nothing to finish (what it accepted is in Redis, for the writer);
+            # a writer that lost its lease may finish nothing.
+            await self.intake.stop()
+            await asyncio.gather(*(w.close() for w in self.writers.values()))
+        else:
+            await self._finish_in_time()
+        if self._checkpoints is not None:
+            self._checkpoints.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._checkpoints
+        if self.journal is not None:
+            await self.journal.close()
+        if self.redis_journal is not None:
+            await self.redis_journal.close()
+        self._unlock_state_dir()
+
+    async def _finish_in_time(self) -> None:
         try:
             await asyncio.wait_for(self._finish(), self.settings.shutdown_timeout_s)
         except TimeoutError:
@@ -519,15 +594,6 @@ class Runtime:
                 sum(w.mirror.unpushed for w in self.writers.values()),
             )
             await self.intake.stop()
-        if self._checkpoints is not None:
-            self._checkpoints.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._checkpoints
-        if self.journal is not None:
-            await self.journal.close()
-        if self.redis_journal is not None:
-            await self.redis_journal.close()
-        self._unlock_state_dir()
 
     async def _finish(self) -> None:
         await self.intake.close()

@@ -21,7 +21,7 @@ import queue
 import random
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, TypeVar
@@ -176,6 +176,9 @@ class BranchWriter:
         self._recovered: dict[tuple[str, str], str] = {}
         self._thread = GitThread(f"git {mirror.path.name}")
         self._watchers: list[Touched] = []
+        # HA: raises unless this replica may still write the branch; awaited before every
+        # commit batch and every push (see :meth:`take_over`).
+        self.fence: Callable[[], Awaitable[None]] | None = None
 
     async def _blocking(self, call: Callable[[], T]) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._thread, call)
@@ -222,6 +225,15 @@ class BranchWriter:
                 "%s: %d commits made after the last journal checkpoint", self.name, len(changes)
             )
         return found
+
+    async def take_over(self) -> list[tuple[str, str]]:
+        """HA: become the branch's writer after another replica. Drops the commits our
+        mirror did not push (their events wait in the shared journal, and the other replica
+        may have pushed them), builds on the remote's tip and remembers its history, so that
+        an event found there is answered with its commit instead of being committed twice.
+        Returns the history's ``(path, message)``s. Before :meth:`start`."""
+        await self._blocking(self.mirror.reset_to_remote)
+        return await self.recover(None)
 
     @property
     def tip(self) -> str | None:
@@ -316,6 +328,14 @@ class BranchWriter:
                 return
 
     async def _commit(self, batch: list[_Change]) -> None:
+        if self.fence is not None:
+            try:
+                await self.fence()
+            except TemporaryError as exc:  # held: their events stay in the journal
+                for entry in batch:
+                    entry.done.set_exception(exc)
+                return
+
         def commit_all() -> list[CommitOutcome | BaseException]:
             results: list[CommitOutcome | BaseException] = []
             for entry in batch:
@@ -383,6 +403,8 @@ class BranchWriter:
         if not self.mirror.unpushed:
             self._push_deadline = None
             return 0
+        if self.fence is not None:
+            await self.fence()
         begin = time.monotonic()
         try:
             pushed = await self._blocking(self.mirror.push)
