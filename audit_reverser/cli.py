@@ -527,6 +527,8 @@ async def serve(args: argparse.Namespace) -> int:
         config = None
         if api is not None and not args.config:
             rules = ClusterRules(api)
+            if args.journal is not None:  # a standby until it writes (see _serve)
+                rules.generates_keys = lambda: False
             config = await rules.start()
             log.info(
                 "rules from the cluster: %d GitTargets, %d WatchRules, %d ClusterWatchRules",
@@ -640,16 +642,13 @@ async def _serve(
             run=resync,
             stats=resyncs,
         )
-        resyncer.start()
     if rules is not None and api is not None and source is not None:
         reporter = StatusReporter(api, rules, runtime.status_state)
-        reporter.start()
 
         async def take(target: GitTarget) -> SnapshotResult | None:
             return await runtime.take_snapshot(target, api, source)
 
         scheduler = SnapshotScheduler(api, rules, take)
-        scheduler.start()
         scheduler.update(runtime.config)
 
         async def changed(new: Config) -> None:
@@ -658,6 +657,9 @@ async def _serve(
             scheduler.update(new)
 
         rules.on_change = changed
+    # What one replica at a time may do waits until this one writes (at once without a
+    # shared journal); a writer that loses the lease exits, and these with it.
+    single = asyncio.create_task(_single_jobs(runtime, rules, resyncer, reporter, scheduler))
     try:
         host, port = args.listen
         site = web.TCPSite(runner, host, port, ssl_context=context)
@@ -688,6 +690,7 @@ async def _serve(
             log.info("stopping: finishing accepted events and pushing")
         runtime.accepting = False
     finally:
+        single.cancel()
         if reloading is not None:
             reloading.cancel()
         if resyncer is not None:
@@ -698,6 +701,24 @@ async def _serve(
             await reporter.close()
         await runner.cleanup()
     return exit_code
+
+
+async def _single_jobs(
+    runtime: Runtime,
+    rules: ClusterRules | None,
+    resyncer: Resyncer | None,
+    reporter: StatusReporter | None,
+    scheduler: SnapshotScheduler | None,
+) -> None:
+    """Start what only the writer does: resyncs, status patches, snapshots of new
+    GitTargets and the keys generateWhenMissing makes, once this replica writes."""
+    await runtime.until_leading()
+    for job in (resyncer, reporter, scheduler):
+        if job is not None:
+            job.start()
+    if rules is not None and runtime.redis_journal is not None:
+        rules.generates_keys = lambda: runtime.leads
+        rules.rebuild()  # keys a standby left ungenerated
 
 
 async def _first_of(*events: asyncio.Event | None) -> None:

@@ -435,6 +435,11 @@ class Runtime:
         it holds the writer lease."""
         return self.redis_journal is None or self.redis_journal.writing
 
+    async def until_leading(self) -> None:
+        """Return once this replica writes (see :attr:`leads`); never, while a standby."""
+        if self.redis_journal is not None:
+            await self.redis_journal.until_writing()
+
     async def _lead(self, journal: RedisJournal) -> None:
         """A standby until this replica holds the writer lease; then each writer catches up
         with the remote, and the intake starts reading the shared journal."""

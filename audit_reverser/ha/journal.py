@@ -144,6 +144,9 @@ class RedisJournal:
         """Whether this replica is the writer (it reads the stream), not a standby."""
         return self._reading.is_set() and not self.lost.is_set()
 
+    async def until_writing(self) -> None:
+        await self._reading.wait()
+
     async def lead(self) -> None:
         """Once :attr:`leading` is set and the writers caught up with the remote: make every
         entry earlier holders read and did not acknowledge ours, and start reading."""
