@@ -31,6 +31,7 @@ from aiohttp import web
 
 from audit_reverser import __version__
 from audit_reverser.cluster.api import KubeApi
+from audit_reverser.cluster.fleet import FleetRules
 from audit_reverser.cluster.objects import ApiObjects
 from audit_reverser.cluster.resync import DEFAULT_INTERVAL_S as DEFAULT_RESYNC_INTERVAL_S
 from audit_reverser.cluster.resync import Resyncer, ResyncResult, ResyncStats
@@ -51,6 +52,7 @@ from audit_reverser.ingest.logfiles import read_chunks, size_of
 from audit_reverser.ingest.server import DEFAULT_MAX_BODY_BYTES, make_app
 from audit_reverser.metrics import exposition
 from audit_reverser.pipeline.filter import Skip
+from audit_reverser.pipeline.home import HomeCluster
 from audit_reverser.pipeline.layout import CLUSTER_NAME
 from audit_reverser.pipeline.noise import DEFAULT_EXCLUDED_USERS, Exclusions
 from audit_reverser.providers import ProviderCheck, check_remotes, usable_providers
@@ -210,9 +212,13 @@ def _parser() -> argparse.ArgumentParser:
         default=[],
         type=_fleet_member,
         dest="fleet",
-        metavar="NAME=KUBECONFIG",
-        help="a fleet: events posted to /audit-webhook/NAME read the objects they lack from "
-        "this cluster, and no other; repeatable; needs --config (docs/fleet.md)",
+        metavar="NAME[=KUBECONFIG]",
+        help="NAME=KUBECONFIG, repeatable: a fleet, events posted to /audit-webhook/NAME read "
+        "the objects they lack from this cluster, and no other; rules from --config, else "
+        "from each cluster's own custom resources. NAME alone, "
+        "with --kubeconfig or --in-cluster: that cluster's name (default: the first name "
+        "events are posted under); other names' events go to their own folders "
+        "(docs/fleet.md)",
     )
     cluster.add_argument(
         "--resync-interval",
@@ -393,11 +399,13 @@ def _cluster_name(text: str) -> str:
     return text
 
 
-def _fleet_member(text: str) -> tuple[str, Path]:
+def _fleet_member(text: str) -> tuple[str, Path | None]:
+    """``NAME=KUBECONFIG`` (a fleet's cluster), or ``NAME`` alone (the name of the cluster
+    --kubeconfig or --in-cluster reads)."""
     name, sep, kubeconfig = text.partition("=")
-    if not name or not sep or not kubeconfig:
-        raise argparse.ArgumentTypeError(f"{text!r} is not NAME=KUBECONFIG")
-    return _cluster_name(name), Path(kubeconfig)
+    if not name or (sep and not kubeconfig):
+        raise argparse.ArgumentTypeError(f"{text!r} is not NAME=KUBECONFIG or NAME")
+    return _cluster_name(name), Path(kubeconfig) if sep else None
 
 
 def _positive(text: str) -> int:
@@ -434,6 +442,7 @@ def _runtime(
     config: Config | None = None,
     *,
     sources: Mapping[str, ApiObjects] | None = None,
+    cluster_name: str | None = None,
     problems: Sequence[str] = (),
     **options: Any,
 ) -> Runtime:
@@ -451,11 +460,14 @@ def _runtime(
         # cluster's API (--kubeconfig, --in-cluster) the receiver is that cluster's, and its
         # snapshots and resyncs write the target's folder itself.
         config = dataclasses.replace(config, cluster_folders=source is None)
+    # One cluster's API: that cluster's events are its own, others' go to their folders.
+    home = HomeCluster.load(args.state_dir, cluster_name) if source is not None else None
     return Runtime(
         config,
         Settings(state_dir=args.state_dir, **options),
         source=source,
         sources=sources,
+        home=home,
         problems=problems,
     )
 
@@ -516,7 +528,19 @@ def _tune_interpreter_for_ingest() -> None:
 
 async def serve(args: argparse.Namespace) -> int:
     senders, context = await asyncio.to_thread(_senders, args)
-    if args.fleet:
+    named = [name for name, kubeconfig in args.fleet if kubeconfig is None]
+    if named:
+        if len(args.fleet) > 1:
+            raise PermanentError(
+                "--cluster NAME names the one cluster of --kubeconfig or --in-cluster: give it "
+                "once, or NAME=KUBECONFIG for each cluster of a fleet"
+            )
+        if args.kubeconfig is None and not args.in_cluster:
+            raise PermanentError(
+                f"--cluster {named[0]} needs --kubeconfig or --in-cluster (or "
+                f"{named[0]}=KUBECONFIG for a fleet)"
+            )
+    elif args.fleet:
         return await _serve_fleet(args, senders, context)
     api = None
     if args.kubeconfig is not None or args.in_cluster:
@@ -536,7 +560,9 @@ async def serve(args: argparse.Namespace) -> int:
                 len(config.watch_rules),
                 len(config.cluster_watch_rules),
             )
-        return await _serve(args, senders, context, api, config, rules)
+        return await _serve(
+            args, senders, context, api, config, rules, cluster_name=named[0] if named else None
+        )
     finally:
         if rules is not None:
             await rules.close()
@@ -561,15 +587,11 @@ async def _redis_journal(args: argparse.Namespace) -> Connection | None:
 async def _serve_fleet(
     args: argparse.Namespace, senders: auth.SenderPolicy, context: ssl.SSLContext | None
 ) -> int:
-    """``serve --cluster NAME=KUBECONFIG``...: the rules from --config serve every cluster,
-    each in its own folder; each cluster's objects come from its own API."""
+    """``serve --cluster NAME=KUBECONFIG``...: each cluster's objects come from its own API;
+    the rules from --config serve every cluster, each in its own folder, or else each
+    cluster's rules are its own custom resources (cluster.fleet)."""
     if args.kubeconfig is not None or args.in_cluster:
         raise PermanentError("--cluster replaces --kubeconfig and --in-cluster: use either")
-    if not args.config:
-        raise PermanentError(
-            "--cluster needs --config: rules from each cluster's own custom resources are not "
-            "supported yet (docs/fleet.md)"
-        )
     names = [name for name, _ in args.fleet]
     if len(set(names)) != len(names):
         raise PermanentError(f"--cluster: each name once (got {', '.join(names)})")
@@ -583,8 +605,26 @@ async def _serve_fleet(
                 name,
                 apis[name].server,
             )
-        sources = {name: ApiObjects(api) for name, api in apis.items()}
-        return await _serve(args, senders, context, None, None, None, sources=sources)
+        if args.config:
+            sources = {name: ApiObjects(api) for name, api in apis.items()}
+            return await _serve(args, senders, context, None, None, None, sources=sources)
+        fleet = FleetRules(apis)
+        for own in fleet.rules.values() if args.journal is not None else ():
+            own.generates_keys = lambda: False  # a standby until it writes (see _serve)
+        try:
+            config = await fleet.start()
+            log.info(
+                "rules from each cluster's custom resources: %d GitTargets, %d WatchRules, "
+                "%d ClusterWatchRules",
+                len(config.targets),
+                len(config.watch_rules),
+                len(config.cluster_watch_rules),
+            )
+            return await _serve(
+                args, senders, context, None, config, None, sources=fleet.objects, fleet=fleet
+            )
+        finally:
+            await fleet.close()
     finally:
         for api in apis.values():
             await api.close()
@@ -599,6 +639,8 @@ async def _serve(
     rules: ClusterRules | None,
     *,
     sources: Mapping[str, ApiObjects] | None = None,
+    cluster_name: str | None = None,
+    fleet: FleetRules | None = None,
 ) -> int:
     source = ApiObjects(api) if api is not None else None
     redis_journal = await _redis_journal(args)
@@ -608,17 +650,19 @@ async def _serve(
         source,
         config,
         sources=sources,
-        problems=list(rules.problems.values()) if rules is not None else (),
+        cluster_name=cluster_name,
+        problems=_problems(rules, fleet),
         journal=True,
         redis_journal=redis_journal,
         journal_lease_s=args.journal_lease,
         max_backlog=args.max_backlog,
         shutdown_timeout_s=args.shutdown_timeout,
         exclusions=_exclusions(args),
-        rules_from_files=rules is None,
+        rules_from_files=rules is None and fleet is None,
     )
     _tune_interpreter_for_ingest()
-    resyncs = ResyncStats() if api is not None and args.resync_interval else None
+    with_api = api is not None or fleet is not None
+    resyncs = ResyncStats() if with_api and args.resync_interval else None
     app = make_app(
         runtime,
         max_body_bytes=args.max_body_bytes,
@@ -631,10 +675,16 @@ async def _serve(
     reporter = scheduler = resyncer = None
     reloading: asyncio.Task[None] | None = None
     exit_code = 0
-    if resyncs is not None and api is not None and source is not None:
+    if resyncs is not None:
 
-        async def resync(target: GitTarget) -> ResyncResult | None:
-            return await runtime.resync(target, api, source)
+        async def resync(targets: list[GitTarget]) -> Mapping[Key, ResyncResult | Exception]:
+            if fleet is None:
+                assert api is not None and source is not None
+                return await runtime.resync(targets, api, source)
+            results: dict[Key, ResyncResult | Exception] = {}
+            for own_api, own_source, group in fleet.grouped(targets):  # each its own cluster's
+                results.update(await runtime.resync(group, own_api, own_source))
+            return results
 
         resyncer = Resyncer(
             interval_s=args.resync_interval,
@@ -657,9 +707,17 @@ async def _serve(
             scheduler.update(new)
 
         rules.on_change = changed
+    if fleet is not None:
+
+        async def fleet_changed(new: Config) -> None:
+            await runtime.reconfigure(new, fleet.problems)
+
+        fleet.on_change = fleet_changed
     # What one replica at a time may do waits until this one writes (at once without a
     # shared journal); a writer that loses the lease exits, and these with it.
-    single = asyncio.create_task(_single_jobs(runtime, rules, resyncer, reporter, scheduler))
+    single = asyncio.create_task(
+        _single_jobs(runtime, rules, fleet, [j for j in (resyncer, reporter, scheduler) if j])
+    )
     try:
         host, port = args.listen
         site = web.TCPSite(runner, host, port, ssl_context=context)
@@ -699,6 +757,8 @@ async def _serve(
             await scheduler.close()
         if reporter is not None:
             await reporter.close()
+        if fleet is not None:
+            await fleet.stop_reporting()
         await runner.cleanup()
     return exit_code
 
@@ -706,19 +766,20 @@ async def _serve(
 async def _single_jobs(
     runtime: Runtime,
     rules: ClusterRules | None,
-    resyncer: Resyncer | None,
-    reporter: StatusReporter | None,
-    scheduler: SnapshotScheduler | None,
+    fleet: FleetRules | None,
+    jobs: Sequence[Resyncer | StatusReporter | SnapshotScheduler],
 ) -> None:
     """Start what only the writer does: resyncs, status patches, snapshots of new
     GitTargets and the keys generateWhenMissing makes, once this replica writes."""
     await runtime.until_leading()
-    for job in (resyncer, reporter, scheduler):
-        if job is not None:
-            job.start()
-    if rules is not None and runtime.redis_journal is not None:
-        rules.generates_keys = lambda: runtime.leads
-        rules.rebuild()  # keys a standby left ungenerated
+    for job in jobs:
+        job.start()
+    if fleet is not None:
+        fleet.report(runtime.status_state, runtime.take_snapshot, runtime.config)
+    every = [rules] if rules is not None else list(fleet.rules.values()) if fleet else []
+    for own in every if runtime.redis_journal is not None else ():
+        own.generates_keys = lambda: runtime.leads
+        own.rebuild()  # keys a standby left ungenerated
 
 
 async def _first_of(*events: asyncio.Event | None) -> None:
@@ -728,6 +789,12 @@ async def _first_of(*events: asyncio.Event | None) -> None:
     finally:
         for wait in waits:
             wait.cancel()
+
+
+def _problems(rules: ClusterRules | None, fleet: FleetRules | None) -> list[str]:
+    if fleet is not None:
+        return fleet.problems
+    return list(rules.problems.values()) if rules is not None else []
 
 
 async def _reload_certificate(reloader: auth.CertificateReloader) -> None:

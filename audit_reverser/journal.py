@@ -40,7 +40,7 @@ import struct
 import time
 import zlib
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -240,8 +240,12 @@ class Journal:
         segment_bytes: int = DEFAULT_SEGMENT_BYTES,
         retain_s: float = DEFAULT_RETAIN_S,
         min_free_bytes: int = DEFAULT_MIN_FREE_BYTES,
+        before_checkpoint: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
+        """``before_checkpoint``: saves what records leave behind besides commits (who asked
+        for a deletion); awaited by every checkpoint before it says more records are done."""
         self.directory = directory
+        self._before_checkpoint = before_checkpoint
         self._open_segment = open_segment
         self.segment_bytes = segment_bytes
         self.retain_s = retain_s
@@ -522,6 +526,9 @@ class Journal:
     async def checkpoint(self) -> None:
         """Save progress when it moved, and drop segments no longer needed."""
         state = (self._done_seq, dict(self._tips))
+        # After the state is taken: what it counts as done left its trace before it.
+        if self._before_checkpoint is not None:
+            await self._before_checkpoint()
         if state == self._saved:
             return
         horizon = time.time() - self.retain_s

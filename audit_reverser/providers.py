@@ -33,7 +33,9 @@ def _provider_secret(
     """The data of a provider's ``secretRef`` Secret (None without one) and its name."""
     if provider.secret_name is None:
         return None, f"no Secret ({provider.kind} spec.secretRef is not set)"
-    key = Key(namespace=provider.key.namespace, name=provider.secret_name)
+    key = Key(
+        namespace=provider.key.namespace, name=provider.secret_name, cluster=provider.key.cluster
+    )
     found = config.secrets.get(key)
     if found is None:
         raise ConfigError(

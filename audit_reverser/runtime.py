@@ -17,13 +17,14 @@ import fcntl
 import logging
 import os
 import socket
-from collections.abc import Callable, Mapping, Sequence
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from audit_reverser.cluster.api import KubeApi
 from audit_reverser.cluster.objects import ApiObjects
-from audit_reverser.cluster.resync import ResyncResult, resync_target
+from audit_reverser.cluster.resync import ResyncResult, resync_targets
 from audit_reverser.cluster.snapshot import SnapshotResult, snapshot
 from audit_reverser.cluster.status import State
 from audit_reverser.config.model import Config, GitTarget, Key, PushPolicy
@@ -42,6 +43,8 @@ from audit_reverser.ha.lease import DEFAULT_LEASE_S
 from audit_reverser.ha.stream import StaleWriter
 from audit_reverser.ingest.intake import DEFAULT_MAX_BACKLOG, DEFAULT_WINDOW, Intake
 from audit_reverser.journal import DEFAULT_MIN_FREE_BYTES, EventJournal, Journal, SegmentFile
+from audit_reverser.pipeline.deletions_file import DeletionsFile
+from audit_reverser.pipeline.home import HomeCluster
 from audit_reverser.pipeline.noise import Exclusions
 from audit_reverser.pipeline.processor import Processor
 from audit_reverser.pipeline.resolve import ObjectSource
@@ -117,9 +120,11 @@ class Runtime:
         *,
         source: ObjectSource | None = None,
         sources: Mapping[str, ObjectSource] | None = None,
+        home: HomeCluster | None = None,
         problems: Sequence[str] = (),
     ) -> None:
         """``sources``: in a fleet, each cluster's API by name (instead of ``source``);
+        ``home``: with one cluster's API (``source``), which cluster that is;
         ``problems``: objects the config left out (see :attr:`problems`)."""
         self.config = config
         self.settings = settings
@@ -143,13 +148,18 @@ class Runtime:
             fingerprint_key=fingerprint_key(settings.state_dir),
             source=source,
             sources=sources,
+            home=home,
             exclusions=settings.exclusions,
         )
+        # serve keeps who asked for pending deletions across restarts (replay has no state).
+        self.deletions_file = DeletionsFile(settings.state_dir) if settings.journal else None
+        self._deletions_saved = 0  # Deletions.changes when last saved
         self.journal = (
             Journal(
                 settings.state_dir / "journal",
                 open_segment=settings.journal_file,
                 min_free_bytes=settings.journal_min_free_bytes,
+                before_checkpoint=self._save_deletions,
             )
             if settings.journal and settings.redis_journal is None
             else None
@@ -355,20 +365,18 @@ class Runtime:
         )
 
     async def resync(
-        self, target: GitTarget, api: KubeApi, objects: ApiObjects
-    ) -> ResyncResult | None:
-        """Compare ``target``'s folder with the cluster (see
-        :mod:`audit_reverser.cluster.resync`); None when it has no writer."""
-        writer = self.sinks.get(target.key)
-        if writer is None:
-            return None
-        return await resync_target(
+        self, targets: Iterable[GitTarget], api: KubeApi, objects: ApiObjects
+    ) -> dict[Key, ResyncResult | Exception]:
+        """Compare the targets' folders with the cluster, listed once for all of them (see
+        :mod:`audit_reverser.cluster.resync`); a target without a writer (its provider
+        cannot be used) is left out of the result."""
+        pairs = [(t, self.sinks[t.key]) for t in targets if t.key in self.sinks]
+        return await resync_targets(
             api=api,
             objects=objects,
             config=self.config,
-            target=target,
+            targets=pairs,
             processor=self.processor,
-            writer=writer,
             committer=self.settings.committer,
         )
 
@@ -413,8 +421,10 @@ class Runtime:
                 await asyncio.gather(*(w.close() for w in self.writers.values()))
                 self._unlock_state_dir()
                 raise
+        await self._restore_deletions()
         if self.journal is not None:
             await self._recover(self.journal)
+        if self.journal is not None or self.deletions_file is not None:
             self._checkpoints = asyncio.create_task(
                 self._checkpoint_loop(self.journal), name="journal-checkpoints"
             )
@@ -493,14 +503,45 @@ class Runtime:
         )
         await journal.checkpoint()
 
-    async def _checkpoint_loop(self, journal: Journal) -> None:
+    async def _checkpoint_loop(self, journal: Journal | None) -> None:
         while True:
             await asyncio.sleep(CHECKPOINT_INTERVAL_S)
-            await journal.look_at_disk()
             try:
+                if journal is None:  # the journal is in Redis: only the deletions are ours
+                    await self._save_deletions()
+                    continue
+                await journal.look_at_disk()
                 await journal.checkpoint()
             except OSError as exc:  # progress is saved on the next round; the records stay
                 log.error("journal checkpoint failed: %s", exc)
+
+    async def _restore_deletions(self) -> None:
+        file = self.deletions_file
+        if file is None:
+            return
+        saved = await asyncio.to_thread(file.load)
+        if saved is None:
+            return
+        try:
+            self.processor.deletions.restore(saved, time.time())
+        except (KeyError, IndexError, TypeError, ValueError) as exc:
+            await asyncio.to_thread(file.set_aside, f"is damaged ({exc!r})")
+            return
+        self._deletions_saved = self.processor.deletions.changes
+
+    async def _save_deletions(self) -> None:
+        """Save who asked for pending deletions when that changed (the journal calls this
+        before each checkpoint: a record counted as done never takes its request along)."""
+        deletions, file = self.processor.deletions, self.deletions_file
+        if file is None or deletions.changes == self._deletions_saved:
+            return
+        changes = deletions.changes
+        saved = deletions.export(time.time())
+        try:
+            await asyncio.to_thread(file.save, saved)
+        except OSError as exc:  # tried again at the next checkpoint
+            raise OSError(f"cannot save {file.path}: {exc}") from exc
+        self._deletions_saved = changes
 
     def _lock_state_dir(self) -> None:
         """One process per state directory: two would interleave journals and mirrors."""
@@ -583,6 +624,11 @@ class Runtime:
                 await self._checkpoints
         if self.journal is not None:
             await self.journal.close()
+        else:
+            try:
+                await self._save_deletions()
+            except OSError as exc:
+                log.error("%s", exc)
         if self.redis_journal is not None:
             await self.redis_journal.close()
         self._unlock_state_dir()

@@ -88,7 +88,7 @@ async def measure(server: str, folder: Path) -> list[tuple[float, float]]:
             stop = asyncio.Event()
             ticker = asyncio.create_task(longest_pause(stop))
             begin = time.perf_counter()
-            await runtime.resync(target, api, ApiObjects(api))
+            await runtime.resync([target], api, ApiObjects(api))
             took = time.perf_counter() - begin
             stop.set()
             results.append((took, await ticker))

@@ -15,6 +15,7 @@ import kmock
 import pytest
 import yaml
 
+from audit_reverser.pipeline.home import HomeCluster
 from tests.conftest import (
     bare_repo,
     configmap,
@@ -29,7 +30,15 @@ from tests.conftest import (
     write_config,
 )
 from tests.test_cli import _log_line, run
-from tests.test_cluster import JSON, _assert_the_install_allows_every_request, _kubeconfig
+from tests.test_cluster import (
+    CB,
+    JSON,
+    Kubectl,
+    _assert_the_install_allows_every_request,
+    _cr,
+    _declare_crds,
+    _kubeconfig,
+)
 
 
 def _post(port: int, path: str, *items: dict[str, object]) -> int:
@@ -96,6 +105,7 @@ def test_replay_of_a_named_cluster_writes_its_folder_and_refuses_bad_names(
 class Member:
     api: kmock.KubernetesEmulator
     kubeconfig: dict[str, Any]
+    api_url: str = ""
 
 
 @pytest.fixture
@@ -118,7 +128,7 @@ async def clusters() -> AsyncIterator[dict[str, Member]]:
             emulator.objects["v1/configmaps", "default", "demo"] = configmap(
                 data={"from": f"{name} api"}
             )
-            found[name] = Member(emulator, _kubeconfig(server.url))
+            found[name] = Member(emulator, _kubeconfig(server.url), str(server.url).rstrip("/"))
         yield found
         for member in found.values():
             _assert_the_install_allows_every_request(member.api)
@@ -170,12 +180,16 @@ async def test_a_fleet_without_rules_or_with_one_name_twice_is_refused(tmp_path:
     kubeconfig = tmp_path / "k"
     await asyncio.to_thread(kubeconfig.write_text, "{}")
     cases = [
-        (["--cluster", f"a={kubeconfig}"], "--cluster needs --config"),
         (
             ["--config", "x.yaml", "--cluster", f"a={kubeconfig}", "--cluster", f"a={kubeconfig}"],
             "each name once",
         ),
-        (["--config", "x.yaml", "--cluster", "a"], "'a' is not NAME=KUBECONFIG"),
+        (["--config", "x.yaml", "--cluster", "a"], "--cluster a needs --kubeconfig or"),
+        (["--config", "x.yaml", "--cluster", "a="], "'a=' is not NAME=KUBECONFIG or NAME"),
+        (
+            ["--kubeconfig", str(kubeconfig), "--cluster", "a", "--cluster", f"b={kubeconfig}"],
+            "--cluster NAME names the one cluster",
+        ),
         (
             ["--config", "x.yaml", "--kubeconfig", str(kubeconfig), "--cluster", f"a={kubeconfig}"],
             "--cluster replaces --kubeconfig",
@@ -208,3 +222,292 @@ async def test_a_receiver_with_one_cluster_s_api_keeps_that_cluster_s_layout(
     finally:
         await asyncio.to_thread(served.stop)
     assert await asyncio.to_thread(git_files, remote) == ["live/v1/configmaps/default/other.yaml"]
+
+
+async def _metrics_show(port: int, *wanted: str) -> None:
+    metrics = ""
+    async with asyncio.timeout(60):  # a bound against hangs, not a time to meet
+        while not all(w in metrics for w in wanted):  # noqa: ASYNC110
+            await asyncio.sleep(0.05)
+            _, body = await asyncio.to_thread(request, port, "GET", "/metrics")
+            metrics = body.decode()
+
+
+async def _one_cluster_serve(
+    tmp_path: Path, member: Member, remote: Path, *extra: str
+) -> tuple[list[str], Any]:
+    config = tmp_path / "c.yaml"
+    if not await asyncio.to_thread(config.exists):
+        await asyncio.to_thread(write_config, config, remote, max_commits=1)
+    kubeconfig = tmp_path / "prod.kubeconfig"
+    await asyncio.to_thread(kubeconfig.write_text, yaml.safe_dump(member.kubeconfig))
+    args = ["--config", str(config), "--state-dir", str(tmp_path / "state")]
+    args += ["--kubeconfig", str(kubeconfig), "--resync-interval", "0", *extra]
+    return args, await asyncio.to_thread(start_serve, tmp_path, *args)
+
+
+def _api_reads(member: Member, name: str = "demo") -> int:
+    path = f"/api/v1/namespaces/default/configmaps/{name}"
+    return len([r for r in member.api if r.url.path == path])
+
+
+async def test_a_one_cluster_receiver_pins_the_first_name_and_keeps_other_clusters_apart(
+    tmp_path: Path, clusters: dict[str, Member]
+) -> None:
+    """serve --kubeconfig (prod's API) without a name: the first name posted is this
+    receiver's, kept over a restart; staging's files go to its own folder and its events
+    without their object are skipped, never answered from prod's API."""
+    prod = clusters["prod"]
+    remote = await asyncio.to_thread(bare_repo, tmp_path / "remote.git")
+    _, served = await _one_cluster_serve(tmp_path, prod, remote)
+    try:
+        metadata = event("update", level="Metadata", body=None, user="ana@example.com")
+        assert await asyncio.to_thread(_post, served.port, "/audit-webhook/prod", metadata) == 200
+        theirs = event("create", body=configmap(data={"from": "staging's event"}))
+        for item in (
+            theirs,
+            event("update", level="Metadata", body=None, user="bob@example.com"),
+            event("update", level="Metadata", body=None, user="carol@example.com"),
+        ):
+            assert (
+                await asyncio.to_thread(_post, served.port, "/audit-webhook/staging", item) == 200
+            )
+        await _metrics_show(
+            served.port, "events_kept_total 2.0", 'skipped_total{reason="needs-api"} 2.0'
+        )
+    finally:
+        log = await asyncio.to_thread(served.stop)
+    assert log.count("this receiver is cluster prod") == 1
+    assert log.count("events posted to /audit-webhook/staging: this receiver reads") == 1
+    assert await asyncio.to_thread(git_files, remote) == [
+        "live/staging/v1/configmaps/default/demo.yaml",
+        "live/v1/configmaps/default/demo.yaml",
+    ]
+    assert "from: prod api" in await asyncio.to_thread(
+        git_show, remote, "live/v1/configmaps/default/demo.yaml"
+    )
+    assert "from: staging's event" in await asyncio.to_thread(
+        git_show, remote, "live/staging/v1/configmaps/default/demo.yaml"
+    )
+    assert _api_reads(prod) == 1  # prod's event only
+
+    # After a restart, staging posting first does not make the receiver staging's.
+    _, served = await _one_cluster_serve(tmp_path, prod, remote)
+    try:
+        late = event("create", name="late", body=configmap("late"))
+        assert await asyncio.to_thread(_post, served.port, "/audit-webhook/staging", late) == 200
+        await _metrics_show(served.port, "events_kept_total 1.0")
+    finally:
+        log = await asyncio.to_thread(served.stop)
+    assert "this receiver is cluster prod (pinned in" in log
+    assert "live/staging/v1/configmaps/default/late.yaml" in await asyncio.to_thread(
+        git_files, remote
+    )
+
+
+async def test_a_one_cluster_receiver_named_by_the_user_is_that_cluster_from_the_start(
+    tmp_path: Path, clusters: dict[str, Member]
+) -> None:
+    prod = clusters["prod"]
+    remote = await asyncio.to_thread(bare_repo, tmp_path / "remote.git")
+    _, served = await _one_cluster_serve(tmp_path, prod, remote, "--cluster", "prod")
+    try:
+        # staging posts first; it still is not this receiver's cluster.
+        for cluster, user in (("staging", "bob@example.com"), ("prod", "ana@example.com")):
+            item = event("update", level="Metadata", body=None, user=user)
+            path = f"/audit-webhook/{cluster}"
+            assert await asyncio.to_thread(_post, served.port, path, item) == 200
+        await _metrics_show(
+            served.port, "events_kept_total 1.0", 'skipped_total{reason="needs-api"} 1.0'
+        )
+    finally:
+        await asyncio.to_thread(served.stop)
+    assert await asyncio.to_thread(git_files, remote) == ["live/v1/configmaps/default/demo.yaml"]
+    cluster = await asyncio.to_thread(
+        _trailer, remote, "live/v1/configmaps/default/demo.yaml", "Cluster"
+    )
+    assert cluster == ["prod"]
+    assert _api_reads(prod) == 1
+    pinned = tmp_path / "state" / "cluster-name"
+    assert (await asyncio.to_thread(pinned.read_text)).strip() == "prod"
+
+
+# -- a fleet whose rules are each cluster's own custom resources -----------------------------
+
+
+def _own_rules(member: Member, remote: Path, namespace: str, targets: dict[str, str]) -> None:
+    """In ``namespace``: GitProvider origin (the shared remote) and, per GitTarget name, the
+    target (its folder given) with a WatchRule of the same name for the namespace's
+    ConfigMaps."""
+    emulator = member.api
+    _declare_crds(emulator)
+    emulator.resources["v1/configmaps"] = kmock.ResourceInfo(
+        kind="ConfigMap", namespaced=True, verbs={"get", "list"}
+    )
+    provider = {"url": f"file://{remote}", "allowedBranches": ["main"], "push": {"maxCommits": 1}}
+    origin = _cr("GitProvider", "origin", provider, namespace)
+    emulator.objects[f"{CB}/gitproviders", namespace, "origin"] = origin
+    for name, path in targets.items():
+        spec = {"providerRef": {"name": "origin"}, "branch": "main", "path": path}
+        target = _cr("GitTarget", name, spec, namespace)
+        target["metadata"]["creationTimestamp"] = "2026-01-01T00:00:00Z"
+        emulator.objects[f"{CB}/gittargets", namespace, name] = target
+        rule = {"targetRef": {"name": name}, "rules": [{"resources": ["configmaps"]}]}
+        emulator.objects[f"{CB}/watchrules", namespace, name] = _cr(
+            "WatchRule", name, rule, namespace
+        )
+
+
+def _ready(member: Member, plural: str, namespace: str, name: str) -> tuple[str, str] | None:
+    status = member.api.objects[f"{CB}/{plural}", namespace, name].get("status") or {}
+    conditions = status.get("conditions") or []
+    return (conditions[0]["status"], conditions[0]["reason"]) if conditions else None
+
+
+async def test_a_fleet_reads_each_cluster_s_rules_from_its_own_custom_resources(
+    tmp_path: Path, clusters: dict[str, Member]
+) -> None:
+    """serve --cluster prod=… --cluster staging=…, no --config: prod's rules (namespace
+    default) and staging's (namespace team) each apply to their own cluster's events, read
+    from their own API; status goes back to each; staging's GitTarget that would write into
+    prod's folder is refused."""
+    prod, staging = clusters["prod"], clusters["staging"]
+    remote = await asyncio.to_thread(bare_repo, tmp_path / "remote.git")
+    _own_rules(prod, remote, "default", {"live": "prod"})
+    _own_rules(staging, remote, "team", {"live": "staging", "intruder": "prod/v1"})
+    staging.api.objects["v1/configmaps", "team", "demo"] = configmap(
+        namespace="team", data={"from": "staging api"}
+    )
+    args = ["--state-dir", str(tmp_path / "state")]
+    for name, member in clusters.items():
+        kubeconfig = tmp_path / f"{name}.kubeconfig"
+        await asyncio.to_thread(kubeconfig.write_text, yaml.safe_dump(member.kubeconfig))
+        args += ["--cluster", f"{name}={kubeconfig}"]
+    served = await asyncio.to_thread(start_serve, tmp_path, *args, "--resync-interval", "0")
+    try:
+
+        def reported() -> bool:  # status written, snapshots taken (their status says so)
+            lives = ((prod, "default"), (staging, "team"))
+            return (
+                all(_ready(m, "gittargets", ns, "live") == ("True", "Ready") for m, ns in lives)
+                and all(
+                    "snapshot" in m.api.objects[f"{CB}/gittargets", ns, "live"]["status"]
+                    for m, ns in lives
+                )
+                and _ready(staging, "gittargets", "team", "intruder") is not None
+            )
+
+        async with asyncio.timeout(60):  # a bound against hangs, not a time to meet
+            while not reported():  # noqa: ASYNC110 - the state lives in the server
+                await asyncio.sleep(0.05)
+        # Changed since the snapshots: the Metadata-level events read the new state.
+        prod.api.objects["v1/configmaps", "default", "demo"] = configmap(
+            data={"from": "prod api, later"}, rv="200"
+        )
+        staging.api.objects["v1/configmaps", "team", "demo"] = configmap(
+            namespace="team", data={"from": "staging api, later"}, rv="200"
+        )
+        posts = [
+            ("prod", event("update", level="Metadata", body=None, user="ana@example.com")),
+            (
+                "staging",
+                event(
+                    "update", namespace="team", level="Metadata", body=None, user="bob@example.com"
+                ),
+            ),
+            # Prod's rules select default's ConfigMaps, staging's do not: not staging's.
+            ("staging", event("create", name="other", body=configmap("other"))),
+            ("dev", event("create", name="other", body=configmap("other"))),  # no such cluster
+        ]
+        for cluster, item in posts:
+            path = f"/audit-webhook/{cluster}"
+            assert await asyncio.to_thread(_post, served.port, path, item) == 200
+        await _metrics_show(
+            served.port, "events_kept_total 2.0", 'skipped_total{reason="no-rule"} 2.0'
+        )
+        # A GitTarget made later in prod, the first cluster, into staging's folder: the
+        # later one is refused, whichever cluster it is in.
+        late = {"providerRef": {"name": "origin"}, "branch": "main", "path": "staging/more"}
+        late_target = _cr("GitTarget", "late", late, "default")
+        late_target["metadata"]["creationTimestamp"] = "2026-06-01T00:00:00Z"
+        await Kubectl(prod.api_url).apply("gittargets", late_target)
+        async with asyncio.timeout(60):  # a bound against hangs, not a time to meet
+            while _ready(prod, "gittargets", "default", "late") is None:  # noqa: ASYNC110
+                await asyncio.sleep(0.05)
+        assert _ready(prod, "gittargets", "default", "late") == ("False", "FolderInUse")
+    finally:
+        log = await asyncio.to_thread(served.stop)
+    assert await asyncio.to_thread(git_files, remote) == [
+        "prod/v1/configmaps/default/demo.yaml",
+        "staging/v1/configmaps/team/demo.yaml",
+    ]
+    for path, text, author in (
+        ("prod/v1/configmaps/default/demo.yaml", "from: prod api, later", "ana@example.com"),
+        ("staging/v1/configmaps/team/demo.yaml", "from: staging api, later", "bob@example.com"),
+    ):
+        assert text in await asyncio.to_thread(git_show, remote, path)
+        authors = await asyncio.to_thread(git, remote, "log", "--format=%an", "main", "--", path)
+        assert authors.split()[0] == author
+    # Status went to the cluster each object came from; the intruder says why it waits.
+    assert _ready(prod, "gitproviders", "default", "origin") == ("True", "Ready")
+    assert _ready(staging, "gitproviders", "team", "origin") == ("True", "Ready")
+    assert _ready(staging, "gittargets", "team", "intruder") == ("False", "FolderInUse")
+    status = staging.api.objects[f"{CB}/gittargets", "team", "intruder"]["status"]
+    assert "GitTarget default/live of cluster prod" in status["conditions"][0]["message"]
+    for member, namespace in ((prod, "default"), (staging, "team")):
+        patched = {r.url.path for r in member.api if str(r.method).endswith("PATCH")}
+        assert patched and all(f"/namespaces/{namespace}/" in p for p in patched), patched
+    assert "ERROR" in log and "is written by GitTarget default/live of cluster prod" in log
+    assert log.count("events posted to /audit-webhook/dev: no cluster of that name") == 1
+    # Each new GitTarget was snapshotted from its own cluster first.
+    subjects = await asyncio.to_thread(git_subjects, remote)
+    assert sorted(subjects) == [
+        "[SNAPSHOT] prod",
+        "[SNAPSHOT] staging",
+        "[UPDATE] v1/configmaps/default/demo",
+        "[UPDATE] v1/configmaps/team/demo",
+    ]
+    for path, text in (
+        ("prod/v1/configmaps/default/demo.yaml", "from: prod api\n"),
+        ("staging/v1/configmaps/team/demo.yaml", "from: staging api\n"),
+    ):
+        history = await asyncio.to_thread(
+            git, remote, "log", "--reverse", "--format=%H", "main", "--", path
+        )
+        first = f"{history.split()[0]}:{path}"
+        assert text in await asyncio.to_thread(git, remote, "show", first)
+
+    # Changes made while the receiver was away: the resync at start reads each target's
+    # objects from its own cluster (the snapshots are done: their status says so).
+    prod.api.objects["v1/configmaps", "default", "demo"] = configmap(
+        data={"from": "prod api, missed"}, rv="300"
+    )
+    staging.api.objects["v1/configmaps", "team", "demo"] = configmap(
+        namespace="team", data={"from": "staging api, missed"}, rv="300"
+    )
+    served = await asyncio.to_thread(start_serve, tmp_path, *args)
+    try:
+        async with asyncio.timeout(60):  # a bound against hangs, not a time to meet
+            while len(await asyncio.to_thread(git_subjects, remote)) < 6:  # noqa: ASYNC110
+                await asyncio.sleep(0.05)
+    finally:
+        await asyncio.to_thread(served.stop)
+    subjects = await asyncio.to_thread(git_subjects, remote)
+    assert sorted(subjects[-2:]) == ["[RESYNC] prod", "[RESYNC] staging"]
+    for path, text in (
+        ("prod/v1/configmaps/default/demo.yaml", "from: prod api, missed"),
+        ("staging/v1/configmaps/team/demo.yaml", "from: staging api, missed"),
+    ):
+        assert text in await asyncio.to_thread(git_show, remote, path)
+
+
+def test_a_cluster_name_the_user_gives_replaces_the_pinned_one(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    (tmp_path / "cluster-name").write_text("kind\n")
+    assert HomeCluster.load(tmp_path).name == "kind"
+    home = HomeCluster.load(tmp_path, "prod")
+    assert "this receiver is cluster prod (--cluster), it was kind" in caplog.text
+    assert home.owns("prod") and home.owns("") and not home.owns("kind")
+    assert (tmp_path / "cluster-name").read_text() == "prod\n"
+    assert HomeCluster.load(tmp_path).name == "prod"

@@ -22,6 +22,7 @@ from audit_reverser.cluster.api import KubeApi
 from audit_reverser.cluster.objects import ApiObjects
 from audit_reverser.cluster.resync import Resyncer, ResyncResult, ResyncStats
 from audit_reverser.config import load_config
+from audit_reverser.config.model import GitTarget, Key
 from audit_reverser.pipeline.filter import Skip
 from audit_reverser.runtime import Runtime, Settings
 from tests.conftest import (
@@ -62,8 +63,8 @@ async def harness(tmp_path: Path, cluster: Cluster) -> AsyncIterator[Harness]:
 
 async def _resync(harness: Harness, api: KubeApi) -> ResyncResult:
     [target] = harness.runtime.config.targets.values()
-    result = await harness.runtime.resync(target, api, ApiObjects(api))
-    assert result is not None
+    [result] = (await harness.runtime.resync([target], api, ApiObjects(api))).values()
+    assert isinstance(result, ResyncResult)
     await harness.sync()
     return result
 
@@ -180,8 +181,8 @@ async def test_a_run_the_api_cannot_answer_is_tried_again(
     runtime = harness.runtime
     objects = ApiObjects(cluster.client)
 
-    async def run(target: Any) -> ResyncResult | None:
-        return await runtime.resync(target, cluster.client, objects)
+    async def run(targets: list[GitTarget]) -> dict[Key, ResyncResult | Exception]:
+        return await runtime.resync(targets, cluster.client, objects)
 
     resyncer = Resyncer(
         interval_s=3600,
@@ -290,11 +291,12 @@ async def test_only_the_namespaces_a_watchrule_selects_are_compared(
     await runtime.start()
     try:
         [target] = runtime.config.targets.values()
-        result = await runtime.resync(target, cluster.client, ApiObjects(cluster.client))
+        results = await runtime.resync([target], cluster.client, ApiObjects(cluster.client))
         assert await runtime.flush() == []
     finally:
         await runtime.close()
-    assert result is not None and (result.files_set, result.files_removed) == (1, 1)
+    result = results[target.key]
+    assert isinstance(result, ResyncResult) and (result.files_set, result.files_removed) == (1, 1)
     assert await asyncio.to_thread(git_files, remote) == [A, shop]
 
 
@@ -304,3 +306,73 @@ def test_a_resync_interval_out_of_range_is_a_usage_error(value: str) -> None:
     done = subprocess.run(command, capture_output=True, text=True, check=False)
     assert done.returncode == 2
     assert f"--resync-interval: {value!r} is not 0 (never) or a number of seconds" in done.stderr
+
+
+TWO_TARGETS = """\
+apiVersion: configbutler.ai/v1alpha1
+kind: GitProvider
+metadata: {{name: origin, namespace: default}}
+spec: {{url: "file://{remote}", allowedBranches: ["main"]}}
+---
+apiVersion: configbutler.ai/v1alpha1
+kind: GitTarget
+metadata: {{name: live, namespace: default}}
+spec: {{providerRef: {{name: origin}}, branch: main, path: live}}
+---
+apiVersion: configbutler.ai/v1alpha1
+kind: GitTarget
+metadata: {{name: backup, namespace: default}}
+spec: {{providerRef: {{name: origin}}, branch: main, path: backup}}
+---
+apiVersion: configbutler.ai/v1alpha1
+kind: ClusterWatchRule
+metadata: {{name: live}}
+spec:
+  targetRef: {{name: live, namespace: default}}
+  rules: [{{scope: Namespaced, resources: ["configmaps"]}}]
+---
+apiVersion: configbutler.ai/v1alpha1
+kind: ClusterWatchRule
+metadata: {{name: backup}}
+spec:
+  targetRef: {{name: backup, namespace: default}}
+  rules: [{{scope: Namespaced, resources: ["configmaps"]}}]
+"""
+
+
+async def test_targets_selecting_the_same_resources_share_one_list_per_round(
+    tmp_path: Path, cluster: Cluster
+) -> None:
+    cluster.api.resources["v1/configmaps"] = kmock.ResourceInfo(
+        kind="ConfigMap", namespaced=True, verbs={"get", "list"}
+    )
+    cluster.add("v1/configmaps", "default", "a", configmap("a", rv="200"))
+    remote = await asyncio.to_thread(bare_repo, tmp_path / "remote.git")
+    config = tmp_path / "two-targets.yaml"
+    await asyncio.to_thread(config.write_text, TWO_TARGETS.format(remote=remote))
+    runtime = await asyncio.to_thread(
+        lambda: Runtime(load_config([config]), Settings(state_dir=tmp_path / "state"))
+    )
+    await runtime.start()
+    stats = ResyncStats()
+    objects = ApiObjects(cluster.client)
+
+    async def run(targets: list[GitTarget]) -> dict[Key, ResyncResult | Exception]:
+        return await runtime.resync(targets, cluster.client, objects)
+
+    resyncer = Resyncer(
+        interval_s=3600, targets=lambda: runtime.config.targets.values(), run=run, stats=stats
+    )
+    try:
+        assert await resyncer.run()
+        assert await runtime.flush() == []
+    finally:
+        await runtime.close()
+    assert cluster.gets("/api/v1/configmaps") == 1
+    assert dict(stats.commits) == {"default/live": 1, "default/backup": 1}
+    assert await asyncio.to_thread(git_files, remote) == [
+        "backup/v1/configmaps/default/a.yaml",
+        A,
+    ]
+    subjects = await asyncio.to_thread(git, remote, "log", "--format=%s", "main")
+    assert sorted(subjects.splitlines()) == ["[RESYNC] backup", "[RESYNC] live"]

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
 
 from audit_reverser.config import load_config
-from audit_reverser.events import ObjectRef
+from audit_reverser.events import ObjectRef, parse_event
 from audit_reverser.pipeline.routing import Router
+from tests.conftest import event
 
 HEADER = """\
 apiVersion: configbutler.ai/v1alpha1
@@ -146,3 +148,28 @@ def test_rule_patterns(
 ) -> None:
     r = router(tmp_path, WATCH.replace("RULES", rule))
     assert bool(targets(r, verb, namespace="team", **ref)) is expected
+
+
+def test_a_fleet_s_own_rules_give_an_event_only_its_own_cluster_s_targets(
+    tmp_path: Path,
+) -> None:
+    """What a CRD's deletion prunes its instances from: in a fleet whose rules are each
+    cluster's own, staging's CRD going away must not take prod's files."""
+    file = tmp_path / "c.yaml"
+    file.write_text(HEADER)
+    base = load_config([file])
+    targets = {}
+    for cluster in ("prod", "staging"):
+        for key, target in base.targets.items():
+            own = dataclasses.replace(key, cluster=cluster)
+            targets[own] = dataclasses.replace(target, key=own)
+    r = Router(dataclasses.replace(base, targets=targets, by_cluster=True))
+    crd_deleted = parse_event(event("delete", name="demo"), cluster="staging")
+    found = {(t.key.cluster, t.key.name, t.cluster) for t in r.every_target(crd_deleted)}
+    assert found == {("staging", "team", ""), ("staging", "platform", "")}
+    # Rules from files serve every cluster, each in its own folder under each target.
+    shared = Router(dataclasses.replace(base, cluster_folders=True)).every_target(crd_deleted)
+    assert {(t.key.name, t.cluster) for t in shared} == {
+        ("team", "staging"),
+        ("platform", "staging"),
+    }

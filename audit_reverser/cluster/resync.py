@@ -1,9 +1,10 @@
 """Periodic resync: Git converges to the cluster even after events the apiserver dropped
 (its buffer overflowed while we were away) or that never came (an audit policy gap).
 
-At start and then every interval, each GitTarget's objects are listed as a snapshot lists
-them (:func:`audit_reverser.cluster.snapshot.list_target`) and compared with its folder in
-one commit ``[RESYNC] <path>`` by the committer identity: files whose object differs are set,
+At start and then every interval, the GitTargets' objects are listed as a snapshot lists
+them (:func:`audit_reverser.cluster.snapshot.list_targets`: each resource once per run,
+however many targets select it) and compared with each target's folder in one commit
+``[RESYNC] <path>`` by the committer identity: files whose object differs are set,
 files of objects that are gone (in the folders the rules cover) are removed; when nothing
 differs there is no commit. What events change while a target is listed is left to them
 (:meth:`Listing.settle`), so a resync never regresses a newer file. One task runs the
@@ -18,16 +19,16 @@ import logging
 import random
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 from audit_reverser.cluster.api import KubeApi
 from audit_reverser.cluster.objects import ApiObjects
-from audit_reverser.cluster.snapshot import list_target
-from audit_reverser.config.model import Config, GitTarget
+from audit_reverser.cluster.snapshot import Listing, settled_listings
+from audit_reverser.config.model import Config, GitTarget, Key
 from audit_reverser.errors import TemporaryError
-from audit_reverser.gitstore.types import Identity, TreeChange
+from audit_reverser.gitstore.types import CommitOutcome, Identity, TreeChange
 from audit_reverser.gitstore.writer import BranchWriter
 from audit_reverser.pipeline.processor import Processor
 
@@ -60,52 +61,62 @@ class ResyncStats:
     files_left: Counter[str] = field(default_factory=Counter)
 
 
-async def resync_target(
+async def resync_targets(
     *,
     api: KubeApi,
     objects: ApiObjects,
     config: Config,
-    target: GitTarget,
+    targets: Sequence[tuple[GitTarget, BranchWriter]],
     processor: Processor,
-    writer: BranchWriter,
     committer: Identity,
-) -> ResyncResult:
-    """Compare the target's folder with the cluster; one ``[RESYNC]`` commit when it differs."""
+) -> dict[Key, ResyncResult | Exception]:
+    """Compare each target's folder with the cluster, one ``[RESYNC]`` commit per target
+    that differs; the cluster is listed once for all of them. A target whose commit failed
+    gets its exception; a listing the API cannot answer raises for all."""
     now = datetime.now(UTC)
-    with writer.watching() as touched:
-        listed = await list_target(
-            api=api,
-            objects=objects,
-            config=config,
-            target=target,
-            processor=processor,
-            committer=committer,
-            now=now,
-        )
-        # From here to the offer nothing awaits: no change can slip in between.
-        listing = listed.settle(touched, processor, writer)
-        done = writer.offer(
-            TreeChange(
-                files=listing.files,
-                prune=listing.folders,
-                keep=listing.keep,
-                message=f"[RESYNC] {target.path or '/'}\n\n"
-                f"Objects: {len(listed.files)}\nTarget: {target.key}\n",
-                author=committer,
-                time=now,
+    offered: dict[Key, tuple[Listing, asyncio.Future[CommitOutcome]]] = {}
+    async with settled_listings(
+        api=api,
+        objects=objects,
+        config=config,
+        targets=targets,
+        processor=processor,
+        committer=committer,
+        now=now,
+    ) as listings:
+        for target, writer in targets:
+            listing = listings[target.key]
+            objects_count = len(listing.files) + listing.left
+            offered[target.key] = (
+                listing,
+                writer.offer(
+                    TreeChange(
+                        files=listing.files,
+                        prune=listing.folders,
+                        keep=listing.keep,
+                        message=f"[RESYNC] {target.path or '/'}\n\n"
+                        f"Objects: {objects_count}\nTarget: {target.key}\n",
+                        author=committer,
+                        time=now,
+                    )
+                ),
             )
+    results: dict[Key, ResyncResult | Exception] = {}
+    for key, (listing, done) in offered.items():
+        try:
+            # Shielded: a resync cancelled at shut-down must not cancel the writer's future.
+            outcome = await asyncio.shield(done)
+        except Exception as exc:  # that target's writer failed; the others' did not
+            results[key] = exc
+            continue
+        results[key] = ResyncResult(
+            objects=len(listing.files) + listing.left,
+            files_set=outcome.files_set,
+            files_removed=outcome.files_removed,
+            files_left=listing.left,
+            commit_id=outcome.commit_id,
         )
-        # Events older than what the resync writes must not bring the old state back.
-        processor.remember_versions(writer, listing.versions)
-    # Shielded: a resync cancelled at shut-down must not cancel the writer's future.
-    outcome = await asyncio.shield(done)
-    return ResyncResult(
-        objects=len(listed.files),
-        files_set=outcome.files_set,
-        files_removed=outcome.files_removed,
-        files_left=listing.left,
-        commit_id=outcome.commit_id,
-    )
+    return results
 
 
 class Resyncer:
@@ -117,7 +128,7 @@ class Resyncer:
         *,
         interval_s: float,
         targets: Callable[[], Iterable[GitTarget]],
-        run: Callable[[GitTarget], Awaitable[ResyncResult | None]],
+        run: Callable[[list[GitTarget]], Awaitable[Mapping[Key, ResyncResult | Exception]]],
         stats: ResyncStats,
         retry_min_s: float = RETRY_MIN_S,
     ) -> None:
@@ -154,19 +165,23 @@ class Resyncer:
         """Resync every GitTarget once; False when some could not be."""
         begin = time.monotonic()
         done = failed = objects = commits = files_set = removed = left = 0
-        for target in list(self._targets()):
+        targets = list(self._targets())
+        try:
+            results = await self._run(targets)
+        except Exception as exc:  # the listing failed: no target could be compared
+            results = {target.key: exc for target in targets}
+        for target in targets:
             name = str(target.key)
-            try:
-                result = await self._run(target)
-            except TemporaryError as exc:
-                failed += 1
-                log.warning("resync of GitTarget %s: %s", name, exc)
-                continue
-            except Exception:  # a bug must not end the resyncs of every target
-                failed += 1
-                log.exception("resync of GitTarget %s failed", name)
-                continue
+            result = results.get(target.key)
             if result is None:  # its provider cannot be used: there is nothing to write to
+                continue
+            if isinstance(result, TemporaryError):
+                failed += 1
+                log.warning("resync of GitTarget %s: %s", name, result)
+                continue
+            if isinstance(result, Exception):  # a bug must not end the resyncs
+                failed += 1
+                log.error("resync of GitTarget %s failed", name, exc_info=result)
                 continue
             done += 1
             objects += result.objects

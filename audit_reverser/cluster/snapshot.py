@@ -5,7 +5,9 @@ Every resource type the target's rules could select is listed (paginated, ``limi
 encodes it (sanitized; Secrets encrypted), all in one commit ``[SNAPSHOT] <path>``. A second
 commit ``[PRUNE] <path>`` removes the files, in the folders the rules cover, whose object
 no longer exists. Both are authored by the committer identity: no user made them.
-:mod:`audit_reverser.cluster.resync` compares the same listing periodically.
+:mod:`audit_reverser.cluster.resync` compares the same listing periodically, for all
+targets at once (:func:`list_targets` lists each type once); :func:`settled_listings` is
+the frame both use (watch the writers, list, settle, offer).
 
 What events change while the listing is made is theirs (:meth:`Listing.settle`): a listing
 never undoes a newer change. Files are kept as encoded bytes only, page by page: the listed
@@ -17,8 +19,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
@@ -84,7 +86,7 @@ class Listing:
 def _route(router: Router, ref: ObjectRef, target: GitTarget) -> Route | None:
     """The target's route for ``ref``, as the pipeline would take it (noise only by name)."""
     explicit_only = (ref.api_group, ref.resource) in NOISE_RESOURCES
-    for route in router.routes(ref, "create"):
+    for route in router.routes(ref, "create", cluster=target.key.cluster):
         if route.target.key == target.key and (route.explicit or not explicit_only):
             return route
     return None
@@ -130,17 +132,51 @@ async def list_target(
     """Every object the target's rules select in the cluster now, encoded as the pipeline
     encodes it (sanitized, Secrets encrypted; generated objects and our own Secrets left
     out), with what else exists in the folders the rules cover."""
+    listed = await list_targets(
+        api=api,
+        objects=objects,
+        config=config,
+        targets=[target],
+        processor=processor,
+        committer=committer,
+        now=now,
+    )
+    return listed[target.key]
+
+
+@dataclass(kw_only=True, slots=True)
+class _Collected:
+    files: list[FileChange] = field(default_factory=list)
+    versions: dict[str, str] = field(default_factory=dict)
+    keep: set[str] = field(default_factory=set)
+    folders: list[str] = field(default_factory=list)
+
+
+async def list_targets(
+    *,
+    api: KubeApi,
+    objects: ApiObjects,
+    config: Config,
+    targets: Sequence[GitTarget],
+    processor: Processor,
+    committer: Identity,
+    now: datetime,
+) -> dict[Key, Listing]:
+    """:func:`list_target` for several targets at once: each resource is listed once, for
+    every target whose rules cover it (several targets selecting the same resources make
+    one LIST, not one each)."""
     router = Router(config)
     secrets = own_secrets(config)
-    files: list[FileChange] = []
-    versions: dict[str, str] = {}
-    keep: set[str] = set()
-    folders: list[str] = []
+    found = {target.key: _Collected() for target in targets}
     for resource in await objects.listable():
-        covered = _covered(router, config, resource, target)
-        if not covered:
+        covering = []
+        for target in targets:
+            covered = _covered(router, config, resource, target)
+            if covered:
+                found[target.key].folders.extend(covered)
+                covering.append(target)
+        if not covering:
             continue
-        folders.extend(covered)
         seen = 0
         async for item in _list(api, resource):
             seen += 1
@@ -156,35 +192,79 @@ async def list_target(
                 namespace=namespace,
                 name=name,
             )
-            try:
-                keep.add(
-                    object_path(
-                        target_path=target.path,
-                        api_group=resource.group,
-                        api_version=resource.version,
-                        resource=resource.name,
-                        namespace=namespace,
-                        name=name,
-                    ).file
-                )
-            except InvalidName:
-                continue
-            route = _route(router, ref, target)
-            if route is None or (not route.explicit and controlled(item)):
-                continue  # not selected, or generated from an owner that is in Git
-            if is_own_secret(ref, secrets):
-                continue
             item.setdefault("apiVersion", resource.group_version)
             item.setdefault("kind", resource.kind)
-            encoded = processor.encode(
-                target, ref, namespace, name, item, when=now, label=f"listed {name}"
-            )
-            if isinstance(encoded, Encoded) and encoded.content is not None:
-                files.append(_file(encoded, committer, now))
-                versions[encoded.path.file] = str(metadata.get("resourceVersion") or "")
-    return Listing(
-        files=tuple(files), versions=versions, keep=frozenset(keep), folders=tuple(folders)
-    )
+            version = str(metadata.get("resourceVersion") or "")
+            for target in covering:
+                collected = found[target.key]
+                try:
+                    collected.keep.add(
+                        object_path(
+                            target_path=target.path,
+                            api_group=resource.group,
+                            api_version=resource.version,
+                            resource=resource.name,
+                            namespace=namespace,
+                            name=name,
+                        ).file
+                    )
+                except InvalidName:
+                    break
+                route = _route(router, ref, target)
+                if route is None or (not route.explicit and controlled(item)):
+                    continue  # not selected, or generated from an owner that is in Git
+                if is_own_secret(ref, secrets, target.key.cluster):
+                    continue
+                encoded = processor.encode(
+                    target, ref, namespace, name, item, when=now, label=f"listed {name}"
+                )
+                if isinstance(encoded, Encoded) and encoded.content is not None:
+                    collected.files.append(_file(encoded, committer, now))
+                    collected.versions[encoded.path.file] = version
+    return {
+        key: Listing(
+            files=tuple(c.files),
+            versions={f.path: c.versions[f.path] for f in c.files},
+            keep=frozenset(c.keep),
+            folders=tuple(c.folders),
+        )
+        for key, c in found.items()
+    }
+
+
+@contextlib.asynccontextmanager
+async def settled_listings(
+    *,
+    api: KubeApi,
+    objects: ApiObjects,
+    config: Config,
+    targets: Sequence[tuple[GitTarget, BranchWriter]],
+    processor: Processor,
+    committer: Identity,
+    now: datetime,
+) -> AsyncIterator[dict[Key, Listing]]:
+    """The targets' listings (:func:`list_targets`), settled against the changes submitted
+    to their writers while listing (:meth:`Listing.settle`). The body offers its commits
+    without awaiting anything, so that no change slips in between; afterwards, events older
+    than what the listings wrote are stale."""
+    with contextlib.ExitStack() as stack:
+        touched = [stack.enter_context(writer.watching()) for _, writer in targets]
+        listed = await list_targets(
+            api=api,
+            objects=objects,
+            config=config,
+            targets=[target for target, _ in targets],
+            processor=processor,
+            committer=committer,
+            now=now,
+        )
+        settled = {
+            target.key: listed[target.key].settle(seen, processor, writer)
+            for (target, writer), seen in zip(targets, touched, strict=True)
+        }
+        yield settled
+        for target, writer in targets:
+            processor.remember_versions(writer, settled[target.key].versions)
 
 
 async def snapshot(
@@ -200,18 +280,16 @@ async def snapshot(
     """Write the target's snapshot and prune commits; returns what they did."""
     now = datetime.now(UTC)
     subject = target.path or "/"
-    with writer.watching() as touched:
-        listed = await list_target(
-            api=api,
-            objects=objects,
-            config=config,
-            target=target,
-            processor=processor,
-            committer=committer,
-            now=now,
-        )
-        # From here to the offers nothing awaits: no change can slip in between.
-        listing = listed.settle(touched, processor, writer)
+    async with settled_listings(
+        api=api,
+        objects=objects,
+        config=config,
+        targets=[(target, writer)],
+        processor=processor,
+        committer=committer,
+        now=now,
+    ) as listings:
+        listing = listings[target.key]
         stamp = f"Objects: {len(listing.files)}\nTarget: {target.key}"
         snapshot_done = writer.offer(
             TreeChange(
@@ -230,7 +308,6 @@ async def snapshot(
                 time=now,
             )
         )
-        processor.remember_versions(writer, listing.versions)
     # Shielded: a snapshot cancelled at shut-down must not cancel the writer's futures.
     written = (await asyncio.shield(snapshot_done)).commit_id is not None
     pruned = (await asyncio.shield(prune_done)).commit_id is not None

@@ -57,7 +57,13 @@ class State:
     provider_problems: Mapping[Key, str]  # providers whose credentials cannot be used
 
 
+# The end of the message of a GitTarget refused in a fleet (cluster.fleet).
+FOLDER_IN_USE = "two clusters never write one folder"
+
+
 def _reason_of(problem: str) -> str:
+    if FOLDER_IN_USE in problem:
+        return "FolderInUse"
     if "not allowed" in problem:
         return "BranchNotAllowed"
     if ("GitProvider" in problem or "GitRepository" in problem) and "not found" in problem:
@@ -177,11 +183,17 @@ class StatusReporter:
     """Writes the verdicts after every change of the rules and every ``REPORT_S``."""
 
     def __init__(
-        self, api: KubeApi, rules: ClusterRules, state: Callable[[], Awaitable[State]]
+        self,
+        api: KubeApi,
+        rules: ClusterRules,
+        state: Callable[[], Awaitable[State]],
+        problems: Callable[[], Mapping[ObjectId, str]] | None = None,
     ) -> None:
+        """``problems``: the broken objects, when more than ``rules`` finds (a fleet)."""
         self._api = api
         self._rules = rules
         self._state = state
+        self._problems = problems or (lambda: rules.problems)
         self.writes = 0
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -217,7 +229,7 @@ class StatusReporter:
         objects = self._rules.objects()
         now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
         written = 0
-        for oid, verdict in verdicts(objects, self._rules.problems, state).items():
+        for oid, verdict in verdicts(objects, self._problems(), state).items():
             current = objects[oid].get("status") or {}
             wanted = desired_status(verdict, current, now)
             if wanted is None:

@@ -35,9 +35,13 @@ class Key:
     # Only for providers: '' for a GitProvider, "GitRepository" for a Flux GitRepository, so
     # that the two kinds never collide when they share a name (they live in one map).
     kind: str = ""
+    # In a fleet whose rules are each cluster's own custom resources (cluster.fleet): the
+    # cluster the object was read from, so that two clusters' default/main never collide.
+    cluster: str = ""
 
     def __str__(self) -> str:
-        return f"{self.namespace}/{self.name}" if self.namespace else self.name
+        name = f"{self.namespace}/{self.name}" if self.namespace else self.name
+        return f"{self.cluster}:{name}" if self.cluster else name
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -90,7 +94,12 @@ class GitTarget:
     @property
     def provider_key(self) -> Key:
         # providerRef has no namespace field: the provider lives beside the target.
-        return Key(namespace=self.key.namespace, name=self.provider_name, kind=self.provider_kind)
+        return Key(
+            namespace=self.key.namespace,
+            name=self.provider_name,
+            kind=self.provider_kind,
+            cluster=self.key.cluster,
+        )
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -117,7 +126,7 @@ class WatchRule:
 
     @property
     def target_key(self) -> Key:
-        return Key(namespace=self.key.namespace, name=self.target_name)
+        return Key(namespace=self.key.namespace, name=self.target_name, cluster=self.key.cluster)
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -150,6 +159,9 @@ class Config:
     # being one cluster's own custom resources: an event with a cluster name then goes to
     # that cluster's folder under each target's path, so clusters never share a file.
     cluster_folders: bool = False
+    # The rules are several clusters' own custom resources (a fleet without --config; every
+    # Key carries its cluster): an event is routed by its own cluster's rules only.
+    by_cluster: bool = False
     # Where each object was read, by (kind, key): "FILE: document N", for messages.
     origins: Mapping[tuple[str, Key], str] = field(default_factory=dict)
 

@@ -97,7 +97,9 @@ def resolve(
     secret = None
     secret_key = None
     if encryption.secret_name is not None:
-        secret_key = Key(namespace=target.key.namespace, name=encryption.secret_name)
+        secret_key = Key(
+            namespace=target.key.namespace, name=encryption.secret_name, cluster=target.key.cluster
+        )
         secret = secrets.get(secret_key)
     in_secret = (
         _secret_identities(secret, f"{where}.secretRef: Secret {secret_key}") if secret else []

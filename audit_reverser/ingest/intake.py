@@ -148,6 +148,7 @@ class Intake:
         Raises :class:`Overloaded` or :class:`JournalUnavailable`: nothing was accepted then,
         and the sender should retry later.
         """
+        await self.processor.claim(cluster)
         if not triage.kept:
             return
         if self.journal is None:

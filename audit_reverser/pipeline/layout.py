@@ -101,13 +101,19 @@ def object_path(
 _ANY_VERSION = "v[0-9]*"
 
 
+CRDS = ("apiextensions.k8s.io", "customresourcedefinitions")
+
+
 def contents_patterns(
-    *, target_path: str, api_group: str, resource: str, name: str
+    *, target_path: str, api_group: str, resource: str, name: str, cluster: str = ""
 ) -> tuple[str, ...]:
     """Folders (fnmatch segments) whose files go with this object: every version of a CRD's
-    resource, every object of a Namespace; () for other objects."""
+    resource, every object of a Namespace; () for other objects. Within ``cluster``'s
+    folder when a cluster is given."""
     prefix = f"{target_path}/" if target_path else ""
-    if (api_group, resource) == ("apiextensions.k8s.io", "customresourcedefinitions"):
+    if cluster:
+        prefix = f"{prefix}{_check(CLUSTER_NAME, cluster, 'cluster name')}/"
+    if (api_group, resource) == CRDS:
         plural, _, group = name.partition(".")
         if not _DNS_LABEL.match(plural) or not _DNS_SUBDOMAIN.match(group):
             return ()

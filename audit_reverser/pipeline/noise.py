@@ -89,22 +89,27 @@ def controlled(body: Mapping[str, Any] | None) -> bool:
     )
 
 
-def own_secrets(config: Config) -> frozenset[tuple[str, str]]:
-    """(namespace, name) of the Secrets the configuration names for audit-reverser's own use."""
+def own_secrets(config: Config) -> frozenset[tuple[str, str, str]]:
+    """(cluster, namespace, name) of the Secrets the configuration names for audit-reverser's
+    own use; the cluster is '' unless the rules are several clusters' own (a fleet)."""
     names = {
-        (provider.key.namespace, provider.secret_name)
+        (provider.key.cluster, provider.key.namespace, provider.secret_name)
         for provider in config.providers.values()
         if provider.secret_name
     }
     names.update(
-        (target.key.namespace, target.encryption.secret_name)
+        (target.key.cluster, target.key.namespace, target.encryption.secret_name)
         for target in config.targets.values()
         if target.encryption is not None and target.encryption.secret_name
     )
     return frozenset(names)
 
 
-def is_own_secret(ref: ObjectRef, secrets: frozenset[tuple[str, str]]) -> bool:
+def is_own_secret(
+    ref: ObjectRef, secrets: frozenset[tuple[str, str, str]], cluster: str = ""
+) -> bool:
     return (
-        ref.api_group == "" and ref.resource == "secrets" and (ref.namespace, ref.name) in secrets
+        ref.api_group == ""
+        and ref.resource == "secrets"
+        and (cluster, ref.namespace, ref.name) in secrets
     )

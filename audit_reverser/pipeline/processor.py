@@ -34,7 +34,9 @@ from audit_reverser.pipeline import canonical
 from audit_reverser.pipeline.commits import Action, author_for, commit_message, trailer
 from audit_reverser.pipeline.deletions import DELETE_VERBS, Deletions, Request
 from audit_reverser.pipeline.filter import Skip
+from audit_reverser.pipeline.home import HomeCluster
 from audit_reverser.pipeline.layout import (
+    CRDS,
     InvalidName,
     ObjectPath,
     check_reference,
@@ -119,9 +121,11 @@ class Processor:
         fingerprint_key: bytes = b"",
         source: ObjectSource | None = None,
         sources: Mapping[str, ObjectSource] | None = None,
+        home: HomeCluster | None = None,
         exclusions: Exclusions = NO_EXCLUSIONS,
     ) -> None:
-        self._router = Router(config)
+        self._home = home
+        self._router = Router(config, home)
         self._own_secrets = own_secrets(config)
         self._sinks = sinks
         self.stats = stats
@@ -130,6 +134,8 @@ class Processor:
         self._source = source
         # A fleet (serve --cluster): each cluster's API by name; never another cluster's.
         self._sources = sources
+        self._strangers: set[str] = set()  # other clusters' names, warned about once
+        self._by_cluster = config.by_cluster
         self._exclusions = exclusions
         self._refused_secrets: set[Key] = set()
         self._rules: dict[tuple[str, ...], bytes] = {}  # .sops.yaml per set of recipients
@@ -144,7 +150,8 @@ class Processor:
         self, config: Config, sinks: Mapping[Key, CommitSink], keys: Mapping[Key, TargetKeys]
     ) -> None:
         """New rules, targets and keys; the next event is routed by them."""
-        self._router = Router(config)
+        self._router = Router(config, self._home)
+        self._by_cluster = config.by_cluster
         self._own_secrets = own_secrets(config)
         self._sinks = sinks
         self._keys = keys
@@ -178,6 +185,11 @@ class Processor:
             key = (id(sink), path)
             if version is not None and version > self._versions.get(key, -1):
                 self._versions[key] = version
+
+    @property
+    def deletions(self) -> Deletions:
+        """Who asked for the deletions pending (saved across restarts by the runtime)."""
+        return self._deletions
 
     def routes(self, event: AuditEvent) -> list[Route] | Skip:
         """Targets for the event, or why it goes nowhere. Cheap: no object is touched."""
@@ -224,6 +236,46 @@ class Processor:
             and is_gone(body)
         )
 
+    def _verbs(self, event: AuditEvent) -> tuple[str, ...]:
+        """The verbs an event is routed by: a write that finishes a deletion goes where the
+        delete it completes goes (a rule that selects only DELETE takes it); one whose object
+        must be read first, where either goes (see :meth:`_for_change`)."""
+        if event.verb in DELETE_VERBS:
+            return (event.verb,)
+        if event.response_object is not None:
+            return ("delete",) if self._may_finish_deletion(event) else (event.verb,)
+        return (event.verb, "delete") if self._deletions.pending(event) else (event.verb,)
+
+    def _routed(
+        self,
+        ref: ObjectRef,
+        verbs: tuple[str, ...],
+        event: AuditEvent | None = None,
+        *,
+        cluster: str = "",
+    ) -> list[Route]:
+        if len(verbs) == 1:
+            return self._router.routes(ref, verbs[0], event, cluster=cluster)
+        found: dict[Key, Route] = {}
+        for verb in verbs:
+            for route in self._router.routes(ref, verb, event, cluster=cluster):
+                known = found.get(route.target.key)
+                if known is None or (route.explicit and not known.explicit):
+                    found[route.target.key] = route
+        return list(found.values())
+
+    def _for_change(
+        self, event: AuditEvent, verbs: tuple[str, ...], routes: list[Route], change: ObjectChange
+    ) -> list[Route]:
+        """Of an event routed by two verbs, the routes of what it turned out to do."""
+        ref = event.object_ref
+        if len(verbs) < 2 or ref is None:
+            return routes
+        parent = dataclasses.replace(ref, subresource="")
+        done = self._router.routes(parent, "delete" if change.body is None else event.verb)
+        keys = {route.target.key for route in done}
+        return [route for route in routes if route.target.key in keys]
+
     def _routes(self, event: AuditEvent) -> tuple[list[Route], Skip | None] | Skip:
         """Targets for the event and, when it counts only if it finishes a deletion, why it
         would be skipped otherwise."""
@@ -234,22 +286,29 @@ class Processor:
         self._deletions.asked(event, person=noise is None)
         if ref.subresource in BOOKKEEPING_SUBRESOURCES:
             ref = dataclasses.replace(ref, subresource="")  # routed as its parent object
-        routes = self._router.routes(ref, event.verb, event)
+        verbs = self._verbs(event)
+        routes = self._routed(ref, verbs, event)
+        # A CRD's deletion takes its instances from every target, selected or not.
+        takes_instances = (ref.api_group, ref.resource) == CRDS and "delete" in verbs
         if not routes:
-            routes = self._router.routes(ref, event.verb)
-            if not routes:
+            routes = self._routed(ref, verbs, cluster=event.cluster)
+            if routes:
+                # A rule that selected it but excludes its user or tool says more than no-rule.
+                noise = noise if noise is Skip.STATUS else Skip.EXCLUDED_BY_RULE
+            elif takes_instances:
+                noise = noise or Skip.NO_RULE  # it counts only if it finishes the deletion
+            else:
+                self._stranger_in_fleet(event.cluster)
                 return Skip.NO_RULE
-            # A rule that selected it but excludes its user or tool says more than no-rule.
-            noise = noise if noise is Skip.STATUS else Skip.EXCLUDED_BY_RULE
         if (ref.api_group, ref.resource) in NOISE_RESOURCES:
             routes = [r for r in routes if r.explicit]
             if not routes:
                 return Skip.NOISE
-        if is_own_secret(ref, self._own_secrets):
+        if is_own_secret(ref, self._own_secrets, event.cluster if self._by_cluster else ""):
             return Skip.OWN_SECRET
         # A target whose provider cannot be used (rules from a cluster) has no writer.
         routes = [r for r in routes if r.target.key in self._sinks]
-        if not routes:
+        if not routes and not takes_instances:
             return Skip.TARGET_NOT_READY
         if noise is not None and not self._may_finish_deletion(event):
             return noise
@@ -313,10 +372,14 @@ class Processor:
         author, earlier = ordered[-1], ordered[:-1]
         futures: list[asyncio.Future[CommitOutcome]] = []
         last_reason = Skip.UNCHANGED
+        verbs = self._verbs(event) if event.response_object is None else ()
         for change in changes:
             requested = self._requester(event, change)
+            chosen = self._for_change(event, verbs, routes, change)
             self._deletions.seen(event, change.namespace, change.name, change.body)
-            for route in routes:
+            if not chosen:
+                last_reason = Skip.NO_RULE
+            for route in chosen:
                 if not route.explicit and controlled(change.body):
                     last_reason = Skip.CONTROLLED  # generated from its owner, which is in Git
                     continue
@@ -328,6 +391,9 @@ class Processor:
                 else:
                     futures.append(outcome)
                     self.stats.kept_by_target[str(route.target.key)] += 1
+            ref = event.object_ref
+            if change.body is None and ref and (ref.api_group, ref.resource) == CRDS:
+                futures += await self._prune_instances(author, chosen, change, requested)
         if futures:
             self.stats.kept += 1
         else:
@@ -359,6 +425,25 @@ class Processor:
             if {route.target.key for route in theirs[0]} == targets:
                 found.append(other)
         return found
+
+    async def _prune_instances(
+        self,
+        event: AuditEvent,
+        routes: list[Route],
+        change: ObjectChange,
+        requested: Request | None,
+    ) -> list[asyncio.Future[CommitOutcome]]:
+        """A CRD gone: its instances' files go from the targets its rules do not select too
+        (a target may select the custom resources and not their definition)."""
+        routed = {route.target.key for route in routes}
+        futures = []
+        for target in self._router.every_target(event):
+            if target.key in routed or target.key not in self._sinks:
+                continue
+            outcome = await self._submit(event, target, change, requested=requested)
+            if not isinstance(outcome, Skip):
+                futures.append(outcome)
+        return futures
 
     def _requester(self, event: AuditEvent, change: ObjectChange) -> Request | None:
         """Who asked for the deletion ``event`` finished, when that is someone else."""
@@ -513,6 +598,7 @@ class Processor:
             api_group=ref.api_group,
             resource=ref.resource,
             name=change.name,
+            cluster=target.cluster,
         )
 
     async def _delete_collection(
@@ -596,8 +682,40 @@ class Processor:
         return changes or Skip.GONE
 
     def _source_for(self, event: AuditEvent) -> ObjectSource | None:
-        """The API of the event's cluster (in a fleet, None for a cluster without one)."""
-        return self._source if self._sources is None else self._sources.get(event.cluster)
+        """The API of the event's cluster (in a fleet, None for a cluster without one; with
+        one cluster's API, None for the events of any other cluster)."""
+        if self._sources is not None:
+            return self._sources.get(event.cluster)
+        if self._home is not None and not self._home.owns(event.cluster):
+            if event.cluster not in self._strangers:
+                self._strangers.add(event.cluster)
+                log.warning(
+                    "events posted to /audit-webhook/%s: this receiver reads cluster %s's API, "
+                    "so those that lack their object are skipped (needs-api), never read from "
+                    "it; their files go to the %s folder under each target (docs/fleet.md)",
+                    event.cluster,
+                    self._home.name,
+                    event.cluster,
+                )
+            return None
+        return self._source
+
+    def _stranger_in_fleet(self, cluster: str) -> None:
+        """A fleet whose rules are each cluster's own has none for a name it does not know."""
+        known = self._sources is not None and cluster in self._sources
+        if self._by_cluster and not known and cluster not in self._strangers:
+            self._strangers.add(cluster)
+            log.warning(
+                "events posted to %s: no cluster of that name in this fleet (--cluster "
+                "NAME=KUBECONFIG), so no rules select them; skipped (no-rule)",
+                f"/audit-webhook/{cluster}" if cluster else "/audit-webhook",
+            )
+
+    async def claim(self, cluster: str) -> None:
+        """Events posted under ``cluster`` are about to be accepted: a receiver that is one
+        cluster's pins its name first, if it has none yet (see :class:`HomeCluster`)."""
+        if self._home is not None:
+            await self._home.claim(cluster)
 
     def _creation_rules(self, keys: TargetKeys) -> bytes:
         rules = self._rules.get(keys.recipients)

@@ -6,7 +6,8 @@ of ``name``), ``*/sub`` and ``name/sub``, or a group-qualified ``plural.group`` 
 resources. A WatchRule selects namespaced objects in its own namespace only.
 
 When the rules serve several clusters (``Config.cluster_folders``), the target of a route
-carries the event's cluster name, so that its files go to that cluster's folder.
+carries the event's cluster name, so that its files go to that cluster's folder. A receiver
+that is one cluster's (a :class:`HomeCluster`) does the same for every other cluster's events.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from dataclasses import dataclass
 
 from audit_reverser.config.model import Config, GitTarget, Key, Operation, ResourceRule, Scope
 from audit_reverser.events import AuditEvent, ObjectRef
+from audit_reverser.pipeline.home import HomeCluster
 from audit_reverser.pipeline.noise import Exclusions
 
 VERB_OPERATIONS: dict[str, Operation] = {
@@ -78,37 +80,48 @@ def _rule_matches(rule: ResourceRule, ref: ObjectRef, operation: Operation) -> b
 class Router:
     """Answers 'which targets, and was it asked for by name?' for one object reference."""
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, home: HomeCluster | None = None) -> None:
+        # Keyed by (cluster, namespace) and cluster: the cluster is '' unless the rules are
+        # several clusters' own (Config.by_cluster), where each cluster has its own rules.
         self._namespaced: dict[
-            str, list[tuple[tuple[ResourceRule, ...], GitTarget, Exclusions | None]]
+            tuple[str, str], list[tuple[tuple[ResourceRule, ...], GitTarget, Exclusions | None]]
         ] = {}
-        self._cluster: list[tuple[ResourceRule, GitTarget, Exclusions | None]] = []
+        self._cluster: dict[str, list[tuple[ResourceRule, GitTarget, Exclusions | None]]] = {}
+        self._by_cluster = config.by_cluster
         self._cluster_folders = config.cluster_folders
+        self._home = home
         self._in_folder: dict[tuple[Key, str], GitTarget] = {}
+        self._targets = tuple(config.targets.values())
         for rule in config.watch_rules:
             target = config.targets[rule.target_key]
             excluded = _exclusions(rule.exclude_users, rule.exclude_field_managers)
-            self._namespaced.setdefault(rule.key.namespace, []).append(
+            self._namespaced.setdefault((rule.key.cluster, rule.key.namespace), []).append(
                 (rule.rules, target, excluded)
             )
         for cluster_rule in config.cluster_watch_rules:
             target = config.targets[cluster_rule.target_key]
             excluded = _exclusions(cluster_rule.exclude_users, cluster_rule.exclude_field_managers)
-            self._cluster.extend((r, target, excluded) for r in cluster_rule.rules)
+            self._cluster.setdefault(cluster_rule.key.cluster, []).extend(
+                (r, target, excluded) for r in cluster_rule.rules
+            )
 
-    def routes(self, ref: ObjectRef, verb: str, event: AuditEvent | None = None) -> list[Route]:
+    def routes(
+        self, ref: ObjectRef, verb: str, event: AuditEvent | None = None, *, cluster: str = ""
+    ) -> list[Route]:
         """Targets for ``ref``; with ``event``, rules that exclude its user or field manager
-        do not count."""
+        do not count. Rules of several clusters: only the rules of the event's cluster (or,
+        without an event, of ``cluster``)."""
         operation = VERB_OPERATIONS.get(verb)
         if operation is None:
             return []
+        whose = (event.cluster if event is not None else cluster) if self._by_cluster else ""
         cluster_scoped = is_cluster_scoped(ref)
         scope: Scope = "Cluster" if cluster_scoped else "Namespaced"
         candidates: Iterable[tuple[ResourceRule, GitTarget, Exclusions | None]] = (
-            (r, t, x) for r, t, x in self._cluster if r.scope == scope
+            (r, t, x) for r, t, x in self._cluster.get(whose, ()) if r.scope == scope
         )
         if not cluster_scoped:
-            namespaced = self._namespaced.get(ref.namespace, ())
+            namespaced = self._namespaced.get((whose, ref.namespace), ())
             candidates = [*candidates, *((r, t, x) for rules, t, x in namespaced for r in rules)]
         found: dict[object, Route] = {}
         for rule, target, excluded in candidates:
@@ -120,12 +133,29 @@ class Router:
             previous = found.get(target.key)
             if previous is None or (explicit and not previous.explicit):
                 found[target.key] = Route(target=target, explicit=explicit)
-        if self._cluster_folders and event is not None and event.cluster:
+        # Without an event (who it excludes is not asked), ``cluster`` says whose it is.
+        named = event.cluster if event is not None else cluster
+        if named and self._in_cluster_folder(named):
             return [
-                Route(target=self._for_cluster(r.target, event.cluster), explicit=r.explicit)
+                Route(target=self._for_cluster(r.target, named), explicit=r.explicit)
                 for r in found.values()
             ]
         return list(found.values())
+
+    def every_target(self, event: AuditEvent) -> list[GitTarget]:
+        """Every target of the event's cluster, as its files would go to it (its cluster's
+        folder)."""
+        targets = self._targets
+        if self._by_cluster:  # a fleet's own rules: another cluster's targets are not its
+            targets = tuple(t for t in targets if t.key.cluster == event.cluster)
+        if event.cluster and self._in_cluster_folder(event.cluster):
+            return [self._for_cluster(t, event.cluster) for t in targets]
+        return list(targets)
+
+    def _in_cluster_folder(self, cluster: str) -> bool:
+        if self._cluster_folders:
+            return True
+        return self._home is not None and not self._home.owns(cluster)
 
     def _for_cluster(self, target: GitTarget, cluster: str) -> GitTarget:
         key = (target.key, cluster)

@@ -1,0 +1,70 @@
+"""Who asked for the deletions still pending, kept in ``<state-dir>/deletions.json`` so that a
+restart between a delete and the write that finishes it keeps the requester as the author.
+
+The file is replaced atomically (written aside, fsynced, renamed, the directory fsynced):
+a crash leaves the old memories or the new ones, never half of either. A file that cannot be
+read is logged and set aside: the deletions it knew of are then finished in the name of
+whoever finishes them, as before this file existed, and nothing else is lost.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from pathlib import Path
+
+import orjson
+
+from audit_reverser.pipeline.deletions import Saved
+
+log = logging.getLogger(__name__)
+
+FILE_NAME = "deletions.json"
+
+
+class DeletionsFile:
+    """Blocking file access: called off the event loop."""
+
+    def __init__(self, state_dir: Path) -> None:
+        self.path = state_dir / FILE_NAME
+
+    def load(self) -> Saved | None:
+        """The saved memories; None when there are none (or they cannot be read)."""
+        try:
+            data = orjson.loads(self.path.read_bytes())
+        except FileNotFoundError:
+            return None
+        except (OSError, orjson.JSONDecodeError) as exc:
+            self.set_aside(f"cannot be read: {exc}")
+            return None
+        if not isinstance(data, dict) or not all(
+            isinstance(data.get(k), list) for k in ("requests", "objects", "uids", "owners")
+        ):
+            self.set_aside("is not a memory of deletions")
+            return None
+        return data  # type: ignore[return-value]  # shape checked by Deletions.restore
+
+    def save(self, saved: Saved) -> None:
+        temporary = self.path.with_suffix(".tmp")
+        with open(temporary, "wb") as out:
+            out.write(orjson.dumps(saved))
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(temporary, self.path)
+        descriptor = os.open(self.path.parent, os.O_RDONLY)
+        try:
+            os.fsync(descriptor)
+        finally:
+            os.close(descriptor)
+
+    def set_aside(self, why: str) -> None:
+        log.warning(
+            "%s %s; it is kept as %s.bad, and deletions asked for before this start are "
+            "finished in the name of whoever finishes them",
+            self.path,
+            why,
+            self.path.name,
+        )
+        with contextlib.suppress(OSError):
+            os.replace(self.path, self.path.with_suffix(".json.bad"))
