@@ -98,6 +98,10 @@ class Settings:
 CHECKPOINT_INTERVAL_S = 0.2
 # A new writer whose remote does not answer tries to catch up with it again after this long.
 TAKE_OVER_RETRY_S = 2.0
+# Commits a new writer reads from the remote's history beyond one per waiting event.
+TAKE_OVER_HISTORY = 256
+# How often a standby fetches the remotes, so that its mirrors are warm for a takeover.
+WARM_INTERVAL_S = 60.0
 
 
 def _broken_keys(config: Config, keys: Mapping[Key, TargetKeys]) -> list[str]:
@@ -453,7 +457,11 @@ class Runtime:
     async def _lead(self, journal: RedisJournal) -> None:
         """A standby until this replica holds the writer lease; then each writer catches up
         with the remote, and the intake starts reading the shared journal."""
+        warming = asyncio.create_task(self._keep_warm(), name="standby mirrors")
         await journal.leading.wait()
+        warming.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await warming
         try:
             for writer in list(self.writers.values()):
                 await self._catch_up(writer, journal)
@@ -461,6 +469,17 @@ class Runtime:
         except StaleWriter as exc:  # lost before it started: exits like any other loss
             log.error("%s", exc)
             journal.lost.set()
+
+    async def _keep_warm(self) -> None:
+        """A standby fetches each remote now and then: a takeover then fetches only what is
+        new, instead of the whole repository into an empty state directory."""
+        while True:
+            for writer in list(self.writers.values()):
+                try:
+                    await writer.warm()
+                except AuditReverserError as exc:  # the writer tries again at its takeover
+                    log.warning("%s: %s", writer.name, exc)
+            await asyncio.sleep(WARM_INTERVAL_S)
 
     async def _catch_up(self, writer: BranchWriter, journal: RedisJournal) -> None:
         """Fence the writer by the lease, drop what its mirror did not push and learn the
@@ -470,7 +489,10 @@ class Runtime:
         while True:
             await journal.fence()
             try:
-                found = await writer.take_over()
+                # Commits of the events still in the stream are among the newest: one per
+                # event at most, besides snapshots, resyncs and other pushers' commits.
+                history = await journal.lane.length() + TAKE_OVER_HISTORY
+                found = await writer.take_over(history)
                 break
             except TemporaryError as exc:
                 log.error("%s: %s; trying again in %.0fs", writer.name, exc, TAKE_OVER_RETRY_S)

@@ -269,6 +269,19 @@ class Mirror:
             for commit in walker
         ]
 
+    def latest_changes(self, limit: int) -> list[tuple[str, str, list[str]]]:
+        """:meth:`changes_since` for the newest ``limit`` commits only (oldest first): a
+        walk that reads only as far back as it must, whatever the history's length."""
+        self.save()
+        if self._head is None:
+            return []
+        walker = self.repo.walk(_oid(self._head), SortMode.TOPOLOGICAL)
+        newest = [commit for _, commit in zip(range(limit), walker, strict=False)]
+        return [
+            (str(commit.id), commit.message, [path for path, _ in _changes(commit)])
+            for commit in reversed(newest)
+        ]
+
     def commit(self, change: FileChange | TreeChange) -> str | None:
         """Commit one change on the branch tip; None when it would change nothing."""
         try:

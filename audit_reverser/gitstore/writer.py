@@ -226,14 +226,27 @@ class BranchWriter:
             )
         return found
 
-    async def take_over(self) -> list[tuple[str, str]]:
+    async def take_over(self, history: int) -> list[tuple[str, str]]:
         """HA: become the branch's writer after another replica. Drops the commits our
         mirror did not push (their events wait in the shared journal, and the other replica
-        may have pushed them), builds on the remote's tip and remembers its history, so that
-        an event found there is answered with its commit instead of being committed twice.
-        Returns the history's ``(path, message)``s. Before :meth:`start`."""
+        may have pushed them), builds on the remote's tip and remembers the newest
+        ``history`` commits, so that an event found there is answered with its commit
+        instead of being committed twice. Returns their ``(path, message)``s. Before
+        :meth:`start`."""
+        await self.warm()
+        changes = await self._blocking(lambda: self.mirror.latest_changes(history))
+        found = []
+        for commit_id, message, paths in changes:
+            for path in paths:
+                self._recovered[(message, path)] = commit_id
+                found.append((path, message))
+        log.info("%s: read the newest %d commits of the remote's history", self.name, len(changes))
+        return found
+
+    async def warm(self) -> None:
+        """HA, on a standby: bring the mirror to the remote's tip (nothing committed, nothing
+        pushed), so that a takeover fetches only what is new since."""
         await self._blocking(self.mirror.reset_to_remote)
-        return await self.recover(None)
 
     @property
     def tip(self) -> str | None:
