@@ -12,7 +12,9 @@ Cases: ``spread`` (200 folders), ``flat`` (one folder), ``100k`` (a remote that 
 100,000 files in 1,000 folders; the writes go to 100 of them) and ``ssh`` (spread, pushed
 over SSH to sshd on 127.0.0.1, the reference pushing there too). Each prints writes/s, the
 ratio to the reference, what the sender saw acknowledged, the drain time (last answer to
-last commit in the remote) and serve's peak RSS.
+last commit in the remote), serve's peak RSS, and the CPU time per write of serve (all its
+threads) and of the reference's git processes: on a machine shared with other jobs the CPU
+ratio moves far less than the wall-clock one.
 
 ``serve`` and the reference's git processes run on CPU 0, the sender on CPU 1. serve pushes
 with the default ``maxCommits`` (20: in a drain, after every batch the writer takes) and a
@@ -27,6 +29,7 @@ import argparse
 import asyncio
 import os
 import re
+import resource
 import shutil
 import socket
 import subprocess
@@ -205,6 +208,18 @@ def _start_serve(root: Path, config: Path) -> tuple[subprocess.Popen[bytes], int
         except OSError:
             time.sleep(0.1)
     raise SystemExit("serve did not start: " + (root / "serve.log").read_text())
+
+
+def _cpu_s(pid: int) -> float:
+    """CPU seconds ``pid`` has used (all its threads): on a machine shared with other jobs
+    this moves far less than the wall clock."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _children_cpu_s() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def _peak_rss_mib(pid: int) -> float:
@@ -406,8 +421,10 @@ def run_case(case: str, writes: int, work: Path, *, fsck: bool) -> dict[str, flo
             paths: dict[str, str] = {}
             bodies = _bodies(writes, folders, paths=paths)
             begin = time.perf_counter()
+            cpu_before = _cpu_s(server.pid)
             acknowledged = asyncio.run(_post_all(port, bodies))
             done = _wait_for(remote, start_count + writes, 3600)
+            cpu = _cpu_s(server.pid) - cpu_before
             rss = _peak_rss_mib(server.pid)
         finally:
             server.terminate()
@@ -419,7 +436,9 @@ def run_case(case: str, writes: int, work: Path, *, fsck: bool) -> dict[str, flo
             work / "reference-remote.git",
         )
         ref_url = push_url.replace(str(remote), str(reference_remote))
+        ref_cpu_before = _children_cpu_s()
         ref_s, ref_tip = reference(reference_base, commands, ref_url, work, env)
+        ref_cpu = _children_cpu_s() - ref_cpu_before
         if ref_tip != ours_tip:
             raise SystemExit(f"{case}: history differs from fast-import's: {ours_tip} != {ref_tip}")
         if (
@@ -441,6 +460,8 @@ def run_case(case: str, writes: int, work: Path, *, fsck: bool) -> dict[str, flo
         "acknowledged/s": writes / (acknowledged - begin),
         "drain_s": done - acknowledged,
         "rss_mib": rss,
+        "cpu_us": cpu / writes * 1e6,
+        "ref_cpu_us": ref_cpu / writes * 1e6,
     }
 
 
@@ -459,7 +480,7 @@ def main() -> None:
     print(f"{args.writes:,} kept writes per case, {BATCH}-event EventLists; {os.cpu_count()} CPUs")
     print(
         f"{'case':<8} {'ours/s':>8} {'fast-import+push/s':>19} {'ratio':>7} {'acked/s':>9} "
-        f"{'drain s':>8} {'peak RSS':>9}",
+        f"{'drain s':>8} {'peak RSS':>9} {'CPU µs/write ours':>17} {'ref':>5} {'ratio':>6}",
         flush=True,
     )
     for case in args.cases.split(","):
@@ -467,7 +488,9 @@ def main() -> None:
             r = run_case(case, args.writes, Path(tmp), fsck=not args.no_fsck)
         print(
             f"{case:<8} {r['writes/s']:>8,.0f} {r['reference/s']:>19,.0f} {r['ratio']:>6.2f}× "
-            f"{r['acknowledged/s']:>9,.0f} {r['drain_s']:>8.1f} {r['rss_mib']:>6.0f} MiB",
+            f"{r['acknowledged/s']:>9,.0f} {r['drain_s']:>8.1f} {r['rss_mib']:>6.0f} MiB "
+            f"{r['cpu_us']:>17,.0f} {r['ref_cpu_us']:>5,.0f} "
+            f"{r['ref_cpu_us'] / r['cpu_us']:>5.2f}×",
             flush=True,
         )
 

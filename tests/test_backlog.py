@@ -18,7 +18,9 @@ from typing import Any
 import orjson
 from prometheus_client.parser import text_string_to_metric_families
 
+from audit_reverser.config import load_config
 from audit_reverser.metrics import exposition
+from audit_reverser.pipeline.filter import Skip
 from tests.conftest import (
     bare_repo,
     configmap,
@@ -88,6 +90,39 @@ async def test_a_backlog_larger_than_the_window_is_committed_in_order_and_429_wa
         assert await harness.subjects() == [
             f"[CREATE] v1/configmaps/default/c{n}" for n in range(201)
         ]
+    finally:
+        git_http.answering.set()
+        await harness.runtime.close()
+
+
+async def test_events_waiting_on_disk_when_the_rules_change_go_by_the_new_rules(
+    tmp_path: Path, git_http: GitHttpServer
+) -> None:
+    remote = await asyncio.to_thread(bare_repo, tmp_path / "remote.git")
+    git_http.answering.clear()  # the first events hold the window until the remote answers
+    settings = {"journal": True, "queue_size": 4}
+    harness = await start_harness(
+        tmp_path, settings=settings, url=git_http.url(remote), secret=SECRET
+    )
+    intake = harness.runtime.intake
+    try:
+        await harness.send(*_batch(0, 4)["items"])
+        while intake.in_memory < 4:  # noqa: ASYNC110 - handed to the writer, in another task
+            await asyncio.sleep(0.01)
+        await harness.send(*_batch(4, 4)["items"])  # routed on arrival, waiting on disk
+        assert intake.journal is not None and intake.journal.backlog == 8
+
+        config = tmp_path / "config.yaml"
+        text = await asyncio.to_thread(config.read_text)
+        text = text.replace('resources: ["*"]', 'resources: ["secrets"]')
+        await asyncio.to_thread(config.write_text, text)
+        await harness.runtime.reconfigure(await asyncio.to_thread(load_config, [config]))
+        git_http.answering.set()
+        await harness.sync()
+        assert await harness.subjects() == [
+            f"[CREATE] v1/configmaps/default/c{n}" for n in range(4)
+        ]
+        assert harness.runtime.processor.stats.skipped[Skip.NO_RULE] == 4
     finally:
         git_http.answering.set()
         await harness.runtime.close()

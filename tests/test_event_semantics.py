@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import copy
 
+import pytest
 import yaml
 
+from audit_reverser.pipeline import processor
 from audit_reverser.pipeline.filter import Skip
 from tests.conftest import Harness, configmap, event
 
@@ -217,6 +219,31 @@ async def test_an_older_event_never_regresses_the_file(harness: Harness) -> None
     await harness.sync()
     assert yaml.safe_load(await harness.show(DEMO))["data"] == {"v": "new"}
     assert harness.runtime.stats.skipped[Skip.STALE] == 1
+
+
+async def test_a_file_written_long_ago_is_checked_against_its_last_commit(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(processor, "VERSION_WINDOW", 2)  # remembers the last 2 files only
+
+    def update(name: str, rv: int, value: str) -> dict[str, object]:
+        return event("update", name=name, body=configmap(name, data={"v": value}, rv=str(rv)))
+
+    await harness.send(update("demo", 200, "new"))
+    await harness.send(update("b", 300, "b"), update("c", 400, "c"), update("d", 500, "d"))
+    await harness.sync()
+    assert len(harness.runtime.processor._versions) == 2  # demo's version was forgotten
+    await harness.send(update("demo", 150, "old"))  # older than demo's last commit
+    await harness.sync()
+    assert yaml.safe_load(await harness.show(DEMO))["data"] == {"v": "new"}
+    assert harness.runtime.stats.skipped[Skip.STALE] == 1
+    await harness.send(update("demo", 250, "newer"), update("e", 100, "e"))
+    await harness.sync()
+    assert yaml.safe_load(await harness.show(DEMO))["data"] == {"v": "newer"}
+    assert (await harness.subjects())[-2:] == [
+        "[UPDATE] v1/configmaps/default/demo",
+        "[UPDATE] v1/configmaps/default/e",
+    ]
 
 
 async def test_impersonated_user_is_the_author(harness: Harness) -> None:

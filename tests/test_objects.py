@@ -168,6 +168,26 @@ def test_event_parsing_reports_the_audit_id_and_field() -> None:
         parse_event({**broken, "kind": "Pod", "sourceIPs": []})
 
 
+def test_a_user_or_object_reference_seen_before_does_not_let_a_broken_one_through() -> None:
+    good = event("update", name="demo", body=configmap())
+    parsed = parse_event(good)
+    assert parsed.user.username and parsed.object_ref is not None
+    assert parsed.object_ref.name == "demo"
+    broken_user = {**good, "user": {**good["user"], "groups": [1]}}
+    with pytest.raises(EventError, match="user: field 'groups' must be a list of strings"):
+        parse_event(broken_user)
+    broken_user = {**good, "user": {**good["user"], "username": ["x"]}}
+    with pytest.raises(EventError, match="user: field 'username' must be a string"):
+        parse_event(broken_user)
+    broken_ref = {**good, "objectRef": {**good["objectRef"], "name": 7}}
+    with pytest.raises(EventError, match="objectRef: field 'name' must be a string"):
+        parse_event(broken_ref)
+    broken_ref = {**good, "objectRef": {**good["objectRef"], "namespace": ["default"]}}
+    with pytest.raises(EventError, match="objectRef: field 'namespace' must be a string"):
+        parse_event(broken_ref)
+    assert parse_event(good) == parsed
+
+
 def test_events_from_v1beta1_logs_parse() -> None:
     item = {
         **event("create", body=configmap()),

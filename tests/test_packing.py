@@ -344,3 +344,18 @@ def test_merging_packs_bigger_than_a_copy_chunk(tmp_path: Path) -> None:
     repo = pygit2.Repository(str(tmp_path / "r.git"))
     for content in contents:
         assert repo[pygit2.Oid(raw=packing.object_id(packing.BLOB, content))].data == content
+
+
+def test_a_pack_index_with_offsets_past_2_gib_reads_back_as_written() -> None:
+    """Offsets of 2 GiB and more go to the index's table of large offsets (git's format);
+    merging reads them back from there."""
+    ids = [packing.object_id(packing.BLOB, b"%d" % n) for n in range(4)]
+    ids.sort()
+    offsets = [12, 0x7FFFFFFF, 0x80000000, 5 << 32]
+    index = packing._encode_index(
+        dict(zip(ids, offsets, strict=True)), dict.fromkeys(ids, 7), b"\0" * 20
+    )
+    table = packing.read_index(index)
+    assert table.ids == b"".join(ids)
+    assert list(table.offsets) == offsets
+    assert list(table.crcs) == [7] * 4

@@ -282,6 +282,17 @@ class Mirror:
             for commit in reversed(newest)
         ]
 
+    def last_message(self, path: str) -> str | None:
+        """The message of the newest saved commit that changed ``path``; None when no commit
+        did. Walks back from the tip until it finds one: for files not written recently."""
+        if self._saved is None:
+            return None
+        for commit in self.repo.walk(_oid(self._saved), SortMode.TOPOLOGICAL):
+            parent = commit.parents[0].tree if commit.parents else None
+            if _entry_id(commit.tree, path) != _entry_id(parent, path):
+                return commit.message
+        return None
+
     def commit(self, change: FileChange | TreeChange) -> str | None:
         """Commit one change on the branch tip; None when it would change nothing."""
         try:
@@ -532,6 +543,15 @@ class Mirror:
             # libgit2 keeps the removed packs open until the repository is opened again.
             self._repo = pygit2.Repository(str(self.path))
             log.debug("%s: merged %d packs into one", self.path, len(merged))
+
+
+def _entry_id(tree: pygit2.Tree | None, path: str) -> pygit2.Oid | None:
+    if tree is None:
+        return None
+    try:
+        return tree[path].id
+    except KeyError:
+        return None
 
 
 def _changes(commit: pygit2.Commit) -> list[tuple[str, bytes | None]]:

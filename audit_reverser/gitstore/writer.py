@@ -248,6 +248,11 @@ class BranchWriter:
         pushed), so that a takeover fetches only what is new since."""
         await self._blocking(self.mirror.reset_to_remote)
 
+    async def last_message(self, path: str) -> str | None:
+        """The message of the newest commit that changed ``path`` (see
+        :meth:`Mirror.last_message`), read on the Git thread between batches."""
+        return await self._blocking(lambda: self.mirror.last_message(path))
+
     @property
     def tip(self) -> str | None:
         return self.mirror.tip

@@ -35,7 +35,7 @@ from audit_reverser.events import AuditEvent, parse_event
 from audit_reverser.gitstore.types import CommitOutcome
 from audit_reverser.journal import EventJournal, Record
 from audit_reverser.pipeline.filter import Skip, classify_raw
-from audit_reverser.pipeline.processor import Processor
+from audit_reverser.pipeline.processor import Processor, Routed
 
 log = logging.getLogger(__name__)
 
@@ -61,10 +61,12 @@ class Overloaded(TemporaryError):
 
 @dataclass(kw_only=True, slots=True)
 class Triage:
-    """What one batch held: the events to process (with their JSON), and counts of the rest."""
+    """What one batch held: the events to process (with their JSON and targets), and counts
+    of the rest."""
 
     kept: list[AuditEvent] = field(default_factory=list)
     raw: list[Mapping[str, Any]] = field(default_factory=list)
+    routed: list[Routed] = field(default_factory=list)
     skipped: Counter[str] = field(default_factory=Counter)
 
     def as_json(self) -> dict[str, object]:
@@ -92,7 +94,7 @@ class Intake:
         self.window_bytes = window_bytes
         self.max_backlog = max_backlog
         # Without a journal only: the window bounds it (accept() waits for room).
-        self._queue: asyncio.Queue[AuditEvent] = asyncio.Queue()
+        self._queue: asyncio.Queue[tuple[AuditEvent, Routed | None]] = asyncio.Queue()
         self._task: asyncio.Task[None] | None = None
         # Events taken in (read back or queued) whose commits have not settled yet.
         self.in_memory = 0
@@ -103,9 +105,9 @@ class Intake:
         self._handed = 0
         self._moved = asyncio.Event()
         self._waiting: dict[_ObjectKey, deque[AuditEvent]] = {}  # taken in, per object
-        # Events just accepted, parsed, by seq: while the worker keeps up, it takes them from
-        # here instead of decoding its read-back again. At most a window of them.
-        self._fresh: dict[int, AuditEvent] = {}
+        # Events just accepted, parsed and routed, by seq: while the worker keeps up, it takes
+        # them from here instead of decoding its read-back again. At most a window of them.
+        self._fresh: dict[int, tuple[AuditEvent, Routed]] = {}
 
     def triage(self, items: Iterable[object], *, cluster: str = "", source: str = "") -> Triage:
         result = Triage()
@@ -129,12 +131,13 @@ class Intake:
                     )
                     reason = Skip.MALFORMED
                 else:
-                    routes = self.processor.routes(event)
-                    if not isinstance(routes, Skip):
+                    routed = self.processor.routes(event)
+                    if not isinstance(routed, Skip):
                         result.kept.append(event)
                         result.raw.append(raw)
+                        result.routed.append(routed)
                         continue
-                    reason = routes
+                    reason = routed
             self.stats.skip(reason)
             result.skipped[reason.value] += 1
         return result
@@ -152,11 +155,11 @@ class Intake:
         if not triage.kept:
             return
         if self.journal is None:
-            for event in triage.kept:
+            for event, routed in zip(triage.kept, triage.routed, strict=True):
                 await self._wait_for_room()
                 self._take(0)
                 self._index(event)
-                self._queue.put_nowait(event)
+                self._queue.put_nowait((event, routed))
             return
         if self.journal.backlog + len(triage.kept) > self.max_backlog:
             raise Overloaded(
@@ -168,10 +171,10 @@ class Intake:
             for event, raw in zip(triage.kept, triage.raw, strict=True)
         ]
         seqs = await self.journal.append(entries)
-        for seq, event in zip(seqs, triage.kept, strict=True):
+        for seq, event, routed in zip(seqs, triage.kept, triage.routed, strict=True):
             if len(self._fresh) >= self.window:
                 break
-            self._fresh[seq] = event
+            self._fresh[seq] = (event, routed)
 
     def _index(self, event: AuditEvent) -> None:
         key = _object_of(event)
@@ -237,9 +240,9 @@ class Intake:
 
     async def _run_queue(self) -> None:
         while True:
-            event = await self._queue.get()
+            event, routed = await self._queue.get()
             try:
-                await self._handle(event, None, 0)
+                await self._handle(event, None, 0, routed)
             finally:
                 self._queue.task_done()
 
@@ -251,27 +254,28 @@ class Intake:
             )
             taken = []
             for record in batch.records:  # all indexed first: each sees those behind it
-                event = self._parsed(record)
+                event, routed = self._parsed(record)
                 if event is None:
                     journal.done(record.seq)
                     continue
                 self._take(len(record.event))
                 self._index(event)
-                taken.append((event, record))
-            for event, record in taken:
-                await self._handle(event, record.seq, len(record.event))
+                taken.append((event, record, routed))
+            for event, record, routed in taken:
+                await self._handle(event, record.seq, len(record.event), routed)
                 # A read can return a whole window of backlog: let requests in between
                 # events, so that catching up never holds an acknowledgement back.
                 await asyncio.sleep(0)
             self._handed = batch.through
             self._moved.set()
 
-    def _parsed(self, record: Record) -> AuditEvent | None:
+    def _parsed(self, record: Record) -> tuple[AuditEvent | None, Routed | None]:
+        """The record's event, and its targets when it was routed in this run."""
         # Seqs are read in order: any older entry was read before it was cached.
         while self._fresh and next(iter(self._fresh)) < record.seq:
             del self._fresh[next(iter(self._fresh))]
-        event = self._fresh.pop(record.seq, None)
-        return event if event is not None else self._decode(record)
+        fresh = self._fresh.pop(record.seq, None)
+        return fresh if fresh is not None else (self._decode(record), None)
 
     def _decode(self, record: Record) -> AuditEvent | None:
         try:
@@ -295,10 +299,12 @@ class Intake:
         self._in_memory_bytes -= size
         self._room.set()
 
-    async def _handle(self, event: AuditEvent, seq: int | None, size: int) -> None:
+    async def _handle(
+        self, event: AuditEvent, seq: int | None, size: int, routed: Routed | None
+    ) -> None:
         later = self._later(event)
         try:
-            futures = await self.processor.process(event, later)
+            futures = await self.processor.process(event, later, routed)
         except TemporaryError as exc:
             log.error("event %s held for the next start: %s", event.audit_id, exc)
             self._release(size)

@@ -82,6 +82,12 @@ NOISE_RESOURCES = frozenset(
 )
 
 DEDUP_WINDOW = 100_000
+# Files whose newest resourceVersion is kept in memory (about 320 bytes each: 16 MB), the
+# most recently written ones. An event for a file written longer ago that is not newer than
+# every version forgotten is checked against the Resource-Version of the file's last commit
+# instead (a walk back through the history, on the Git thread). Before this bound, one entry
+# per file ever written stayed for the life of the process.
+VERSION_WINDOW = 50_000
 # Events one read answers at most (their users become Co-authored-by trailers).
 FOLD_LIMIT = 50
 
@@ -93,6 +99,8 @@ UNKNOWN_TIME = datetime(1970, 1, 1, tzinfo=UTC)
 class CommitSink(Protocol):
     async def submit(self, change: FileChange | TreeChange) -> asyncio.Future[CommitOutcome]: ...
 
+    async def last_message(self, path: str) -> str | None: ...
+
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class Encoded:
@@ -102,6 +110,16 @@ class Encoded:
     content: bytes | None
     fingerprint: str | None
     also: tuple[tuple[str, bytes], ...]
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Routed:
+    """An event's targets as :meth:`Processor.routes` found them on arrival. Processing
+    reuses them while the rules are the same (``generation``), instead of routing the event
+    a second time; None when they depend on what happens in between (a deletion)."""
+
+    routes: tuple[Route, ...]
+    generation: int | None
 
 
 def _rv_number(rv: str) -> int | None:
@@ -128,6 +146,7 @@ class Processor:
         self._router = Router(config, home)
         self._own_secrets = own_secrets(config)
         self._sinks = sinks
+        self._generation = 0  # of the rules and targets, for Routed
         self.stats = stats
         self._keys = keys or {}
         self._fingerprint_key = fingerprint_key
@@ -140,7 +159,8 @@ class Processor:
         self._refused_secrets: set[Key] = set()
         self._rules: dict[tuple[str, ...], bytes] = {}  # .sops.yaml per set of recipients
         self._handled: OrderedDict[AuditID, None] = OrderedDict()
-        self._versions: dict[tuple[int, str], int] = {}
+        self._versions: OrderedDict[tuple[int, str], int] = OrderedDict()
+        self._forgotten = -1  # the newest version dropped from _versions
         self._deletions = Deletions()
         # Events whose change a commit made for an earlier event holds (one read answered
         # both): their own turn returns that commit, so their journal records wait for it.
@@ -154,6 +174,7 @@ class Processor:
         self._by_cluster = config.by_cluster
         self._own_secrets = own_secrets(config)
         self._sinks = sinks
+        self._generation += 1
         self._keys = keys
         self._refused_secrets.clear()
 
@@ -167,12 +188,12 @@ class Processor:
         so that events processed again never regress a file a later event already wrote."""
         for path, message in commits:
             version = _rv_number(trailer(message, "Resource-Version") or "")
-            key = (id(sink), path)
-            if version is not None and version > self._versions.get(key, -1):
-                self._versions[key] = version
+            if version is not None:
+                self._keep_version((id(sink), path), version)
 
     def wrote_newer(self, sink: CommitSink, path: str, resource_version: str) -> bool:
-        """Whether an event wrote ``path`` through ``sink`` at a newer resourceVersion."""
+        """Whether an event wrote ``path`` through ``sink`` at a newer resourceVersion.
+        A file not written among the last VERSION_WINDOW is not: the API's state is newer."""
         version = _rv_number(resource_version)
         stored = self._versions.get((id(sink), path))
         return version is not None and stored is not None and stored > version
@@ -182,20 +203,50 @@ class Processor:
         event older than them is stale, as if an event had written them."""
         for path, resource_version in versions.items():
             version = _rv_number(resource_version)
-            key = (id(sink), path)
-            if version is not None and version > self._versions.get(key, -1):
-                self._versions[key] = version
+            if version is not None:
+                self._keep_version((id(sink), path), version)
+
+    def _keep_version(self, key: tuple[int, str], version: int) -> None:
+        """Remember the file's version unless a newer one is; forget the least recently
+        written file beyond VERSION_WINDOW."""
+        versions = self._versions
+        if version < versions.get(key, -1):
+            return
+        versions[key] = version
+        versions.move_to_end(key)
+        if len(versions) > VERSION_WINDOW:
+            _, dropped = versions.popitem(last=False)
+            self._forgotten = max(self._forgotten, dropped)
+
+    async def _stored_version(self, sink: CommitSink, path: str, version: int) -> int | None:
+        """The newest version written to ``path``, as far as it matters for ``version``."""
+        stored = self._versions.get((id(sink), path))
+        if stored is not None or version > self._forgotten:
+            return stored  # not forgotten, or newer than anything forgotten
+        message = await sink.last_message(path)
+        return _rv_number(trailer(message, "Resource-Version") or "") if message else None
 
     @property
     def deletions(self) -> Deletions:
         """Who asked for the deletions pending (saved across restarts by the runtime)."""
         return self._deletions
 
-    def routes(self, event: AuditEvent) -> list[Route] | Skip:
+    def routes(self, event: AuditEvent) -> Routed | Skip:
         """Targets for the event, or why it goes nowhere. Cheap: no object is touched."""
         with about(audit_id=event.audit_id):
             found = self._routes(event)
-            return found if isinstance(found, Skip) else found[0]
+            if isinstance(found, Skip):
+                return found
+            routes, noise = found
+            # A delete request is remembered when routed, and whether noise, or a write
+            # whose object must be read, finishes a deletion depends on the requests before
+            # it (see _verbs): those are routed again.
+            settled = (
+                noise is None
+                and event.verb not in DELETE_VERBS
+                and event.response_object is not None
+            )
+            return Routed(routes=tuple(routes), generation=self._generation if settled else None)
 
     def may_finish_deletion(self, raw: Mapping[str, Any], *, cluster: str = "") -> bool:
         """For a ``status`` write the cheap filter would drop: whether it may be the one that
@@ -326,19 +377,24 @@ class Processor:
         return routes, noise
 
     async def process(
-        self, event: AuditEvent, later: Sequence[AuditEvent] = ()
+        self, event: AuditEvent, later: Sequence[AuditEvent] = (), routed: Routed | None = None
     ) -> list[asyncio.Future[CommitOutcome]]:
         """Submit the event's changes; the futures resolve when each is committed locally.
 
         ``later``: events for the same object queued after this one. When the object is read
-        from the API, the state read holds their changes too: one commit, by the latest."""
+        from the API, the state read holds their changes too: one commit, by the latest.
+        ``routed``: what :meth:`routes` said on arrival, reused while it still holds."""
         with about(audit_id=event.audit_id):
-            return await self._process(event, later)
+            return await self._process(event, later, routed)
 
     async def _process(
-        self, event: AuditEvent, later: Sequence[AuditEvent]
+        self, event: AuditEvent, later: Sequence[AuditEvent], routed: Routed | None
     ) -> list[asyncio.Future[CommitOutcome]]:
-        found = self._routes(event)
+        found: tuple[list[Route], Skip | None] | Skip
+        if routed is not None and routed.generation == self._generation:
+            found = list(routed.routes), None
+        else:
+            found = self._routes(event)
         if isinstance(found, Skip):
             return self._skip(event, found)
         routes, noise = found
@@ -539,9 +595,8 @@ class Processor:
             return encoded
         path = encoded.path
         sink = self._sinks[target.key]
-        version_key = (id(sink), path.file)
         version = _rv_number(change.resource_version)
-        stored = self._versions.get(version_key)
+        stored = None if version is None else await self._stored_version(sink, path.file, version)
         if version is not None and stored is not None and version < stored:
             log.info(
                 "event %s: %s is already at resourceVersion %d, newer than %d",
@@ -559,7 +614,7 @@ class Processor:
         else:
             action = "UPDATE"
         if version is not None:
-            self._versions[version_key] = version
+            self._keep_version((id(sink), path.file), version)
         message = commit_message(
             action=action,
             subject_path=path.subject,

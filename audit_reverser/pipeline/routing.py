@@ -29,6 +29,11 @@ VERB_OPERATIONS: dict[str, Operation] = {
     "deletecollection": "DELETE",
 }
 
+# Answers the router remembers (bounded: emptied when full). Events come in runs of the same
+# kind of object, and without rules that exclude users or tools the answer depends only on
+# the reference's kind, namespace and the verb: the rules are matched once per such key.
+MEMO_LIMIT = 4096
+
 # Writes through these subresources change the parent object's own spec, so a rule that
 # selects the parent selects them too (``kubectl scale`` must show up in a deployments rule).
 PARENT_WRITING_SUBRESOURCES = frozenset({"scale", "ephemeralcontainers", "resize"})
@@ -92,6 +97,7 @@ class Router:
         self._home = home
         self._in_folder: dict[tuple[Key, str], GitTarget] = {}
         self._targets = tuple(config.targets.values())
+        self._memo: dict[tuple[str, ...], list[Route]] = {}
         for rule in config.watch_rules:
             target = config.targets[rule.target_key]
             excluded = _exclusions(rule.exclude_users, rule.exclude_field_managers)
@@ -104,13 +110,38 @@ class Router:
             self._cluster.setdefault(cluster_rule.key.cluster, []).extend(
                 (r, target, excluded) for r in cluster_rule.rules
             )
+        self._excludes = any(
+            x is not None for rules in self._cluster.values() for _, _, x in rules
+        ) or any(x is not None for rules in self._namespaced.values() for _, _, x in rules)
 
     def routes(
         self, ref: ObjectRef, verb: str, event: AuditEvent | None = None, *, cluster: str = ""
     ) -> list[Route]:
         """Targets for ``ref``; with ``event``, rules that exclude its user or field manager
         do not count. Rules of several clusters: only the rules of the event's cluster (or,
-        without an event, of ``cluster``)."""
+        without an event, of ``cluster``). The list is shared: callers do not change it."""
+        if self._excludes and event is not None:
+            return self._routes(ref, verb, event, cluster)
+        key = (
+            verb,
+            ref.api_group,
+            ref.api_version,
+            ref.resource,
+            ref.subresource,
+            ref.namespace,
+            # Whose rules and which folder; the home cluster, once named, stays the same.
+            event.cluster if event is not None else cluster,
+        )
+        found = self._memo.get(key)
+        if found is None:
+            if len(self._memo) >= MEMO_LIMIT:
+                self._memo.clear()
+            found = self._memo[key] = self._routes(ref, verb, event, cluster)
+        return found
+
+    def _routes(
+        self, ref: ObjectRef, verb: str, event: AuditEvent | None, cluster: str
+    ) -> list[Route]:
         operation = VERB_OPERATIONS.get(verb)
         if operation is None:
             return []
