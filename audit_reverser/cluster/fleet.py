@@ -125,7 +125,7 @@ class FleetRules:
     async def start(self, wait_s: float = START_WAIT_S) -> Config:
         """Start watching every cluster; the first merged config, of the clusters listed
         once each has been listed or failed to answer (at most ``wait_s``). The others are
-        waiting: they join when listed (see :meth:`report`)."""
+        waiting: they join when listed (see :meth:`join_away`)."""
         try:
             for rules in self.rules.values():
                 rules.watch()
@@ -173,7 +173,8 @@ class FleetRules:
         del self._away[name]
         rules.on_change = changed = self._changer(name)
         await changed(config)
-        self._report_on(name)
+        if self._reporting is not None:  # else report() will, once this replica writes
+            self._report_on(name)
         if self.on_join is not None:
             self.on_join(name)
 
@@ -295,19 +296,24 @@ class FleetRules:
         config: Config,
     ) -> None:
         """Start writing each cluster's status to it and snapshotting its new GitTargets
-        from its own API; a cluster away at start joins when listed, and is then reported
-        on as well."""
+        from its own API; a cluster away at start is reported on once it joins."""
         self._reporting = (state, take)
         for name in self.rules:
-            if name in self._away:
-                join = asyncio.create_task(self._join(name), name=f"join {name}")
-                join.add_done_callback(_join_ended)
-                self._joins.append(join)
-            else:
+            if name not in self._away:
                 self._report_on(name, config)
+
+    def join_away(self) -> None:
+        """Keep trying the clusters away at start, each joining (its events taken) once
+        listed: on every replica, not only the one that writes, which receives too."""
+        for name in list(self._away):
+            join = asyncio.create_task(self._join(name), name=f"join {name}")
+            join.add_done_callback(_join_ended)
+            self._joins.append(join)
 
     def _report_on(self, name: str, config: Config | None = None) -> None:
         assert self._reporting is not None
+        if name in self._schedulers:
+            return  # already (it joined while report() ran)
         state, take = self._reporting
         rules = self.rules[name]
         reporter = StatusReporter(

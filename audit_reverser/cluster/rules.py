@@ -205,6 +205,13 @@ class ClusterRules:
         self.on_change: Callable[[Config], Awaitable[None]] | None = None
         self.rebuilds = 0
         self._generated: dict[tuple[str, str], age.Identity] = {}
+        # Whether this replica makes the keys generateWhenMissing asks for: with several
+        # replicas (serve --journal), only the writer does, so that two never make two.
+        self.generates_keys: Callable[[], bool] = lambda: True
+
+    def rebuild(self) -> None:
+        """Build the rules again soon (this replica now makes keys: some may be missing)."""
+        self._dirty.set()
 
     def objects(self) -> dict[ObjectId, dict[str, Any]]:
         """Every custom resource as last seen (the watched objects themselves)."""
@@ -300,6 +307,7 @@ class ClusterRules:
         encryption = target.encryption
         if (
             encryption is None
+            or not self.generates_keys()
             or not encryption.age_enabled
             or not encryption.recipients.generate_when_missing
             or not encryption.secret_name

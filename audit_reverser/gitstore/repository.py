@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 
@@ -110,6 +111,9 @@ class Mirror:
         # remote hands over. None when unknown (commits of an earlier run): libgit2 pushes.
         self._outgoing: list[Path] | None = None
         self._builds_on: bytes | None = None
+        # HA: raises unless we may still push (asked before every push attempt, replays
+        # included, from the Git thread: so it must not block).
+        self.fence: Callable[[], None] | None = None
 
     @property
     def repo(self) -> pygit2.Repository:
@@ -160,6 +164,18 @@ class Mirror:
     def sync(self) -> None:
         """Fetch the remote branch and build on it (our unpushed commits replayed on top)."""
         self._fetch()
+        self._choose_base()
+
+    def reset_to_remote(self) -> None:
+        """Fetch, and build on the remote's tip, dropping our unpushed commits. For a writer
+        taking over in HA mode: their events wait in the shared journal, and the replica that
+        wrote in the meantime may have pushed them already, so replaying them could commit
+        them twice."""
+        remote = self._fetch()
+        if remote is not None:
+            self.repo.references.create(self._local_ref, _oid(remote), force=True)
+        elif self.repo.references.get(self._local_ref) is not None:
+            self.repo.references.delete(self._local_ref)
         self._choose_base()
 
     def _fetch(self) -> bytes | None:
@@ -251,6 +267,19 @@ class Mirror:
         return [
             (str(commit.id), commit.message, [path for path, _ in _changes(commit)])
             for commit in walker
+        ]
+
+    def latest_changes(self, limit: int) -> list[tuple[str, str, list[str]]]:
+        """:meth:`changes_since` for the newest ``limit`` commits only (oldest first): a
+        walk that reads only as far back as it must, whatever the history's length."""
+        self.save()
+        if self._head is None:
+            return []
+        walker = self.repo.walk(_oid(self._head), SortMode.TOPOLOGICAL)
+        newest = [commit for _, commit in zip(range(limit), walker, strict=False)]
+        return [
+            (str(commit.id), commit.message, [path for path, _ in _changes(commit)])
+            for commit in reversed(newest)
         ]
 
     def last_message(self, path: str) -> str | None:
@@ -389,6 +418,8 @@ class Mirror:
         for _ in range(MAX_REPLAYS):
             if self._head is None or not self.unpushed:
                 return 0
+            if self.fence is not None:
+                self.fence()
             try:
                 self._push_once()
             except RemoteUnavailable as exc:
