@@ -24,7 +24,12 @@ from pygit2.enums import DeltaStatus, SortMode
 
 from audit_reverser.errors import MirrorWriteFailed, RemoteUnavailable, RepositoryError
 from audit_reverser.gitstore.heap import release_free_memory
-from audit_reverser.gitstore.localpush import RemoteMoved, can_push_directly, push_packs
+from audit_reverser.gitstore.localpush import (
+    RemoteMoved,
+    can_push_directly,
+    clear_stale_lock,
+    push_packs,
+)
 from audit_reverser.gitstore.packing import BLOB, COMMIT, NewObjects, merge_packs, object_id
 from audit_reverser.gitstore.transport import LocalTransport, Transport
 from audit_reverser.gitstore.trees import WorkingTree
@@ -470,6 +475,8 @@ class Mirror:
                 raise RemoteMoved(f"{self.branch} of {self.transport.display} moved")
             push_packs(self.transport.path, self._local_ref, old, self._head, self._outgoing)
         else:
+            if isinstance(self.transport, LocalTransport):
+                clear_stale_lock(self.transport.path, self._local_ref)
             self._push_with_libgit2()
         self.repo.references.create(self._tracking_ref, _oid(self._head), force=True)
 
