@@ -20,7 +20,7 @@ import ssl
 import sys
 import tempfile
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -31,7 +31,7 @@ from aiohttp import web
 
 from audit_reverser import __version__
 from audit_reverser.cluster.api import KubeApi
-from audit_reverser.cluster.fleet import FleetRules
+from audit_reverser.cluster.fleet import FleetRules, FolderFleet
 from audit_reverser.cluster.objects import ApiObjects
 from audit_reverser.cluster.resync import DEFAULT_INTERVAL_S as DEFAULT_RESYNC_INTERVAL_S
 from audit_reverser.cluster.resync import Resyncer, ResyncResult, ResyncStats
@@ -45,6 +45,7 @@ from audit_reverser.context import EventContext
 from audit_reverser.encryption.certs import make as make_certs
 from audit_reverser.errors import AuditReverserError, ConfigError, PermanentError
 from audit_reverser.ha.connection import Connection, JournalSettings, connect
+from audit_reverser.ha.lease import DEFAULT_LEASE_S
 from audit_reverser.ingest import auth
 from audit_reverser.ingest.intake import DEFAULT_MAX_BACKLOG
 from audit_reverser.ingest.logfiles import read_chunks, size_of
@@ -68,6 +69,9 @@ DEFAULT_LISTEN = "127.0.0.1:8080"
 DEFAULT_STATE_DIR = ".audit-reverser"
 # A renewed serving certificate (cert-manager, a Secret volume) is picked up this often.
 CERTIFICATE_RELOAD_INTERVAL_S = 30.0
+# serve --journal: another replica took the writer lease from this one (EX_TEMPFAIL); a
+# supervisor (Kubernetes) starts it again, as a standby.
+EXIT_LEASE_LOST = 75
 MAX_RESYNC_INTERVAL_S = 7 * 24 * 3600
 
 
@@ -181,6 +185,14 @@ def _parser() -> argparse.ArgumentParser:
         default=0,
         metavar="N",
         help="Redis replicas that must also hold a write before the 200 (default: 0)",
+    )
+    shared.add_argument(
+        "--journal-lease",
+        type=_seconds,
+        default=DEFAULT_LEASE_S,
+        metavar="SECONDS",
+        help="how long the writer lease lasts unrenewed: a standby replica takes over this "
+        f"long after the writer stops at most, plus a third (default: {DEFAULT_LEASE_S:g})",
     )
     cluster = serve.add_argument_group(
         "cluster (rules from its custom resources unless --config is given, and the objects "
@@ -539,6 +551,8 @@ async def serve(args: argparse.Namespace) -> int:
         config = None
         if api is not None and not args.config:
             rules = ClusterRules(api)
+            if args.journal is not None:  # a standby until it writes (see _serve)
+                rules.generates_keys = lambda: False
             config = await rules.start()
             log.info(
                 "rules from the cluster: %d GitTargets, %d WatchRules, %d ClusterWatchRules",
@@ -592,9 +606,13 @@ async def _serve_fleet(
                 apis[name].server,
             )
         if args.config:
-            sources = {name: ApiObjects(api) for name, api in apis.items()}
-            return await _serve(args, senders, context, None, None, None, sources=sources)
+            folders = FolderFleet(apis)
+            return await _serve(
+                args, senders, context, None, None, None, sources=folders.objects, folders=folders
+            )
         fleet = FleetRules(apis)
+        for own in fleet.rules.values() if args.journal is not None else ():
+            own.generates_keys = lambda: False  # a standby until it writes (see _serve)
         try:
             config = await fleet.start()
             log.info(
@@ -625,6 +643,7 @@ async def _serve(
     sources: Mapping[str, ApiObjects] | None = None,
     cluster_name: str | None = None,
     fleet: FleetRules | None = None,
+    folders: FolderFleet | None = None,
 ) -> int:
     source = ApiObjects(api) if api is not None else None
     redis_journal = await _redis_journal(args)
@@ -638,52 +657,53 @@ async def _serve(
         problems=_problems(rules, fleet),
         journal=True,
         redis_journal=redis_journal,
+        journal_lease_s=args.journal_lease,
         max_backlog=args.max_backlog,
         shutdown_timeout_s=args.shutdown_timeout,
         exclusions=_exclusions(args),
         rules_from_files=rules is None and fleet is None,
     )
     _tune_interpreter_for_ingest()
-    with_api = api is not None or fleet is not None
+    with_api = api is not None or fleet is not None or folders is not None
     resyncs = ResyncStats() if with_api and args.resync_interval else None
     app = make_app(
         runtime,
         max_body_bytes=args.max_body_bytes,
         senders=senders,
         metrics=lambda: exposition(runtime, resyncs),
+        waiting_for=runtime.waiting_for,
     )
     # In-flight requests get a few seconds to finish; the rest is the apiserver's to retry.
     runner = web.AppRunner(app, handle_signals=False, access_log=None, shutdown_timeout=5)
     await runner.setup()  # starts the runtime
     reporter = scheduler = resyncer = None
     reloading: asyncio.Task[None] | None = None
+    exit_code = 0
     if resyncs is not None:
 
         async def resync(targets: list[GitTarget]) -> Mapping[Key, ResyncResult | Exception]:
-            if fleet is None:
-                assert api is not None and source is not None
-                return await runtime.resync(targets, api, source)
-            results: dict[Key, ResyncResult | Exception] = {}
-            for own_api, own_source, group in fleet.grouped(targets):  # each its own cluster's
-                results.update(await runtime.resync(group, own_api, own_source))
-            return results
+            if folders is not None:  # each cluster's folders with its own API
+                return await folders.resync(targets, runtime.resync)
+            if fleet is not None:  # each target with its own cluster's API
+                return await fleet.resync(targets, runtime.resync)
+            assert api is not None and source is not None
+            return await runtime.resync(targets, api, source)
+
+        def resynced() -> Iterable[GitTarget]:
+            if folders is not None:
+                return folders.targets(runtime.config)
+            return runtime.config.targets.values()
 
         resyncer = Resyncer(
-            interval_s=args.resync_interval,
-            targets=lambda: runtime.config.targets.values(),
-            run=resync,
-            stats=resyncs,
+            interval_s=args.resync_interval, targets=resynced, run=resync, stats=resyncs
         )
-        resyncer.start()
     if rules is not None and api is not None and source is not None:
         reporter = StatusReporter(api, rules, runtime.status_state)
-        reporter.start()
 
         async def take(target: GitTarget) -> SnapshotResult | None:
             return await runtime.take_snapshot(target, api, source)
 
         scheduler = SnapshotScheduler(api, rules, take)
-        scheduler.start()
         scheduler.update(runtime.config)
 
         async def changed(new: Config) -> None:
@@ -698,7 +718,14 @@ async def _serve(
             await runtime.reconfigure(new, fleet.problems)
 
         fleet.on_change = fleet_changed
-        fleet.report(runtime.status_state, runtime.take_snapshot, runtime.config)
+        if resyncer is not None:
+            fleet.on_join = lambda name: resyncer.soon()  # changes missed while it was away
+        fleet.join_away()
+    # What one replica at a time may do waits until this one writes (at once without a
+    # shared journal); a writer that loses the lease exits, and these with it.
+    single = asyncio.create_task(
+        _single_jobs(runtime, rules, fleet, [j for j in (resyncer, reporter, scheduler) if j])
+    )
     try:
         host, port = args.listen
         site = web.TCPSite(runner, host, port, ssl_context=context)
@@ -719,10 +746,17 @@ async def _serve(
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
-        await stop.wait()
-        log.info("stopping: finishing accepted events and pushing")
+        lost = runtime.redis_journal.lost if runtime.redis_journal is not None else None
+        await _first_of(stop, lost)
+        if lost is not None and lost.is_set():
+            # Whatever the pipeline holds belongs to the new writer now: start again clean.
+            log.error("stopping: another replica writes now; this one starts again as a standby")
+            exit_code = EXIT_LEASE_LOST
+        else:
+            log.info("stopping: finishing accepted events and pushing")
         runtime.accepting = False
     finally:
+        single.cancel()
         if reloading is not None:
             reloading.cancel()
         if resyncer is not None:
@@ -734,7 +768,35 @@ async def _serve(
         if fleet is not None:
             await fleet.stop_reporting()
         await runner.cleanup()
-    return 0
+    return exit_code
+
+
+async def _single_jobs(
+    runtime: Runtime,
+    rules: ClusterRules | None,
+    fleet: FleetRules | None,
+    jobs: Sequence[Resyncer | StatusReporter | SnapshotScheduler],
+) -> None:
+    """Start what only the writer does: resyncs, status patches, snapshots of new
+    GitTargets and the keys generateWhenMissing makes, once this replica writes."""
+    await runtime.until_leading()
+    for job in jobs:
+        job.start()
+    if fleet is not None:
+        fleet.report(runtime.status_state, runtime.take_snapshot, runtime.config)
+    every = [rules] if rules is not None else list(fleet.rules.values()) if fleet else []
+    for own in every if runtime.redis_journal is not None else ():
+        own.generates_keys = lambda: runtime.leads
+        own.rebuild()  # keys a standby left ungenerated
+
+
+async def _first_of(*events: asyncio.Event | None) -> None:
+    waits = [asyncio.create_task(e.wait()) for e in events if e is not None]
+    try:
+        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for wait in waits:
+            wait.cancel()
 
 
 def _problems(rules: ClusterRules | None, fleet: FleetRules | None) -> list[str]:

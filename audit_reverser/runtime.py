@@ -30,7 +30,7 @@ from audit_reverser.cluster.status import State
 from audit_reverser.config.model import Config, GitTarget, Key, PushPolicy
 from audit_reverser.encryption.keys import TargetKeys, fingerprint_key
 from audit_reverser.encryption.keys import resolve as resolve_keys
-from audit_reverser.errors import AuditReverserError, ConfigError
+from audit_reverser.errors import AuditReverserError, ConfigError, TemporaryError
 from audit_reverser.events import AuditID
 from audit_reverser.gitstore.health import probe
 from audit_reverser.gitstore.repository import Mirror
@@ -39,6 +39,8 @@ from audit_reverser.gitstore.types import Identity
 from audit_reverser.gitstore.writer import BranchWriter
 from audit_reverser.ha.connection import Connection
 from audit_reverser.ha.journal import RedisJournal
+from audit_reverser.ha.lease import DEFAULT_LEASE_S
+from audit_reverser.ha.stream import StaleWriter
 from audit_reverser.ingest.intake import DEFAULT_MAX_BACKLOG, DEFAULT_WINDOW, Intake
 from audit_reverser.journal import DEFAULT_MIN_FREE_BYTES, EventJournal, Journal, SegmentFile
 from audit_reverser.pipeline.deletions_file import DeletionsFile
@@ -75,6 +77,8 @@ class Settings:
     journal_file: Callable[[Path], SegmentFile] = SegmentFile
     # serve --journal redis://…: the journal is in this Redis instead (ha.journal).
     redis_journal: Connection | None = None
+    # How long the writer lease lasts without renewal (a standby takes over after it).
+    journal_lease_s: float = DEFAULT_LEASE_S
     # How long close() may spend committing and pushing before it leaves the rest to the
     # journal; below Kubernetes' default 30 s grace period.
     shutdown_timeout_s: float = DEFAULT_SHUTDOWN_TIMEOUT_S
@@ -92,6 +96,12 @@ class Settings:
 
 
 CHECKPOINT_INTERVAL_S = 0.2
+# A new writer whose remote does not answer tries to catch up with it again after this long.
+TAKE_OVER_RETRY_S = 2.0
+# Commits a new writer reads from the remote's history beyond one per waiting event.
+TAKE_OVER_HISTORY = 256
+# How often a standby fetches the remotes, so that its mirrors are warm for a takeover.
+WARM_INTERVAL_S = 60.0
 
 
 def _broken_keys(config: Config, keys: Mapping[Key, TargetKeys]) -> list[str]:
@@ -164,6 +174,7 @@ class Runtime:
                 # One name per state directory (locked by one process at a time).
                 consumer=f"{socket.gethostname()}:{settings.state_dir.resolve()}",
                 progress=self._push_progress,
+                lease_s=settings.journal_lease_s,
             )
             if settings.redis_journal is not None
             else None
@@ -178,6 +189,7 @@ class Runtime:
         self.accepting = False
         self._lock: int | None = None
         self._checkpoints: asyncio.Task[None] | None = None
+        self._leading: asyncio.Task[None] | None = None
 
     def _push_progress(self) -> dict[str, tuple[int, int]]:
         return {w.key: (w.stats.pushed_commits, w.mirror.unpushed) for w in self.writers.values()}
@@ -317,7 +329,10 @@ class Runtime:
             await writer.open()
             if self.journal is not None:
                 self.journal.set_tips({writer.key: writer.tip})
-            writer.start()
+            if self.redis_journal is None:
+                writer.start()
+            elif self.redis_journal.leading.is_set():
+                await self._catch_up(writer, self.redis_journal)
         await asyncio.to_thread(
             install_trust,
             self.settings.state_dir / "trust",
@@ -417,10 +432,73 @@ class Runtime:
             self._checkpoints = asyncio.create_task(
                 self._checkpoint_loop(self.journal), name="journal-checkpoints"
             )
-        for writer in self.writers.values():
-            writer.start()
+        if self.redis_journal is None:
+            for writer in self.writers.values():
+                writer.start()
+        else:
+            self._leading = asyncio.create_task(
+                self._lead(self.redis_journal), name="journal writer lease"
+            )
         self.intake.start()
         self.accepting = True
+
+    @property
+    def leads(self) -> bool:
+        """Whether this replica does what one replica at a time may do (write Git, patch
+        statuses, take snapshots, resync): always without a shared journal; with one, while
+        it holds the writer lease."""
+        return self.redis_journal is None or self.redis_journal.writing
+
+    async def until_leading(self) -> None:
+        """Return once this replica writes (see :attr:`leads`); never, while a standby."""
+        if self.redis_journal is not None:
+            await self.redis_journal.until_writing()
+
+    async def _lead(self, journal: RedisJournal) -> None:
+        """A standby until this replica holds the writer lease; then each writer catches up
+        with the remote, and the intake starts reading the shared journal."""
+        warming = asyncio.create_task(self._keep_warm(), name="standby mirrors")
+        await journal.leading.wait()
+        warming.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await warming
+        try:
+            for writer in list(self.writers.values()):
+                await self._catch_up(writer, journal)
+            await journal.lead()
+        except StaleWriter as exc:  # lost before it started: exits like any other loss
+            log.error("%s", exc)
+            journal.lost.set()
+
+    async def _keep_warm(self) -> None:
+        """A standby fetches each remote now and then: a takeover then fetches only what is
+        new, instead of the whole repository into an empty state directory."""
+        while True:
+            for writer in list(self.writers.values()):
+                try:
+                    await writer.warm()
+                except AuditReverserError as exc:  # the writer tries again at its takeover
+                    log.warning("%s: %s", writer.name, exc)
+            await asyncio.sleep(WARM_INTERVAL_S)
+
+    async def _catch_up(self, writer: BranchWriter, journal: RedisJournal) -> None:
+        """Fence the writer by the lease, drop what its mirror did not push and learn the
+        remote's history (retried while the remote does not answer), then start it."""
+        writer.fence = journal.fence
+        writer.mirror.fence = journal.lease.assert_held
+        while True:
+            await journal.fence()
+            try:
+                # Commits of the events still in the stream are among the newest: one per
+                # event at most, besides snapshots, resyncs and other pushers' commits.
+                history = await journal.lane.length() + TAKE_OVER_HISTORY
+                found = await writer.take_over(history)
+                break
+            except TemporaryError as exc:
+                log.error("%s: %s; trying again in %.0fs", writer.name, exc, TAKE_OVER_RETRY_S)
+                await asyncio.sleep(TAKE_OVER_RETRY_S)
+        self.processor.recall_versions(writer, found)
+        writer.start()
 
     async def _recover(self, journal: Journal) -> None:
         recovery = await asyncio.to_thread(journal.recover)
@@ -509,6 +587,11 @@ class Runtime:
     def ready(self) -> bool:
         return all(ok for _, ok, _ in self.readiness() if ok is not None)
 
+    def waiting_for(self, cluster: str) -> str | None:
+        """Why events posted under ``cluster`` cannot be taken yet: a fleet's cluster whose
+        rules are not read (the rules events are routed by: none is taken before them)."""
+        return self.config.waiting.get(cluster)
+
     def readiness(self) -> list[tuple[str, bool | None, str]]:
         """What /readyz checks: (name, passed, detail). Remotes are reported with None: an
         unreachable remote does not make us unready, because commits wait in the mirror
@@ -524,7 +607,9 @@ class Runtime:
         # A broken object is reported, not a reason to refuse events: the healthy targets
         # keep working, and refused batches would be lost once the apiserver's buffer fills.
         checks.extend(("config", None, problem) for problem in self.problems)
-        for writer in self.writers.values():
+        if not self.leads:  # a standby: its writers wait for the lease (and must)
+            checks.append(("writers", None, "standby: another replica holds the writer lease"))
+        for writer in self.writers.values() if self.leads else ():
             checks.append((f"writer {writer.name}", writer.running, ""))
             if writer.last_push_error is not None:
                 waiting = f"{writer.mirror.unpushed} commits wait in the mirror"
@@ -549,17 +634,17 @@ class Runtime:
         """Stop accepting, commit what was accepted and push once, within the shut-down time;
         what is left then stays in the journal (and unpushed commits in the mirrors)."""
         self.accepting = False
-        try:
-            await asyncio.wait_for(self._finish(), self.settings.shutdown_timeout_s)
-        except TimeoutError:
-            log.warning(
-                "shut-down time (%.0fs) is over: %d events stay in the journal and %d commits "
-                "in the mirrors, for the next start",
-                self.settings.shutdown_timeout_s,
-                self.intake.journal.backlog if self.intake.journal is not None else 0,
-                sum(w.mirror.unpushed for w in self.writers.values()),
-            )
+        if self._leading is not None:
+            self._leading.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._leading
+        if not self.leads:
+            # A standby has nothing to finish (what it accepted is in Redis, for the writer);
+            # a writer that lost its lease may finish nothing.
             await self.intake.stop()
+            await asyncio.gather(*(w.close() for w in self.writers.values()))
+        else:
+            await self._finish_in_time()
         if self._checkpoints is not None:
             self._checkpoints.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -574,6 +659,19 @@ class Runtime:
         if self.redis_journal is not None:
             await self.redis_journal.close()
         self._unlock_state_dir()
+
+    async def _finish_in_time(self) -> None:
+        try:
+            await asyncio.wait_for(self._finish(), self.settings.shutdown_timeout_s)
+        except TimeoutError:
+            log.warning(
+                "shut-down time (%.0fs) is over: %d events stay in the journal and %d commits "
+                "in the mirrors, for the next start",
+                self.settings.shutdown_timeout_s,
+                self.intake.journal.backlog if self.intake.journal is not None else 0,
+                sum(w.mirror.unpushed for w in self.writers.values()),
+            )
+            await self.intake.stop()
 
     async def _finish(self) -> None:
         await self.intake.close()

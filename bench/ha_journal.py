@@ -13,6 +13,9 @@ bytes per waiting event (stream entry + seen-key), and ``MEMORY USAGE`` splits i
 
 Failover: a holder process keeps a lane's lease and is SIGKILLed; the time until another
 replica holds the lease, against the lease time (it should be at most lease + lease/3).
+Then the same through ``serve``: two ``serve --journal`` replicas on a bare remote, the
+writer SIGKILLed, a batch sent to the standby at once; the time from the SIGKILL to the
+standby's first push (the remote's branch moving), against the lease time.
 
     python bench/ha_journal.py [--batches 300] [--batch 20] [--waiting 10000] [--lease 3]
 """
@@ -37,6 +40,14 @@ from audit_reverser.ha.connection import Connection, JournalSettings, connect  #
 from audit_reverser.ha.lease import Lease  # noqa: E402
 from audit_reverser.ha.stream import Incoming, StreamJournal  # noqa: E402
 from audit_reverser.journal import Journal  # noqa: E402
+from tests.conftest import (  # noqa: E402
+    bare_repo,
+    configmap,
+    event,
+    event_list,
+    start_serve,
+    write_config,
+)
 from tests.redisserver import RedisServer  # noqa: E402
 
 LANE = "https://git.example/org/repo.git@main"
@@ -92,8 +103,7 @@ async def file_rate(directory: Path, batches: list, senders: int) -> float:  # t
     await asyncio.to_thread(journal.recover)
 
     async def append(batch: list[tuple[str, bytes]]) -> None:
-        _, stored = journal.append([(audit_id, "", event) for audit_id, event in batch])
-        await asyncio.shield(stored)
+        await journal.append([(audit_id, "", event) for audit_id, event in batch])
 
     try:
         return await _run(senders, batches, append)
@@ -180,6 +190,66 @@ async def failover(server: RedisServer, lease_s: float) -> None:
     )
 
 
+def _tip(remote: Path) -> str:
+    found = subprocess.run(
+        ["git", "-C", str(remote), "rev-parse", "-q", "--verify", "refs/heads/main"],
+        capture_output=True,
+        text=True,
+    )
+    return found.stdout.strip()
+
+
+def _post(port: int, name: str) -> int:
+    import http.client
+
+    body = orjson.dumps(event_list(event("create", name=name, body=configmap(name))))
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    try:
+        connection.request(
+            "POST", "/audit-webhook", body=body, headers={"Content-Type": "application/json"}
+        )
+        response = connection.getresponse()
+        response.read()
+        return response.status
+    finally:
+        connection.close()
+
+
+def serve_failover(server: RedisServer, lease_s: float, directory: Path) -> None:
+    remote = bare_repo(directory / "remote.git")
+    config = write_config(directory / "c.yaml", remote, interval="100ms", max_commits=1)
+    args = [
+        "--config",
+        str(config),
+        "--journal",
+        server.url,
+        "--journal-password-file",
+        str(server.password_file),
+        "--journal-lease",
+        str(lease_s),
+    ]
+    writer = start_serve(directory, *args, "--state-dir", str(directory / "a"))
+    standby = start_serve(directory, *args, "--state-dir", str(directory / "b"))
+    try:
+        assert _post(writer.port, "before") == 200
+        while not _tip(remote):  # the writer (the first replica) pushed it
+            time.sleep(0.01)
+        pushed = _tip(remote)
+        writer.process.kill()
+        killed = time.perf_counter()
+        assert _post(standby.port, "after") == 200  # the standby stores it for the writer
+        while _tip(remote) == pushed:
+            time.sleep(0.01)
+        taken = time.perf_counter() - killed
+    finally:
+        writer.kill()
+        standby.stop()
+    print(
+        f"failover through serve: lease {lease_s:.1f}s, first push of the new writer "
+        f"{taken:.2f}s after SIGKILL of the old one ({taken / lease_s:.2f} x lease)"
+    )
+
+
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--batches", type=int, default=300)
@@ -209,6 +279,7 @@ async def main() -> None:
                 )
             await memory(connection, options.waiting)
             await failover(server, options.lease)
+            await asyncio.to_thread(serve_failover, server, options.lease, Path(tmp))
         finally:
             await connection.close()
             await asyncio.to_thread(server.stop)

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import logging
+import os
 import subprocess
 import threading
 from datetime import UTC, datetime
@@ -14,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from audit_reverser.errors import MirrorWriteFailed
+from audit_reverser.errors import MirrorWriteFailed, RemoteUnavailable
 from audit_reverser.gitstore.packing import NewObjects
 from audit_reverser.gitstore.repository import Mirror
 from audit_reverser.gitstore.transport import LocalTransport
@@ -215,3 +217,50 @@ def test_a_replay_that_cannot_be_saved_keeps_our_commits(tmp_path: Path) -> None
     assert mirror.unpushed == 2
     assert mirror.push() == 2
     assert git_subjects(remote) == ["Bob 1", "Bob 2", "[CREATE] a", "[CREATE] b"]
+
+
+@pytest.mark.parametrize("restarted", [False, True], ids=["running", "after-restart"])
+def test_a_lock_left_in_the_remote_by_a_killed_push_does_not_stop_pushing(
+    tmp_path: Path, restarted: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A writer killed while it held the remote branch's lock leaves ``main.lock`` behind
+    (git's own commands then fail on that branch until it is removed by hand). A fresh lock
+    is someone's update under way: our commits wait. One older than any update takes is
+    removed, and the commits go out."""
+    remote = bare_repo(tmp_path / "remote.git")
+    mirror = Mirror(tmp_path / "mirror.git", LocalTransport(remote), "main", COMMITTER)
+    mirror.open()
+    mirror.sync()
+
+    def commit(name: str) -> None:
+        when = datetime(2026, 3, 1, tzinfo=UTC)
+        mirror.commit(
+            FileChange(
+                path=f"live/{name}.yaml",
+                content=b"x\n",
+                message=f"[CREATE] {name}\n",
+                author=COMMITTER,
+                time=when,
+            )
+        )
+
+    commit("a")
+    assert mirror.push() == 1
+    lock = remote / "refs" / "heads" / "main.lock"
+    lock.write_bytes(b"")  # an update under way, or one killed a moment ago
+    commit("b")
+    with pytest.raises(RemoteUnavailable):
+        mirror.push()
+    assert mirror.unpushed == 1 and lock.exists()
+    if restarted:  # a new process: what is outgoing is worked out from the refs (libgit2)
+        mirror.save()
+        mirror = Mirror(tmp_path / "mirror.git", LocalTransport(remote), "main", COMMITTER)
+        mirror.open()
+    long_ago = lock.stat().st_mtime - 60
+    os.utime(lock, (long_ago, long_ago))
+    with caplog.at_level(logging.WARNING):
+        assert mirror.push() == 1
+    assert not lock.exists()
+    assert git_subjects(remote) == ["[CREATE] a", "[CREATE] b"]
+    assert "removed refs/heads/main.lock, left 60s ago" in caplog.text
+    subprocess.run(["git", "-C", str(remote), "fsck", "--strict"], check=True)

@@ -359,6 +359,11 @@ def test_every_manifest_and_policy_file_is_one_the_tests_check() -> None:
         "deploy/cert-manager/kustomization.yaml",
         "deploy/cert-manager/certificates.yaml",
         "deploy/monitoring/alerts.yaml",  # tests/test_metrics.py, with the dashboard
+        "deploy/ha/kustomization.yaml",  # tests/test_deploy_ha.py
+        "deploy/ha/deployment.yaml",
+        "deploy/ha/pdb.yaml",
+        "deploy/ha/no-state-volume.yaml",
+        "deploy/ha/valkey.yaml",
         "kind/cluster.yaml",  # tests/test_kind.py
         "kind/kustomization.yaml",
         "kind/quickstart.yaml",

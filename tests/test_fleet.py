@@ -4,6 +4,7 @@ cluster's objects are read from its own API (docs/fleet.md)."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import re
 from collections.abc import AsyncIterator
@@ -14,13 +15,17 @@ from typing import Any
 import kmock
 import pytest
 import yaml
+import yarl
 
+from audit_reverser.config import load_config
 from audit_reverser.pipeline.home import HomeCluster
+from audit_reverser.runtime import Runtime, Settings
 from tests.conftest import (
     bare_repo,
     configmap,
     event,
     event_list,
+    free_port,
     git,
     git_files,
     git_show,
@@ -511,3 +516,267 @@ def test_a_cluster_name_the_user_gives_replaces_the_pinned_one(
     assert home.owns("prod") and home.owns("") and not home.owns("kind")
     assert (tmp_path / "cluster-name").read_text() == "prod\n"
     assert HomeCluster.load(tmp_path).name == "prod"
+
+
+# -- a cluster whose API is down at start -----------------------------------------------------
+
+
+async def test_a_cluster_down_at_start_joins_later_and_the_others_run_meanwhile(
+    tmp_path: Path, clusters: dict[str, Member]
+) -> None:
+    """serve --cluster prod=… --cluster staging=…, staging's API not up: the receiver starts
+    with prod; staging's batches get 503 (the apiserver sends them again) and it is shown as
+    a problem; once its API is up, its rules are read, its events committed, its status
+    written."""
+    prod = clusters["prod"]
+    remote = await asyncio.to_thread(bare_repo, tmp_path / "remote.git")
+    _own_rules(prod, remote, "default", {"live": "prod"})
+    port = free_port()
+    async with kmock.KubernetesEmulator() as emulator:
+        staging = Member(emulator, _kubeconfig(yarl.URL(f"http://127.0.0.1:{port}")))
+        _own_rules(staging, remote, "team", {"live": "staging"})
+        staging.api.objects["v1/configmaps", "team", "demo"] = configmap(
+            namespace="team", data={"from": "staging api"}
+        )
+        # Snapshotted by an earlier run: what it missed comes from the resync when it joins.
+        live = staging.api.objects[f"{CB}/gittargets", "team", "live"]
+        live["status"] = {"snapshot": {"lastCompletedTime": "2026-01-01T00:00:00Z"}}
+        args = ["--state-dir", str(tmp_path / "state"), "--resync-interval", "3600"]
+        for name, member in (("prod", prod), ("staging", staging)):
+            kubeconfig = tmp_path / f"{name}.kubeconfig"
+            await asyncio.to_thread(kubeconfig.write_text, yaml.safe_dump(member.kubeconfig))
+            args += ["--cluster", f"{name}={kubeconfig}"]
+        served = await asyncio.to_thread(start_serve, tmp_path, *args)
+        try:
+            prod.api.objects["v1/configmaps", "default", "mine"] = configmap("mine")
+            ours = event("create", name="mine", body=configmap("mine"), user="ana@example.com")
+            assert await asyncio.to_thread(_post, served.port, "/audit-webhook/prod", ours) == 200
+            theirs = event(
+                "create", namespace="team", body=configmap(namespace="team"), user="bob@example.com"
+            )
+            status, body = await asyncio.to_thread(
+                request,
+                served.port,
+                "POST",
+                "/audit-webhook/staging",
+                json.dumps(event_list(theirs)).encode(),
+                headers=JSON,
+            )
+            refused = json.loads(body)
+            assert (status, refused["details"]["retryAfterSeconds"]) == (503, 10), refused
+            assert "rules of cluster staging are not read yet" in refused["message"]
+            ready, text = await asyncio.to_thread(request, served.port, "GET", "/readyz?verbose")
+            assert ready == 200, text
+            assert "[!]config warning: Cluster staging: the rules of cluster staging" in (
+                text.decode()
+            )
+            await _metrics_show(
+                served.port,
+                'config_problems{kind="Cluster",object="staging"} 1.0',
+                "events_kept_total 1.0",
+            )
+            async with asyncio.timeout(60):  # a bound against hangs, not a time to meet
+                while "prod/v1/configmaps/default/mine.yaml" not in await asyncio.to_thread(  # noqa: ASYNC110
+                    git_files, remote
+                ):
+                    await asyncio.sleep(0.05)
+
+            async with kmock.Server(emulator, port=port):  # staging's API comes up
+                async with asyncio.timeout(120):  # a bound against hangs, not a time to meet
+                    while _ready(staging, "gittargets", "team", "live") != ("True", "Ready"):  # noqa: ASYNC110
+                        await asyncio.sleep(0.1)
+                    while "[RESYNC] staging" not in await asyncio.to_thread(  # noqa: ASYNC110
+                        git_subjects, remote
+                    ):
+                        await asyncio.sleep(0.1)
+                    while True:
+                        status, _ = await asyncio.to_thread(
+                            request,
+                            served.port,
+                            "POST",
+                            "/audit-webhook/staging",
+                            json.dumps(event_list(theirs)).encode(),
+                            headers=JSON,
+                        )
+                        if status == 200:
+                            break
+                        assert status == 503
+                        await asyncio.sleep(0.1)
+                await _metrics_show(served.port, "events_kept_total 2.0")
+                _, text = await asyncio.to_thread(request, served.port, "GET", "/readyz?verbose")
+                assert "Cluster staging" not in text.decode()
+                log = await asyncio.to_thread(served.stop)
+            _assert_the_install_allows_every_request(emulator)
+        finally:
+            if served.process.poll() is None:
+                await asyncio.to_thread(served.stop)
+    files = await asyncio.to_thread(git_files, remote)
+    assert "prod/v1/configmaps/default/mine.yaml" in files
+    assert "staging/v1/configmaps/team/demo.yaml" in files
+    authors = await asyncio.to_thread(
+        git, remote, "log", "--format=%an", "main", "--", "staging/v1/configmaps/team/demo.yaml"
+    )
+    assert "bob@example.com" in authors.split()
+    assert log.count("cluster staging: rules not read") == 1
+    assert re.search(r"ERROR .*cluster staging: rules not read: .*127\.0\.0\.1", log), log
+    assert re.search(r"INFO .*cluster staging: rules read \(1 GitTargets\)", log), log
+    assert _ready(staging, "gitproviders", "team", "origin") == ("True", "Ready")
+    # Staging's GitTarget, snapshotted before, was resynced when staging joined.
+    subjects = await asyncio.to_thread(git_subjects, remote)
+    assert "[RESYNC] staging" in subjects and "[SNAPSHOT] staging" not in subjects
+    history = await asyncio.to_thread(
+        git, remote, "log", "--reverse", "--format=%H", "main", "--", "staging"
+    )
+    first = f"{history.split()[0]}:staging/v1/configmaps/team/demo.yaml"
+    assert "from: staging api" in await asyncio.to_thread(git, remote, "show", first)
+
+
+# -- a fleet with rules from files: each cluster's folder resynced with its own API -----------
+
+
+async def test_a_fleet_with_rules_from_files_resyncs_each_cluster_s_folder_with_its_own_api(
+    tmp_path: Path, clusters: dict[str, Member]
+) -> None:
+    """serve --config --cluster prod=… --cluster staging=…: the resync at start writes
+    live/<cluster>/ from that cluster's API; after a restart, a change missed while away and
+    an object deleted meanwhile change that cluster's folder only."""
+    prod, staging = clusters["prod"], clusters["staging"]
+    for member in (prod, staging):
+        member.api.resources["v1/configmaps"] = kmock.ResourceInfo(
+            kind="ConfigMap", namespaced=True, verbs={"get", "list", "watch"}
+        )
+        member.api.objects["v1/configmaps", "default", "gone"] = configmap("gone")
+    remote = await asyncio.to_thread(bare_repo, tmp_path / "remote.git")
+    config = await asyncio.to_thread(write_config, tmp_path / "c.yaml", remote, max_commits=1)
+    args = ["--config", str(config), "--state-dir", str(tmp_path / "state")]
+    for name, member in clusters.items():
+        kubeconfig = tmp_path / f"{name}.kubeconfig"
+        await asyncio.to_thread(kubeconfig.write_text, yaml.safe_dump(member.kubeconfig))
+        args += ["--cluster", f"{name}={kubeconfig}"]
+    files = [
+        f"live/{name}/v1/configmaps/default/{object}.yaml"
+        for name in ("prod", "staging")
+        for object in ("demo", "gone")
+    ]
+
+    async def resynced(*wanted: str) -> str:
+        served = await asyncio.to_thread(start_serve, tmp_path, *args)
+        try:
+            await _metrics_show(served.port, 'resync_runs_total{result="ok"} 1.0', *wanted)
+        finally:
+            log = await asyncio.to_thread(served.stop)
+        return log
+
+    log = await resynced()
+    assert await asyncio.to_thread(git_files, remote) == files
+    assert sorted(await asyncio.to_thread(git_subjects, remote)) == [
+        "[RESYNC] live/prod",
+        "[RESYNC] live/staging",
+    ]
+    for name in ("prod", "staging"):
+        shown = await asyncio.to_thread(git_show, remote, files[2 * (name == "staging")])
+        assert f"from: {name} api" in shown
+    assert "resync: 2 GitTargets (0 failed), 4 objects" in log
+
+    # While the receiver is away: prod's gone is deleted, staging's demo changes.
+    del prod.api.objects["v1/configmaps", "default", "gone"]
+    staging.api.objects["v1/configmaps", "default", "demo"] = configmap(
+        data={"from": "staging api, missed"}, rv="300"
+    )
+    log = await resynced(  # counted per cluster's target
+        'resync_files_removed_total{target="prod:team/live"} 1.0',
+        'resync_files_updated_total{target="staging:team/live"} 1.0',
+    )
+    assert await asyncio.to_thread(git_files, remote) == [files[0], *files[2:]]
+    # The last two commits: one per cluster, each touching its own folder only.
+    latest = await asyncio.to_thread(
+        git, remote, "log", "-2", "--format=%x00%s", "--name-status", "main"
+    )
+    touched = {
+        entry.split("\n")[0]: [line.split("\t") for line in entry.split("\n")[1:] if line]
+        for entry in latest.split("\0")
+        if entry
+    }
+    assert touched == {
+        "[RESYNC] live/prod": [["D", "live/prod/v1/configmaps/default/gone.yaml"]],
+        "[RESYNC] live/staging": [["M", "live/staging/v1/configmaps/default/demo.yaml"]],
+    }
+    for name in ("prod", "staging"):
+        body = await asyncio.to_thread(
+            git, remote, "log", "-1", "--format=%B", "main", "--", f"live/{name}"
+        )
+        assert f"Cluster: {name}" in body and "Target: team/live" in body
+    assert "from: staging api, missed" in await asyncio.to_thread(git_show, remote, files[2])
+    assert "from: prod api" in await asyncio.to_thread(git_show, remote, files[0])
+    assert "resync: 2 GitTargets (0 failed), 3 objects, 1 files updated, 1 removed" in log
+
+
+async def test_in_a_fleet_with_rules_from_files_a_cluster_that_is_down_fails_only_its_own(
+    tmp_path: Path, clusters: dict[str, Member]
+) -> None:
+    """staging's API does not answer: prod's folder is resynced, staging's resync is
+    tried again; staging's events that carry their object are written."""
+    prod = clusters["prod"]
+    prod.api.resources["v1/configmaps"] = kmock.ResourceInfo(
+        kind="ConfigMap", namespaced=True, verbs={"get", "list", "watch"}
+    )
+    remote = await asyncio.to_thread(bare_repo, tmp_path / "remote.git")
+    config = await asyncio.to_thread(write_config, tmp_path / "c.yaml", remote, max_commits=1)
+    args = ["--config", str(config), "--state-dir", str(tmp_path / "state")]
+    down = _kubeconfig(yarl.URL(f"http://127.0.0.1:{free_port()}"))
+    for name, kubeconfig_of in (("prod", prod.kubeconfig), ("staging", down)):
+        kubeconfig = tmp_path / f"{name}.kubeconfig"
+        await asyncio.to_thread(kubeconfig.write_text, yaml.safe_dump(kubeconfig_of))
+        args += ["--cluster", f"{name}={kubeconfig}"]
+    served = await asyncio.to_thread(start_serve, tmp_path, *args)
+    try:
+        item = event("create", name="theirs", body=configmap("theirs"))
+        assert await asyncio.to_thread(_post, served.port, "/audit-webhook/staging", item) == 200
+        await _metrics_show(
+            served.port,
+            'resync_runs_total{result="failed"} 1.0',
+            'resync_commits_total{target="prod:team/live"} 1.0',
+            "events_kept_total 1.0",
+        )
+        async with asyncio.timeout(60):  # a bound against hangs, not a time to meet
+            while len(await asyncio.to_thread(git_files, remote)) < 2:  # noqa: ASYNC110
+                await asyncio.sleep(0.05)
+    finally:
+        log = await asyncio.to_thread(served.stop)
+    assert await asyncio.to_thread(git_files, remote) == [
+        "live/prod/v1/configmaps/default/demo.yaml",
+        "live/staging/v1/configmaps/default/theirs.yaml",
+    ]
+    assert "resync: 1 GitTargets (1 failed)" in log
+    assert re.search(r"WARNING .*resync of GitTarget staging:team/live: .*127\.0\.0\.1", log)
+
+
+async def test_events_taken_for_a_cluster_whose_rules_are_not_read_wait_in_the_journal(
+    tmp_path: Path,
+) -> None:
+    """An event the last run took for a cluster still away at this start is neither routed
+    nor skipped: it stays in the journal, and a start with that cluster's rules commits it."""
+    remote = await asyncio.to_thread(bare_repo, tmp_path / "remote.git")
+    path = await asyncio.to_thread(write_config, tmp_path / "c.yaml", remote, max_commits=1)
+    config = await asyncio.to_thread(load_config, [path])
+    settings = Settings(state_dir=tmp_path / "state", journal=True)
+    config = dataclasses.replace(config, cluster_folders=True)
+    away = dataclasses.replace(config, waiting={"staging": "its API is down"})
+    for rules in (away, config):
+        runtime = await asyncio.to_thread(Runtime, rules, settings)
+        await runtime.start()
+        try:
+            if rules is away:
+                triage = runtime.intake.triage(
+                    [event("create", body=configmap())], cluster="staging"
+                )
+                await runtime.intake.accept(triage, cluster="staging")
+            assert await runtime.flush() == []
+        finally:
+            await runtime.close()
+        if rules is away:
+            assert await asyncio.to_thread(git_files, remote) == []
+            assert runtime.stats.skipped == {}
+    assert await asyncio.to_thread(git_files, remote) == [
+        "live/staging/v1/configmaps/default/demo.yaml"
+    ]

@@ -30,6 +30,8 @@ async def journal(redis_server: RedisServer, progress: Progress) -> AsyncIterato
     )
     journal = RedisJournal(connection, consumer="replica-a", progress=lambda: progress)
     await journal.open()
+    await journal.leading.wait()  # the only replica: it takes the lease at once
+    await journal.lead()
     yield journal
     await journal.close()
 

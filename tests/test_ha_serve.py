@@ -266,21 +266,30 @@ def test_a_redis_we_cannot_use_stops_the_start_in_one_line(
     assert "not-the-password" not in stderr
 
 
-def test_a_second_replica_on_the_same_journal_is_refused_in_one_line(
+def test_a_second_replica_is_a_standby_that_answers_and_writes_nothing(
     tmp_path: Path, redis_server: RedisServer
 ) -> None:
-    """One replica per journal for now: a second one (another state directory) waits for
-    the first one's lease to run out, then exits; the first one carries on."""
+    """A second replica (another state directory) answers the webhook and is ready, but
+    the first one, which holds the lease, writes Git; once the first stops, it writes."""
     remote = bare_repo(tmp_path / "remote.git")
     args = _serve_args(tmp_path, remote, redis_server, interval="100ms")
     server = start_serve(tmp_path, *args)
-    stderr = _serve_fails(tmp_path, *args, "--state-dir", str(tmp_path / "other"))
-    lines = [line for line in stderr.splitlines() if line.startswith("audit-reverser: error:")]
-    assert len(lines) == 1 and "another serve replica uses the journal" in lines[0], stderr
-    assert _post(server.port, 0)[0] == 200
-    log = server.stop()
+    standby = start_serve(tmp_path, *args, "--state-dir", str(tmp_path / "other"))
+    assert _ready(standby.port)
+    assert _metrics(standby.port)['audit_reverser_lease_held{lane="intake"}'] == 0
+    assert _post(standby.port, 0)[0] == 200
+    _wait_until(lambda: git(remote, "rev-list", "--all") != "", "the writer's push")
+    _wait_until(lambda: len(_audit_ids(remote)) == KEPT_PER_BATCH, "the writer's push")
+    assert _commits(standby.port) == 0 and _commits(server.port) == KEPT_PER_BATCH
+
+    log = server.stop()  # releases the lease: the standby takes over at its next try
     assert server.process.returncode == 0, log
-    assert len(_audit_ids(remote)) == KEPT_PER_BATCH
+    assert _post(standby.port, 1)[0] == 200
+    _wait_until(lambda: len(_audit_ids(remote)) == 2 * KEPT_PER_BATCH, "the new writer's push")
+    assert _commits(standby.port) == KEPT_PER_BATCH
+    log = standby.stop()
+    assert standby.process.returncode == 0, log
+    assert max(_audit_ids(remote).values()) == 1
 
 
 def test_journal_options_need_journal(tmp_path: Path) -> None:

@@ -10,7 +10,8 @@ import orjson
 import pytest
 
 from audit_reverser.ha.connection import Connection, JournalSettings, RedisUnavailable, connect
-from audit_reverser.ha.stream import Incoming, StreamJournal
+from audit_reverser.ha.lease import Lease
+from audit_reverser.ha.stream import Incoming, StaleWriter, StreamJournal
 from tests.redisserver import RedisServer
 
 
@@ -153,3 +154,38 @@ async def test_append_to_a_stopped_redis_is_unavailable(
     await asyncio.to_thread(redis_server.stop)
     with pytest.raises(RedisUnavailable, match="unavailable while appending events"):
         await journal.append([_event(1)])
+
+
+async def test_replicas_starting_together_both_open_the_lane(
+    journal: StreamJournal, other_replica: StreamJournal, redis_server: RedisServer
+) -> None:
+    """Two replicas create the lane's group at once: the one that comes second finds it
+    there (BUSYGROUP) and carries on, and the lane is listed once for the backlog."""
+    lanes = [journal.lane("repo@main", "a"), other_replica.lane("repo@main", "b")]
+    await asyncio.gather(*(lane.ensure() for lane in lanes))
+    await asyncio.gather(*(lane.ensure() for lane in lanes))
+    assert await journal.append([_event(1)]) == 1
+    assert await journal.backlog() == 1
+    groups = await asyncio.to_thread(redis_server.command, "XINFO", "GROUPS", lanes[0].key)
+    assert groups.count("writers") == 1
+
+
+async def test_a_fenced_read_or_acknowledgement_under_a_lost_lease_takes_nothing(
+    journal: StreamJournal, redis_server: RedisServer
+) -> None:
+    lease = Lease(journal.connection, "repo@main", "a", lease_s=5)
+    assert await lease.acquire()
+    lane = journal.lane("repo@main", "a")
+    await lane.ensure()
+    await journal.append([_event(n) for n in range(3)])
+    fence = lease.fence
+    entries = await lane.read_fenced(fence, count=1)
+    assert [e.audit_id for e in entries] == ["audit-0"]
+    await asyncio.to_thread(redis_server.command, "DEL", lease.key)  # expired, and taken:
+    assert await Lease(journal.connection, "repo@main", "b").acquire()
+    with pytest.raises(StaleWriter):
+        await lane.read_fenced(fence, count=10)
+    with pytest.raises(StaleWriter):
+        await lane.acknowledge_fenced(fence, [entries[0].entry_id])
+    assert await lane.pending() == 1  # audit-1 and audit-2 were not taken
+    assert await lane.length() == 3  # and audit-0 not acknowledged

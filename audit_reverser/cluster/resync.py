@@ -87,6 +87,9 @@ async def resync_targets(
         for target, writer in targets:
             listing = listings[target.key]
             objects_count = len(listing.files) + listing.left
+            # A fleet's cluster folder under the target (rules from files): named too.
+            folder = "/".join(p for p in (target.path, target.cluster) if p) or "/"
+            cluster = f"Cluster: {target.cluster}\n" if target.cluster else ""
             offered[target.key] = (
                 listing,
                 writer.offer(
@@ -94,8 +97,8 @@ async def resync_targets(
                         files=listing.files,
                         prune=listing.folders,
                         keep=listing.keep,
-                        message=f"[RESYNC] {target.path or '/'}\n\n"
-                        f"Objects: {objects_count}\nTarget: {target.key}\n",
+                        message=f"[RESYNC] {folder}\n\n"
+                        f"Objects: {objects_count}\nTarget: {target.key}\n{cluster}",
                         author=committer,
                         time=now,
                     )
@@ -138,6 +141,12 @@ class Resyncer:
         self._run = run
         self.stats = stats
         self._task: asyncio.Task[None] | None = None
+        self._soon = asyncio.Event()
+
+    def soon(self) -> None:
+        """Run again now rather than after the interval (a fleet's cluster that came back
+        may have missed changes while away)."""
+        self._soon.set()
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._loop(), name="resync")
@@ -152,14 +161,20 @@ class Resyncer:
     async def _loop(self) -> None:
         retry_s = self._retry_min_s
         while True:
+            self._soon.clear()
             if await self.run():
                 retry_s = self._retry_min_s
-                await asyncio.sleep(self._interval_s)
+                await self._pause(self._interval_s)
                 continue
             delay = min(retry_s, self._interval_s) * random.uniform(0.5, 1.0)
             retry_s = min(retry_s * 2, self._interval_s)
             log.warning("resync: trying again in %.0fs", delay)
-            await asyncio.sleep(delay)
+            await self._pause(delay)
+
+    async def _pause(self, seconds: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(seconds):
+                await self._soon.wait()
 
     async def run(self) -> bool:
         """Resync every GitTarget once; False when some could not be."""

@@ -68,6 +68,9 @@ class Collection:
         self.unavailable: str | None = None
         self.items: dict[tuple[str, str], dict[str, Any]] = {}
         self.synced = asyncio.Event()
+        # Set once the first list answered or failed; ``failure``: why it has not been listed.
+        self.tried = asyncio.Event()
+        self.failure: str | None = None
         self.relists = 0
 
     async def run(self, changed: Callable[[], None]) -> None:
@@ -80,6 +83,8 @@ class Collection:
                     await asyncio.sleep(ABSENT_RETRY_S)
                     continue
                 self.synced.set()
+                self.tried.set()
+                self.failure = None
                 changed()
                 while True:  # a watch ends at the server's timeout: go on from where it was
                     async for event in self._api.watch(self.path, version):
@@ -94,6 +99,9 @@ class Collection:
             except ApiUnavailable as exc:
                 if self.optional and not self.synced.is_set():
                     self._absent(str(exc), changed)
+                if not self.synced.is_set():
+                    self.failure = str(exc)
+                self.tried.set()
                 log.warning(
                     "%s: %s; keeping the last rules, next try in %.1fs", self.kind, exc, delay
                 )
@@ -108,6 +116,7 @@ class Collection:
             self.items = {}
             changed()
         self.synced.set()
+        self.tried.set()
 
     async def _list(self) -> str | None:
         """The objects, and the resourceVersion to watch from; None when an optional
@@ -154,7 +163,8 @@ class Collection:
 
 
 ObjectId = tuple[str, str, str]  # kind, namespace ('' when cluster-scoped), name
-_OWNER = re.compile(r"^(GitProvider|GitTarget|WatchRule|ClusterWatchRule) ([^\s:(]+)")
+# "Cluster NAME": a fleet's cluster whose rules could not be read (cluster.fleet).
+_OWNER = re.compile(r"^(GitProvider|GitTarget|WatchRule|ClusterWatchRule|Cluster) ([^\s:(]+)")
 
 
 def owner_of(problem: str) -> ObjectId | None:
@@ -195,6 +205,13 @@ class ClusterRules:
         self.on_change: Callable[[Config], Awaitable[None]] | None = None
         self.rebuilds = 0
         self._generated: dict[tuple[str, str], age.Identity] = {}
+        # Whether this replica makes the keys generateWhenMissing asks for: with several
+        # replicas (serve --journal), only the writer does, so that two never make two.
+        self.generates_keys: Callable[[], bool] = lambda: True
+
+    def rebuild(self) -> None:
+        """Build the rules again soon (this replica now makes keys: some may be missing)."""
+        self._dirty.set()
 
     def objects(self) -> dict[ObjectId, dict[str, Any]]:
         """Every custom resource as last seen (the watched objects themselves)."""
@@ -206,21 +223,47 @@ class ClusterRules:
 
     async def start(self, timeout_s: float = 60.0) -> Config:
         """Start watching; the first config, once every kind has been listed."""
-        watched = [*self.collections, self.flux]
-        for collection in watched:
-            self._tasks.append(
-                asyncio.create_task(
-                    collection.run(self._dirty.set), name=f"watch {collection.kind}"
-                )
-            )
+        self.watch()
         try:
             async with asyncio.timeout(timeout_s):
-                await asyncio.gather(*(c.synced.wait() for c in watched))
+                return await self.listed()
         except TimeoutError:
             await self.close()
             raise ApiUnavailable(
                 f"could not list the configbutler.ai resources within {timeout_s:.0f}s"
             ) from None
+
+    def watch(self) -> None:
+        """Start listing and watching every kind (an API that does not answer is retried)."""
+        for collection in [*self.collections, self.flux]:
+            self._tasks.append(
+                asyncio.create_task(
+                    collection.run(self._dirty.set), name=f"watch {collection.kind}"
+                )
+            )
+
+    async def tried(self) -> None:
+        """Wait until every kind has been listed, or one could not be (see :attr:`away`)."""
+        watched = [*self.collections, self.flux]
+        waits = [asyncio.ensure_future(c.tried.wait()) for c in watched]
+        try:
+            while waits and self.away is None:
+                done, pending = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+                waits = list(pending)
+        finally:
+            for wait in waits:
+                wait.cancel()
+
+    @property
+    def away(self) -> str | None:
+        """Why the rules have not been read yet (a kind the API did not list), or None."""
+        unlisted = (c.failure for c in self.collections if not c.synced.is_set())
+        return next((failure for failure in unlisted if failure), None)
+
+    async def listed(self) -> Config:
+        """The first config, once every kind has been listed (after :meth:`watch`); the
+        config is rebuilt as the objects change from then on."""
+        await asyncio.gather(*(c.synced.wait() for c in [*self.collections, self.flux]))
         config = await self._build()
         self._dirty.clear()
         self._tasks.append(asyncio.create_task(self._rebuild_loop(), name="cluster rules"))
@@ -264,6 +307,7 @@ class ClusterRules:
         encryption = target.encryption
         if (
             encryption is None
+            or not self.generates_keys()
             or not encryption.age_enabled
             or not encryption.recipients.generate_when_missing
             or not encryption.secret_name

@@ -109,7 +109,7 @@ def _covered(router: Router, config: Config, resource: ApiResource, target: GitT
     namespaces of the WatchRules that select it (none: the type is not listed)."""
     if (resource.group, resource.name) in EPHEMERAL_RESOURCES:
         return []
-    parts = (target.path, resource.group, resource.version, resource.name)
+    parts = (target.path, target.cluster, resource.group, resource.version, resource.name)
     folder = "/".join(p for p in parts if p)
     if not resource.namespaced:
         return [folder] if _selects(router, resource, "", target) else []
@@ -164,7 +164,8 @@ async def list_targets(
 ) -> dict[Key, Listing]:
     """:func:`list_target` for several targets at once: each resource is listed once, for
     every target whose rules cover it (several targets selecting the same resources make
-    one LIST, not one each)."""
+    one LIST, not one each). A target carrying a cluster (``GitTarget.cluster``: a fleet
+    with rules from files) is compared in that cluster's folder under its path."""
     router = Router(config)
     secrets = own_secrets(config)
     found = {target.key: _Collected() for target in targets}
@@ -201,6 +202,7 @@ async def list_targets(
                     collected.keep.add(
                         object_path(
                             target_path=target.path,
+                            cluster=target.cluster,
                             api_group=resource.group,
                             api_version=resource.version,
                             resource=resource.name,

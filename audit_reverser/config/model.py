@@ -164,6 +164,9 @@ class Config:
     by_cluster: bool = False
     # Where each object was read, by (kind, key): "FILE: document N", for messages.
     origins: Mapping[tuple[str, Key], str] = field(default_factory=dict)
+    # A fleet's clusters whose rules are not read yet (their API did not answer), and why:
+    # their events are neither routed nor skipped, but refused until the rules are in.
+    waiting: Mapping[str, str] = field(default_factory=dict)
 
     def located(self, kind: str, key: Key, problem: str) -> str:
         """``problem`` with the file and document the object came from, when known."""

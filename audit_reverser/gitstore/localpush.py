@@ -12,17 +12,31 @@ transport update a branch: the reference is locked with a ``.lock`` file created
 compared, written, synced and renamed into place. Someone else's push in between makes ours
 fail as a rejected (non-fast-forward) push would, and the caller replays as it does then.
 
+A lock left behind by a push that never finished (its process killed between taking and
+releasing it: git's own commands then fail on that branch until someone removes the file by
+hand) is removed once it is older than any ref update takes, :data:`STALE_LOCK_S`, so that a
+``kill -9`` of a writer does not stop every later push.
+
 Nothing is ever forced, and a remote this code does not understand (not bare, references in
 a reftable, the branch a symbolic reference) is left to libgit2's push.
 """
 
 from __future__ import annotations
 
+import logging
 import os
+import time
 from pathlib import Path
 
 from audit_reverser.errors import RemoteUnavailable
 from audit_reverser.gitstore.packing import merge_packs, sync_directory
+
+log = logging.getLogger(__name__)
+
+# A ref update holds its lock for milliseconds (compare, write, rename); one this old was
+# left by a process that died holding it. Only one writer per branch runs (one process, or
+# the lease holder in HA), so breaking it cannot take a lock from a live writer of ours.
+STALE_LOCK_S = 10.0
 
 
 class RemoteMoved(RemoteUnavailable):
@@ -74,6 +88,7 @@ def _update_ref(remote: Path, ref: str, old: bytes | None, new: bytes) -> None:
     path = remote / ref
     path.parent.mkdir(parents=True, exist_ok=True)
     lock = path.with_name(path.name + ".lock")
+    clear_stale_lock(remote, ref)
     try:
         fd = os.open(lock, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
     except FileExistsError:
@@ -93,6 +108,26 @@ def _update_ref(remote: Path, ref: str, old: bytes | None, new: bytes) -> None:
         lock.unlink(missing_ok=True)
         raise
     sync_directory(path.parent)
+
+
+def clear_stale_lock(remote: Path, ref: str) -> None:
+    """Remove ``ref``'s lock in ``remote`` when an update that never finished left it: also
+    before libgit2's push, which would otherwise fail on it at every try."""
+    lock = remote / (ref + ".lock")
+    try:
+        age = time.time() - lock.stat().st_mtime
+    except OSError:
+        return  # none (the usual case), or not ours to look at
+    if age < STALE_LOCK_S:
+        return
+    log.warning(
+        "%s: removed %s, left %.0fs ago by an update that never finished (a process killed "
+        "while holding it)",
+        remote,
+        lock.relative_to(remote),
+        age,
+    )
+    lock.unlink(missing_ok=True)
 
 
 def _read_ref(remote: Path, ref: str) -> bytes | None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 
@@ -23,7 +24,12 @@ from pygit2.enums import DeltaStatus, SortMode
 
 from audit_reverser.errors import MirrorWriteFailed, RemoteUnavailable, RepositoryError
 from audit_reverser.gitstore.heap import release_free_memory
-from audit_reverser.gitstore.localpush import RemoteMoved, can_push_directly, push_packs
+from audit_reverser.gitstore.localpush import (
+    RemoteMoved,
+    can_push_directly,
+    clear_stale_lock,
+    push_packs,
+)
 from audit_reverser.gitstore.packing import BLOB, COMMIT, NewObjects, merge_packs, object_id
 from audit_reverser.gitstore.packpush import PackPushUnsupported, push_pack
 from audit_reverser.gitstore.transport import LocalTransport, NetworkTransport, Transport
@@ -107,11 +113,15 @@ class Mirror:
         self._fingerprints_changed = False
         # Files set and removed by the last TreeChange committed (a resync reports them).
         self.tree_counts = (0, 0)
-        # The packs written since the remote last had all our commits: what a push to a local
-        # remote hands over. None when unknown (commits of an earlier run): libgit2 pushes.
+        # The packs written since the remote last had all our commits: what a push hands over
+        # (to a local, SSH or HTTPS remote). None when unknown (commits of an earlier run):
+        # libgit2 pushes.
         self._outgoing: list[Path] | None = None
         self._builds_on: bytes | None = None
         self._pack_push_unsupported = False  # the remote or key needs libgit2's push
+        # HA: raises unless we may still push (asked before every push attempt, replays
+        # included, from the Git thread: so it must not block).
+        self.fence: Callable[[], None] | None = None
 
     @property
     def repo(self) -> pygit2.Repository:
@@ -162,6 +172,18 @@ class Mirror:
     def sync(self) -> None:
         """Fetch the remote branch and build on it (our unpushed commits replayed on top)."""
         self._fetch()
+        self._choose_base()
+
+    def reset_to_remote(self) -> None:
+        """Fetch, and build on the remote's tip, dropping our unpushed commits. For a writer
+        taking over in HA mode: their events wait in the shared journal, and the replica that
+        wrote in the meantime may have pushed them already, so replaying them could commit
+        them twice."""
+        remote = self._fetch()
+        if remote is not None:
+            self.repo.references.create(self._local_ref, _oid(remote), force=True)
+        elif self.repo.references.get(self._local_ref) is not None:
+            self.repo.references.delete(self._local_ref)
         self._choose_base()
 
     def _fetch(self) -> bytes | None:
@@ -253,6 +275,19 @@ class Mirror:
         return [
             (str(commit.id), commit.message, [path for path, _ in _changes(commit)])
             for commit in walker
+        ]
+
+    def latest_changes(self, limit: int) -> list[tuple[str, str, list[str]]]:
+        """:meth:`changes_since` for the newest ``limit`` commits only (oldest first): a
+        walk that reads only as far back as it must, whatever the history's length."""
+        self.save()
+        if self._head is None:
+            return []
+        walker = self.repo.walk(_oid(self._head), SortMode.TOPOLOGICAL)
+        newest = [commit for _, commit in zip(range(limit), walker, strict=False)]
+        return [
+            (str(commit.id), commit.message, [path for path, _ in _changes(commit)])
+            for commit in reversed(newest)
         ]
 
     def last_message(self, path: str) -> str | None:
@@ -391,6 +426,8 @@ class Mirror:
         for _ in range(MAX_REPLAYS):
             if self._head is None or not self.unpushed:
                 return 0
+            if self.fence is not None:
+                self.fence()
             try:
                 self._push_once()
             except RemoteUnavailable as exc:
@@ -437,6 +474,9 @@ class Mirror:
         ):
             old = self._last_seen_remote_tip()
             push_packs(self.transport.path, self._local_ref, old, self._head, self._outgoing)
+        elif isinstance(self.transport, LocalTransport):
+            clear_stale_lock(self.transport.path, self._local_ref)
+            self._push_with_libgit2()
         elif not self._sent_our_packs():
             self._push_with_libgit2()
         self.repo.references.create(self._tracking_ref, _oid(self._head), force=True)

@@ -21,7 +21,7 @@ import queue
 import random
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, TypeVar
@@ -176,6 +176,9 @@ class BranchWriter:
         self._recovered: dict[tuple[str, str], str] = {}
         self._thread = GitThread(f"git {mirror.path.name}")
         self._watchers: list[Touched] = []
+        # HA: raises unless this replica may still write the branch; awaited before every
+        # commit batch and every push (see :meth:`take_over`).
+        self.fence: Callable[[], Awaitable[None]] | None = None
 
     async def _blocking(self, call: Callable[[], T]) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._thread, call)
@@ -222,6 +225,28 @@ class BranchWriter:
                 "%s: %d commits made after the last journal checkpoint", self.name, len(changes)
             )
         return found
+
+    async def take_over(self, history: int) -> list[tuple[str, str]]:
+        """HA: become the branch's writer after another replica. Drops the commits our
+        mirror did not push (their events wait in the shared journal, and the other replica
+        may have pushed them), builds on the remote's tip and remembers the newest
+        ``history`` commits, so that an event found there is answered with its commit
+        instead of being committed twice. Returns their ``(path, message)``s. Before
+        :meth:`start`."""
+        await self.warm()
+        changes = await self._blocking(lambda: self.mirror.latest_changes(history))
+        found = []
+        for commit_id, message, paths in changes:
+            for path in paths:
+                self._recovered[(message, path)] = commit_id
+                found.append((path, message))
+        log.info("%s: read the newest %d commits of the remote's history", self.name, len(changes))
+        return found
+
+    async def warm(self) -> None:
+        """HA, on a standby: bring the mirror to the remote's tip (nothing committed, nothing
+        pushed), so that a takeover fetches only what is new since."""
+        await self._blocking(self.mirror.reset_to_remote)
 
     async def last_message(self, path: str) -> str | None:
         """The message of the newest commit that changed ``path`` (see
@@ -321,6 +346,14 @@ class BranchWriter:
                 return
 
     async def _commit(self, batch: list[_Change]) -> None:
+        if self.fence is not None:
+            try:
+                await self.fence()
+            except TemporaryError as exc:  # held: their events stay in the journal
+                for entry in batch:
+                    entry.done.set_exception(exc)
+                return
+
         def commit_all() -> list[CommitOutcome | BaseException]:
             results: list[CommitOutcome | BaseException] = []
             for entry in batch:
@@ -388,6 +421,8 @@ class BranchWriter:
         if not self.mirror.unpushed:
             self._push_deadline = None
             return 0
+        if self.fence is not None:
+            await self.fence()
         begin = time.monotonic()
         try:
             pushed = await self._blocking(self.mirror.push)

@@ -1,16 +1,23 @@
 """``serve --journal redis://…``: the intake's journal (:class:`~audit_reverser.journal.
 EventJournal`) kept in Redis instead of files, so that a 200 means "durable in Redis".
 
-This step runs **one** ``serve`` replica per journal: every kept event goes to one stream
-(lane :data:`INTAKE_LANE`), which this replica reads through the consumer group, in order,
-and a lease on that lane keeps a second replica from starting on the same journal (several
-replicas need the per-branch writers of :mod:`.lanes`, docs/ha.md). An entry is
-acknowledged (XACK + XDEL) only once its commits are *pushed*: ``done`` (committed in the
-local mirror) queues it with a mark per writer that had unpushed commits then (commits
-pushed so far + those waiting, from ``progress()``), and it is acknowledged once each of
-those writers has pushed that many: a push carries every commit made before it. So the
-mirror in ``--state-dir`` is a cache: a start on an empty one reads the unacknowledged
-entries again and commits what the remote lacks.
+Any number of ``serve`` replicas share one journal. Each appends what it receives (any
+replica answers the webhook); one of them, the holder of the lease on lane
+:data:`INTAKE_LANE`, reads the stream through the consumer group, in order, and writes Git.
+The others are standbys: :attr:`RedisJournal.leading` is set when one of them takes the lease
+(the holder died or paused past it), and the runtime then has its writers catch up with the
+remote before :meth:`RedisJournal.lead` takes over the entries the last holder left and
+starts reading. Reads and acknowledgements are fenced in Redis (the lease's value is checked
+in the same script), commits and pushes by :meth:`RedisJournal.fence`. A holder that loses
+the lease sets :attr:`RedisJournal.lost` and writes nothing more (the process then exits, to
+start again as a standby with nothing of its turn left in memory).
+
+An entry is acknowledged (XACK + XDEL) only once its commits are *pushed*: ``done``
+(committed in the local mirror) queues it with a mark per writer that had unpushed commits
+then (commits pushed so far + those waiting, from ``progress()``), and it is acknowledged
+once each of those writers has pushed that many: a push carries every commit made before it.
+So the mirror in ``--state-dir`` is a cache: a new holder drops what its mirror did not push,
+reads the unacknowledged entries again and commits what the remote lacks.
 
 Sequence numbers are the stream entry IDs (``ms-n``) as integers, so the seqs ``append``
 returns are those ``read`` gives back. Redis failures never stop the intake: ``read``
@@ -26,10 +33,10 @@ import logging
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 
-from audit_reverser.errors import AuditReverserError, PermanentError
+from audit_reverser.errors import AuditReverserError, TemporaryError
 from audit_reverser.ha.connection import Connection
-from audit_reverser.ha.lease import Lease
-from audit_reverser.ha.stream import DEFAULT_PREFIX, Entry, Incoming, StreamJournal
+from audit_reverser.ha.lease import DEFAULT_LEASE_S, Lease, LeaseLost
+from audit_reverser.ha.stream import DEFAULT_PREFIX, Entry, Incoming, StaleWriter, StreamJournal
 from audit_reverser.journal import Batch, JournalUnavailable, Record
 from audit_reverser.journal import Entry as JournalEntry
 
@@ -61,11 +68,17 @@ class RedisJournal:
         progress: Progress,
         prefix: str = DEFAULT_PREFIX,
         probe_s: float = PROBE_S,
+        lease_s: float = DEFAULT_LEASE_S,
     ) -> None:
         self.connection = connection
         self.stream = StreamJournal(connection, prefix=prefix)
         self.lane = self.stream.lane(INTAKE_LANE, consumer)
-        self.lease = Lease(connection, INTAKE_LANE, consumer, prefix=prefix)
+        self.lease = Lease(connection, INTAKE_LANE, consumer, prefix=prefix, lease_s=lease_s)
+        # Set once this replica holds the lease: from then on it is the writer.
+        self.leading = asyncio.Event()
+        # Set when it lost the lease after holding it: it writes nothing more.
+        self.lost = asyncio.Event()
+        self._reading = asyncio.Event()  # set by lead()
         self.consumer = consumer
         self._progress = progress
         self.probe_s = probe_s
@@ -80,6 +93,11 @@ class RedisJournal:
         # pushed commits that means its commits are in the remote.
         self._done: list[tuple[str, dict[str, int]]] = []
         self._unread: deque[Entry] = deque()  # read from Redis, beyond the caller's bytes
+        # Entry IDs read and not yet acknowledged: after a failed read (whose answer may
+        # have been lost after Redis delivered the entries to us) our own pending entries
+        # are read again, and those already taken are left out.
+        self._taken: set[str] = set()
+        self._through = 0
         self._probe: asyncio.Task[None] | None = None
         self._keeper: asyncio.Task[None] | None = None
 
@@ -94,31 +112,64 @@ class RedisJournal:
         return self._last_seq
 
     async def open(self) -> None:
-        """Take the journal's lease (refused: another replica runs on it), make the entries
-        an earlier run read and did not acknowledge ours again, and start probing."""
+        """Make the stream ready for appends and start trying for the lease (a standby
+        until it is taken: see :attr:`leading`) and probing Redis."""
         await self._reclaim()
-        # Another replica's lease, or one left by a replica that was killed: wait until it
-        # expires at most.
-        tries = 5
-        while not await self.lease.acquire():
-            tries -= 1
-            if tries == 0:
-                raise PermanentError(
-                    f"another serve replica uses the journal at {self.connection.address} "
-                    f"(lease {self.lease.key}); one replica per journal for now (docs/ha.md)"
-                )
-            await asyncio.sleep(self.lease.lease_s / 3)
-        taken = await self.lane.take_over()
+        await self.lane.ensure()
         self._backlog = await self.lane.length()
         self.stream_backlog = await self.stream.backlog()
         log.info(
-            "journal: Redis stream %s, %d events waiting, %d taken over from an earlier run",
+            "journal: Redis stream %s, %d events waiting; this replica answers the webhook and "
+            "writes Git once it holds the lease of lane %s",
             self.lane.key,
             self._backlog,
+            INTAKE_LANE,
+        )
+        self._keeper = asyncio.create_task(self.lease.keep(self._changed), name="journal lease")
+        self._probe = asyncio.create_task(self._probe_loop(), name="journal probe")
+
+    def _changed(self, held: bool) -> None:
+        if held and not self.leading.is_set():
+            self.leading.set()
+        elif not held and self.leading.is_set():
+            self._lose("it ran out or was taken by another replica")
+
+    def _lose(self, why: str) -> None:
+        if not self.lost.is_set():
+            log.error("journal: this replica lost the writer lease (%s); it writes no more", why)
+            self.lost.set()
+
+    @property
+    def writing(self) -> bool:
+        """Whether this replica is the writer (it reads the stream), not a standby."""
+        return self._reading.is_set() and not self.lost.is_set()
+
+    async def until_writing(self) -> None:
+        await self._reading.wait()
+
+    async def lead(self) -> None:
+        """Once :attr:`leading` is set and the writers caught up with the remote: make every
+        entry earlier holders read and did not acknowledge ours, and start reading."""
+        await self.fence()
+        taken = await self.lane.take_over()
+        log.info(
+            "journal: this replica writes now (lease token %s); %d entries taken over",
+            self.lease.token,
             taken,
         )
-        self._keeper = asyncio.create_task(self.lease.keep(), name="journal lease")
-        self._probe = asyncio.create_task(self._probe_loop(), name="journal probe")
+        self._reading.set()
+
+    async def fence(self) -> None:
+        """Raise :class:`LeaseLost` unless this replica holds the lease: before every commit
+        batch and every push. Redis is asked; when it cannot answer, our own clock decides,
+        whose deadline ends before the key can expire in Redis."""
+        try:
+            await self.lease.check()
+        except LeaseLost as exc:
+            self._lose(str(exc))
+            raise
+        except TemporaryError:
+            self.lease.assert_held()
 
     async def _reclaim(self) -> None:
         """Give up a lease held under our own name: it was taken by an earlier run of ours
@@ -152,12 +203,24 @@ class RedisJournal:
         return seqs
 
     async def read(self, limit: int, max_bytes: int) -> Batch:
+        await self._reading.wait()
         while not self._unread:
+            if self.lost.is_set():
+                await asyncio.Future()  # nothing more is read; the runtime stops the intake
             try:
-                self._unread.extend(await self.lane.read(limit, block_s=self.probe_s * 4))
+                entries = await self.lane.read_fenced(
+                    self.lease.fence, limit, block_s=self.probe_s * 4
+                )
+            except StaleWriter as exc:
+                self._lose(str(exc))
             except AuditReverserError as exc:
+                self.lane.read_pending_again()
                 self._unwritable(str(exc))
                 await asyncio.sleep(self.probe_s)
+            else:
+                fresh = [e for e in entries if e.entry_id not in self._taken]
+                self._taken.update(e.entry_id for e in fresh)
+                self._unread.extend(fresh)
         records: list[Record] = []
         size = 0
         while self._unread and len(records) < limit:
@@ -171,9 +234,10 @@ class RedisJournal:
             records.append(
                 Record(seq=seq, audit_id=entry.audit_id, cluster=entry.cluster, event=entry.event)
             )
-        through = records[-1].seq
-        self._last_seq = max(self._last_seq, through)
-        return Batch(records=records, through=through)
+        # Entries read again after a failure may be older than some already handed over.
+        self._through = max(self._through, records[-1].seq)
+        self._last_seq = max(self._last_seq, self._through)
+        return Batch(records=records, through=self._through)
 
     def done(self, seq: int, tips: dict[str, str | None] | None = None) -> None:
         entry_id = self._ids.pop(seq, None)
@@ -201,8 +265,13 @@ class RedisJournal:
         ready = [entry_id for entry_id, marks in self._done if self._pushed(marks, now)]
         if not ready:
             return 0
-        await self.lane.acknowledge(ready)
+        try:
+            await self.lane.acknowledge_fenced(self.lease.fence, ready)
+        except StaleWriter as exc:
+            self._lose(str(exc))
+            return 0
         acknowledged = set(ready)
+        self._taken -= acknowledged
         self._done = [d for d in self._done if d[0] not in acknowledged]
         return len(ready)
 

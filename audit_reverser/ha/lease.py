@@ -22,7 +22,7 @@ from collections.abc import Callable
 
 from audit_reverser.errors import TemporaryError
 from audit_reverser.ha.connection import Connection
-from audit_reverser.ha.stream import DEFAULT_PREFIX
+from audit_reverser.ha.stream import DEFAULT_PREFIX, Fence, StaleWriter
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +51,7 @@ return redis.call('DEL', KEYS[1])
 """
 
 
-class LeaseLost(TemporaryError):
+class LeaseLost(StaleWriter):
     """This replica is no longer the lane's writer; another one carries on."""
 
 
@@ -90,6 +90,18 @@ class Lease:
     @property
     def _ms(self) -> int:
         return int(self.lease_s * 1000)
+
+    @property
+    def fence(self) -> Fence:
+        """What Redis must hold for a fenced read or acknowledgement of ours to go through."""
+        return Fence(key=self.key, value=self._value)
+
+    def assert_held(self) -> None:
+        """Raise :class:`LeaseLost` unless we hold the lease by our own clock: what a
+        blocking caller (the Git thread, between pushes) can ask without Redis. It changes
+        nothing here, as it may run in another thread."""
+        if not self.held:
+            raise LeaseLost(f"lease of {self.lane} ran out: {self.holder} stops writing")
 
     @property
     def held(self) -> bool:
@@ -132,7 +144,7 @@ class Lease:
         asked before every commit batch and every push."""
         if not self.held:
             self._lose("ran out before it was renewed")
-            raise LeaseLost(f"lease of {self.lane} ran out: {self.holder} stops writing")
+        self.assert_held()
         with self.connection.errors(f"checking the lease of {self.lane}"):
             ours = await self._check(keys=[self.key], args=[self._value])
         if not ours:
@@ -157,15 +169,21 @@ class Lease:
     async def keep(self, on_change: Callable[[bool], None] | None = None) -> None:
         """Hold the lease for as long as we run: take it when it is free, renew it three
         times per lease time. ``on_change(held)`` is told each time that changes; a Redis
-        failure is logged and tried again (the lease runs out by itself meanwhile)."""
-        was = False
+        failure is logged and tried again (the lease runs out by itself meanwhile). A lease
+        lost and taken again between two rounds (a pause) is told as both changes: someone
+        else may have written in between."""
+        was, token = False, None
         while True:
             try:
                 now = await self.acquire()
             except TemporaryError as exc:
                 log.error("lease %s: %s", self.lane, exc)
                 now = self.held
-            if now != was and on_change is not None:
-                on_change(now)
-            was = now
+            if on_change is not None:
+                if was and now and self.token != token:
+                    on_change(False)
+                    on_change(True)
+                elif now != was:
+                    on_change(now)
+            was, token = now, self.token
             await asyncio.sleep(self.lease_s / 3)

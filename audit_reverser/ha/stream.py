@@ -21,6 +21,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from redis.exceptions import ResponseError
+
+from audit_reverser.errors import TemporaryError
 from audit_reverser.ha.connection import Connection
 
 GROUP = "writers"
@@ -65,6 +68,38 @@ redis.call('XACK', KEYS[1], ARGV[1], unpack(ARGV, 2))
 return redis.call('XDEL', KEYS[1], unpack(ARGV, 2))
 """
 
+# Fenced variants, for the lease holder: KEYS[2] is the lease key, ARGV[1] the holder's
+# value (``TOKEN:HOLDER``). Checked in the same atomic step as the read or acknowledgement,
+# so a writer that lost its lease (paused past it) can neither take entries the new holder
+# would then never see, nor acknowledge entries it did not push.
+_FENCED_ACKNOWLEDGE = """
+if redis.call('GET', KEYS[2]) ~= ARGV[1] then return -1 end
+redis.call('XACK', KEYS[1], ARGV[2], unpack(ARGV, 3))
+return redis.call('XDEL', KEYS[1], unpack(ARGV, 3))
+"""
+# ARGV: value, group, consumer, count, cursor. Answers {1, last ID read, then ID, fields…
+# per entry} (an entry deleted while pending has no fields and is left out), {1, last
+# entry ID of the stream} when there is nothing to read, {0} when the lease is another's.
+_FENCED_READ = """
+if redis.call('GET', KEYS[2]) ~= ARGV[1] then return {0} end
+local found = redis.call('XREADGROUP', 'GROUP', ARGV[2], ARGV[3], 'COUNT', ARGV[4],
+  'STREAMS', KEYS[1], ARGV[5])
+if not found or #found[1][2] == 0 then
+  local newest = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)
+  if newest[1] then return {1, newest[1][1]} end
+  return {1, '0-0'}
+end
+local entries = found[1][2]
+local out = {1, entries[#entries][1]}
+for _, entry in ipairs(entries) do
+  if entry[2] then
+    out[#out + 1] = entry[1]
+    out[#out + 1] = entry[2]
+  end
+end
+return out
+"""
+
 _ACK_CHUNK = 1000
 
 _BACKLOG = """
@@ -74,6 +109,19 @@ for _, stream in ipairs(redis.call('SMEMBERS', KEYS[1])) do
 end
 return total
 """
+
+
+class StaleWriter(TemporaryError):
+    """The lease this writer read or acknowledged under is another's now."""
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Fence:
+    """A lease as Redis stores it: reads and acknowledgements go through only while
+    ``key`` holds ``value``."""
+
+    key: str
+    value: str
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -110,6 +158,8 @@ class StreamJournal:
         self._append = connection.client.register_script(_APPEND)
         self._backlog = connection.client.register_script(_BACKLOG)
         self._acknowledge = connection.client.register_script(_ACKNOWLEDGE)
+        self._fenced_acknowledge = connection.client.register_script(_FENCED_ACKNOWLEDGE)
+        self._fenced_read = connection.client.register_script(_FENCED_READ)
 
     def stream_key(self, lane: str) -> str:
         return f"{self.prefix}:stream:{lane}"
@@ -168,6 +218,8 @@ class Lane:
         self.consumer = consumer
         # The consumer's own pending entries are read again first ("0"), then new ones (">").
         self._cursor: str | None = "0"
+        # The newest entry ID seen by a fenced read that found nothing: what to wait after.
+        self._newest = "0-0"
 
     async def take_over(self) -> int:
         """Make every entry delivered to earlier writers (and never acknowledged) ours, to be
@@ -224,6 +276,87 @@ class Lane:
                 answers = await pipe.execute()
         self.connection.confirm(answers)
 
+    async def ensure(self) -> None:
+        """Create the stream and its group if missing (a replica that only appends may
+        start before any writer)."""
+        with self.connection.errors(f"opening lane {self.name}"):
+            await _ensure_group(self.connection.client, self.key, f"{self.journal.prefix}:lanes")
+
+    async def read_fenced(
+        self, fence: Fence, count: int = 100, block_s: float | None = None
+    ) -> list[Entry]:
+        """:meth:`read`, for the lease holder only: raises :class:`StaleWriter` when
+        ``fence`` is not what Redis holds, and takes no entry then. May return no entries
+        (deleted while pending, or none came within ``block_s``)."""
+        if self._cursor is not None:
+            last, entries = await self._read_under(fence, count, self._cursor)
+            if last is not None:
+                self._cursor = last
+                return entries
+            self._cursor = None
+        newest, entries = await self._read_under(fence, count, ">")
+        if newest is not None or not block_s:
+            return entries
+        # Nothing new: wait (without taking anything) for an entry after the newest one.
+        block = int(min(block_s, self.connection.timeout_s) * 1000)
+        with self.connection.errors(f"reading lane {self.name}"):
+            await self.connection.client.xread({self.key: self._newest}, count=1, block=block)
+        return (await self._read_under(fence, count, ">"))[1]
+
+    def read_pending_again(self) -> None:
+        """Read our own pending entries first again: a read whose answer was lost may
+        have made entries ours that we never saw."""
+        self._cursor = "0"
+
+    async def _read_under(
+        self, fence: Fence, count: int, cursor: str
+    ) -> tuple[str | None, list[Entry]]:
+        """One fenced XREADGROUP: the last entry ID read (None when none was) and the
+        entries that still have their fields."""
+        with self.connection.errors(f"reading lane {self.name}"):
+            answer = await self.journal._fenced_read(
+                keys=[self.key, fence.key],
+                args=[fence.value, GROUP, self.consumer, count, cursor],
+            )
+        if int(answer[0]) == 0:
+            raise StaleWriter(f"lane {self.name}: the lease is another's; reading stopped")
+        if len(answer) == 2:
+            self._newest = _text(answer[1])
+            return None, []
+        entries = []
+        for at in range(2, len(answer), 2):
+            fields = answer[at + 1]
+            values = {_text(fields[i]): fields[i + 1] for i in range(0, len(fields), 2)}
+            entries.append(
+                Entry(
+                    entry_id=_text(answer[at]),
+                    audit_id=_text(values["id"]),
+                    cluster=_text(values["cluster"]),
+                    event=bytes(values["event"]),
+                )
+            )
+        return _text(answer[1]), entries
+
+    async def acknowledge_fenced(self, fence: Fence, entry_ids: Sequence[str]) -> None:
+        """:meth:`acknowledge`, for the lease holder only: raises :class:`StaleWriter`
+        (acknowledging nothing more) when ``fence`` is not what Redis holds."""
+        if not entry_ids:
+            return
+        with self.connection.errors(f"acknowledging entries of lane {self.name}"):
+            async with self.connection.client.pipeline(transaction=False) as pipe:
+                for start in range(0, len(entry_ids), _ACK_CHUNK):
+                    chunk = entry_ids[start : start + _ACK_CHUNK]
+                    await self.journal._fenced_acknowledge(
+                        keys=[self.key, fence.key],
+                        args=[fence.value, GROUP, *chunk],
+                        client=pipe,
+                    )
+                self.connection.durable_commands(pipe)
+                answers = await pipe.execute()
+        self.connection.confirm(answers)
+        if any(int(a) < 0 for a in answers[: _chunks(len(entry_ids))]):
+            raise StaleWriter(f"lane {self.name}: the lease is another's; not acknowledged")
+
     async def pending(self) -> int:
         """Entries delivered to a writer and not yet acknowledged."""
         with self.connection.errors(f"reading lane {self.name}"):
@@ -235,12 +368,20 @@ class Lane:
             return int(await self.connection.client.xlen(self.key))
 
 
+def _chunks(count: int) -> int:
+    return -(-count // _ACK_CHUNK)
+
+
 async def _ensure_group(client: Any, key: str, lanes: str) -> None:
     """The stream and its group, listed among the lanes (whose lengths make the backlog:
-    the append script registers only the streams it creates)."""
-    if not await client.exists(key):
+    the append script registers only the streams it creates). Replicas start together: a
+    group another one created in the meantime (BUSYGROUP) is the group we wanted."""
+    try:
         await client.xgroup_create(key, GROUP, id="0", mkstream=True)
-        await client.sadd(lanes, key)
+    except ResponseError as exc:
+        if not str(exc).startswith("BUSYGROUP"):
+            raise
+    await client.sadd(lanes, key)
 
 
 def _text(value: bytes | str) -> str:

@@ -47,6 +47,9 @@ class Receiver(Protocol):
 RECEIVER = web.AppKey("receiver", Receiver)
 SENDERS = web.AppKey("senders", SenderPolicy)
 MAX_BODY_BYTES = web.AppKey("max_body_bytes", int)
+# Why a cluster's events cannot be taken yet (a fleet's cluster whose rules are not read),
+# or None: that cluster's batches get 503, the others' are taken as usual.
+WAITING_FOR: web.AppKey[Callable[[str], str | None]] = web.AppKey("waiting_for")
 
 # Seconds the apiserver should wait: a backlog drains in about a second; a full disk or a
 # restart takes longer.
@@ -120,6 +123,9 @@ async def _take_batch(request: web.Request) -> web.Response:
     receiver = request.app[RECEIVER]
     if not receiver.ready():
         raise refusal(503, "not ready", retry_after=RETRY_AFTER_UNAVAILABLE)
+    waiting = request.app[WAITING_FOR](cluster)
+    if waiting is not None:
+        raise refusal(503, waiting, retry_after=RETRY_AFTER_UNAVAILABLE)
     intake = receiver.intake
     if intake.overloaded():
         raise refusal(429, "too many events wait for Git", retry_after=RETRY_AFTER_BUSY)
@@ -183,10 +189,13 @@ def make_app(
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     senders: SenderPolicy | None = None,
     metrics: Callable[[], bytes] | None = None,
+    waiting_for: Callable[[str], str | None] | None = None,
 ) -> web.Application:
-    """The receiver's HTTP app; ``metrics`` (Prometheus text) is served at ``/metrics``."""
+    """The receiver's HTTP app; ``metrics`` (Prometheus text) is served at ``/metrics``;
+    ``waiting_for``: why a cluster's events cannot be taken yet (503), or None."""
     app = web.Application(client_max_size=max_body_bytes)
     app[RECEIVER] = receiver
+    app[WAITING_FOR] = waiting_for or (lambda cluster: None)
     app[SENDERS] = senders or SenderPolicy()
     app[MAX_BODY_BYTES] = max_body_bytes
 

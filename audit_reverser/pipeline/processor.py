@@ -28,6 +28,7 @@ from audit_reverser.context import about
 from audit_reverser.encryption import sops
 from audit_reverser.encryption.keys import TargetKeys
 from audit_reverser.encryption.keys import fingerprint as fingerprint_of
+from audit_reverser.errors import TemporaryError
 from audit_reverser.events import AuditEvent, AuditID, ObjectRef
 from audit_reverser.gitstore.types import CommitOutcome, FileChange, TreeChange
 from audit_reverser.pipeline import canonical
@@ -96,6 +97,11 @@ FOLD_LIMIT = 50
 UNKNOWN_TIME = datetime(1970, 1, 1, tzinfo=UTC)
 
 
+class RulesNotRead(TemporaryError):
+    """The event's cluster is one of a fleet whose rules are not read yet: it is held (in
+    the journal) rather than routed by rules that are not known."""
+
+
 class CommitSink(Protocol):
     async def submit(self, change: FileChange | TreeChange) -> asyncio.Future[CommitOutcome]: ...
 
@@ -155,6 +161,7 @@ class Processor:
         self._sources = sources
         self._strangers: set[str] = set()  # other clusters' names, warned about once
         self._by_cluster = config.by_cluster
+        self._waiting = config.waiting
         self._exclusions = exclusions
         self._refused_secrets: set[Key] = set()
         self._rules: dict[tuple[str, ...], bytes] = {}  # .sops.yaml per set of recipients
@@ -172,6 +179,7 @@ class Processor:
         """New rules, targets and keys; the next event is routed by them."""
         self._router = Router(config, self._home)
         self._by_cluster = config.by_cluster
+        self._waiting = config.waiting
         self._own_secrets = own_secrets(config)
         self._sinks = sinks
         self._generation += 1
@@ -390,6 +398,9 @@ class Processor:
     async def _process(
         self, event: AuditEvent, later: Sequence[AuditEvent], routed: Routed | None
     ) -> list[asyncio.Future[CommitOutcome]]:
+        why = self._waiting.get(event.cluster)
+        if why is not None:  # an event the last run took: it waits for its rules
+            raise RulesNotRead(why)
         found: tuple[list[Route], Skip | None] | Skip
         if routed is not None and routed.generation == self._generation:
             found = list(routed.routes), None
