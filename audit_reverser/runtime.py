@@ -157,6 +157,8 @@ class Runtime:
             exclusions=settings.exclusions,
         )
         self._deletions_saved = 0  # Deletions.changes when last saved
+        # One save at a time: an older export must never land after a newer one.
+        self._saving_deletions = asyncio.Lock()
         self.journal = (
             Journal(
                 settings.state_dir / "journal",
@@ -435,6 +437,7 @@ class Runtime:
         if self.journal is not None:
             await self._restore_deletions()  # with Redis, the writer loads them (_lead)
             await self._recover(self.journal)
+        if self.deletions_store is not None:
             self._checkpoints = asyncio.create_task(
                 self._checkpoint_loop(self.journal), name="journal-checkpoints"
             )
@@ -532,13 +535,19 @@ class Runtime:
         )
         await journal.checkpoint()
 
-    async def _checkpoint_loop(self, journal: Journal) -> None:
+    async def _checkpoint_loop(self, journal: Journal | None) -> None:
         while True:
             await asyncio.sleep(CHECKPOINT_INTERVAL_S)
             try:
+                # The journal is in Redis: the writer saves the deletions (also requests no
+                # rule selects, which no acknowledgement saves); a standby may not.
+                if journal is None:
+                    if self.leads:
+                        await self._save_deletions()
+                    continue
                 await journal.look_at_disk()
                 await journal.checkpoint()
-            except OSError as exc:  # progress is saved on the next round; the records stay
+            except (OSError, AuditReverserError) as exc:  # saved on the next round
                 log.error("journal checkpoint failed: %s", exc)
 
     async def _restore_deletions(self) -> None:
@@ -574,11 +583,14 @@ class Runtime:
         before each checkpoint, the Redis journal before it acknowledges entries: an event
         counted as done never takes its request along)."""
         deletions, store = self.processor.deletions, self.deletions_store
-        if store is None or deletions.changes == self._deletions_saved:
+        if store is None:
             return
-        changes = deletions.changes
-        await store.save(deletions.export(time.time()))
-        self._deletions_saved = changes
+        async with self._saving_deletions:
+            if deletions.changes == self._deletions_saved:
+                return
+            changes = deletions.changes
+            await store.save(deletions.export(time.time()))
+            self._deletions_saved = changes
 
     def _lock_state_dir(self) -> None:
         """One process per state directory: two would interleave journals and mirrors."""
