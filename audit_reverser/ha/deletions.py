@@ -6,8 +6,9 @@ A replica's state directory is a cache in that mode, so a memory kept there woul
 with the writer; here the next writer loads it when it takes over. The writer saves before
 it acknowledges the entries of the events that asked (:class:`~audit_reverser.ha.journal.
 RedisJournal`'s ``before_acknowledge``): an entry no writer will read again never takes its
-request along. Saves and setting aside are fenced by the lease in the same script, so a
-writer that lost its lease (paused past it) cannot overwrite what the newer holder saved.
+request along. It also saves every 0.2 s, for requests no rule selects (they are not in the
+stream). Saves and setting aside are fenced by the lease in the same script, so a writer
+that lost its lease (paused past it) cannot overwrite what the newer holder saved.
 """
 
 from __future__ import annotations
