@@ -43,6 +43,7 @@ from audit_reverser.ha.lease import DEFAULT_LEASE_S
 from audit_reverser.ha.stream import StaleWriter
 from audit_reverser.ingest.intake import DEFAULT_MAX_BACKLOG, DEFAULT_WINDOW, Intake
 from audit_reverser.journal import DEFAULT_MIN_FREE_BYTES, EventJournal, Journal, SegmentFile
+from audit_reverser.pipeline.deletions import DeletionsStore
 from audit_reverser.pipeline.deletions_file import DeletionsFile
 from audit_reverser.pipeline.home import HomeCluster
 from audit_reverser.pipeline.noise import Exclusions
@@ -155,9 +156,9 @@ class Runtime:
             home=home,
             exclusions=settings.exclusions,
         )
-        # serve keeps who asked for pending deletions across restarts (replay has no state).
-        self.deletions_file = DeletionsFile(settings.state_dir) if settings.journal else None
         self._deletions_saved = 0  # Deletions.changes when last saved
+        # One save at a time: an older export must never land after a newer one.
+        self._saving_deletions = asyncio.Lock()
         self.journal = (
             Journal(
                 settings.state_dir / "journal",
@@ -175,10 +176,18 @@ class Runtime:
                 consumer=f"{socket.gethostname()}:{settings.state_dir.resolve()}",
                 progress=self._push_progress,
                 lease_s=settings.journal_lease_s,
+                before_acknowledge=self._save_deletions,
             )
             if settings.redis_journal is not None
             else None
         )
+        # serve keeps who asked for pending deletions across restarts (replay has no state):
+        # in the state directory, or in Redis for the next writer when that is a cache.
+        self.deletions_store: DeletionsStore | None = None
+        if self.redis_journal is not None:
+            self.deletions_store = self.redis_journal.deletions
+        elif settings.journal:
+            self.deletions_store = DeletionsFile(settings.state_dir)
         intake_journal: EventJournal | None = self.redis_journal or self.journal
         self.intake = Intake(
             self.processor,
@@ -425,10 +434,10 @@ class Runtime:
                 await asyncio.gather(*(w.close() for w in self.writers.values()))
                 self._unlock_state_dir()
                 raise
-        await self._restore_deletions()
         if self.journal is not None:
+            await self._restore_deletions()  # with Redis, the writer loads them (_lead)
             await self._recover(self.journal)
-        if self.journal is not None or self.deletions_file is not None:
+        if self.deletions_store is not None:
             self._checkpoints = asyncio.create_task(
                 self._checkpoint_loop(self.journal), name="journal-checkpoints"
             )
@@ -463,6 +472,7 @@ class Runtime:
         with contextlib.suppress(asyncio.CancelledError):
             await warming
         try:
+            await self._restore_deletions()
             for writer in list(self.writers.values()):
                 await self._catch_up(writer, journal)
             await journal.lead()
@@ -529,41 +539,58 @@ class Runtime:
         while True:
             await asyncio.sleep(CHECKPOINT_INTERVAL_S)
             try:
-                if journal is None:  # the journal is in Redis: only the deletions are ours
-                    await self._save_deletions()
+                # The journal is in Redis: the writer saves the deletions (also requests no
+                # rule selects, which no acknowledgement saves); a standby may not.
+                if journal is None:
+                    if self.leads:
+                        await self._save_deletions()
                     continue
                 await journal.look_at_disk()
                 await journal.checkpoint()
-            except OSError as exc:  # progress is saved on the next round; the records stay
+            except (OSError, AuditReverserError) as exc:  # saved on the next round
                 log.error("journal checkpoint failed: %s", exc)
 
     async def _restore_deletions(self) -> None:
-        file = self.deletions_file
-        if file is None:
+        """Take back who asked for pending deletions: at the start with the file journal,
+        when this replica becomes the writer with Redis (tried until Redis answers: a
+        writer without them would finish those deletions in the controllers' names)."""
+        store = self.deletions_store
+        if store is None:
             return
-        saved = await asyncio.to_thread(file.load)
+        while True:
+            try:
+                saved = await store.load()
+                break
+            except StaleWriter:
+                raise
+            except AuditReverserError as exc:
+                log.error("%s; trying again in %.0fs", exc, TAKE_OVER_RETRY_S)
+                await asyncio.sleep(TAKE_OVER_RETRY_S)
         if saved is None:
             return
         try:
             self.processor.deletions.restore(saved, time.time())
         except (KeyError, IndexError, TypeError, ValueError) as exc:
-            await asyncio.to_thread(file.set_aside, f"is damaged ({exc!r})")
+            try:
+                await store.set_aside(f"is damaged ({exc!r})")
+            except AuditReverserError as failed:  # the next save replaces them anyway
+                log.error("%s", failed)
             return
         self._deletions_saved = self.processor.deletions.changes
 
     async def _save_deletions(self) -> None:
         """Save who asked for pending deletions when that changed (the journal calls this
-        before each checkpoint: a record counted as done never takes its request along)."""
-        deletions, file = self.processor.deletions, self.deletions_file
-        if file is None or deletions.changes == self._deletions_saved:
+        before each checkpoint, the Redis journal before it acknowledges entries: an event
+        counted as done never takes its request along)."""
+        deletions, store = self.processor.deletions, self.deletions_store
+        if store is None:
             return
-        changes = deletions.changes
-        saved = deletions.export(time.time())
-        try:
-            await asyncio.to_thread(file.save, saved)
-        except OSError as exc:  # tried again at the next checkpoint
-            raise OSError(f"cannot save {file.path}: {exc}") from exc
-        self._deletions_saved = changes
+        async with self._saving_deletions:
+            if deletions.changes == self._deletions_saved:
+                return
+            changes = deletions.changes
+            await store.save(deletions.export(time.time()))
+            self._deletions_saved = changes
 
     def _lock_state_dir(self) -> None:
         """One process per state directory: two would interleave journals and mirrors."""
@@ -651,10 +678,10 @@ class Runtime:
                 await self._checkpoints
         if self.journal is not None:
             await self.journal.close()
-        else:
+        elif self.leads:  # a writer that lost its lease may not save
             try:
                 await self._save_deletions()
-            except OSError as exc:
+            except (OSError, AuditReverserError) as exc:
                 log.error("%s", exc)
         if self.redis_journal is not None:
             await self.redis_journal.close()

@@ -31,10 +31,11 @@ import asyncio
 import contextlib
 import logging
 from collections import deque
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 
 from audit_reverser.errors import AuditReverserError, TemporaryError
 from audit_reverser.ha.connection import Connection
+from audit_reverser.ha.deletions import RedisDeletions
 from audit_reverser.ha.lease import DEFAULT_LEASE_S, Lease, LeaseLost
 from audit_reverser.ha.stream import DEFAULT_PREFIX, Entry, Incoming, StaleWriter, StreamJournal
 from audit_reverser.journal import Batch, JournalUnavailable, Record
@@ -69,11 +70,17 @@ class RedisJournal:
         prefix: str = DEFAULT_PREFIX,
         probe_s: float = PROBE_S,
         lease_s: float = DEFAULT_LEASE_S,
+        before_acknowledge: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
+        """``before_acknowledge``: saves what events leave behind besides commits (who asked
+        for a deletion, in :attr:`deletions`); awaited before entries are acknowledged, and
+        nothing is acknowledged when it raises."""
         self.connection = connection
         self.stream = StreamJournal(connection, prefix=prefix)
         self.lane = self.stream.lane(INTAKE_LANE, consumer)
         self.lease = Lease(connection, INTAKE_LANE, consumer, prefix=prefix, lease_s=lease_s)
+        self.deletions = RedisDeletions(connection, lambda: self.lease.fence, prefix=prefix)
+        self._before_acknowledge = before_acknowledge
         # Set once this replica holds the lease: from then on it is the writer.
         self.leading = asyncio.Event()
         # Set when it lost the lease after holding it: it writes nothing more.
@@ -266,6 +273,8 @@ class RedisJournal:
         if not ready:
             return 0
         try:
+            if self._before_acknowledge is not None:
+                await self._before_acknowledge()
             await self.lane.acknowledge_fenced(self.lease.fence, ready)
         except StaleWriter as exc:
             self._lose(str(exc))

@@ -14,7 +14,8 @@ Requests are remembered when the event is routed, before any earlier event is pr
 the apiserver may send the request and its completion in one EventList. They outlive a
 restart through :meth:`Deletions.export` and :meth:`Deletions.restore` (the newest
 :data:`KEPT_LIMIT` requests younger than :data:`KEPT_AGE_S`; see
-:mod:`audit_reverser.pipeline.deletions_file`).
+:class:`DeletionsStore`: :mod:`audit_reverser.pipeline.deletions_file` for one replica,
+:mod:`audit_reverser.ha.deletions` when replicas share a journal in Redis).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, TypedDict
+from typing import Any, Protocol, TypedDict
 
 from audit_reverser.events import AuditEvent, AuditID, User
 from audit_reverser.pipeline.resolve import NeedsApi, resolve_offline
@@ -71,6 +72,39 @@ class Saved(TypedDict):
     objects: list[tuple[list[str], int]]  # ObjectKey, request index
     uids: list[tuple[str, int]]
     owners: list[tuple[list[str], list[str]]]  # ObjectKey of an owned object, owner uids
+
+
+def as_saved(data: object) -> Saved | None:
+    """``data`` (parsed JSON) as :class:`Saved` when it has that shape at the top; the rest
+    is checked by :meth:`Deletions.restore`."""
+    if not isinstance(data, dict) or not all(
+        isinstance(data.get(k), list) for k in ("requests", "objects", "uids", "owners")
+    ):
+        return None
+    return data  # type: ignore[return-value]
+
+
+class DeletionsStore(Protocol):
+    """Where :meth:`Deletions.export` is kept for the next run (or the next writer)."""
+
+    @property
+    def where(self) -> str:
+        """What to name in logs: the file, the Redis key."""
+        ...
+
+    async def load(self) -> Saved | None:
+        """The saved memories; None when there are none (or they cannot be read: logged,
+        and kept aside for a person to look at)."""
+        ...
+
+    async def save(self, saved: Saved) -> None:
+        """Replace the saved memories, durably; raises :class:`OSError` or
+        :class:`~audit_reverser.errors.AuditReverserError` when they are not."""
+        ...
+
+    async def set_aside(self, why: str) -> None:
+        """Keep damaged memories aside (logged with ``why``); the next load finds none."""
+        ...
 
 
 def object_key(
