@@ -475,7 +475,15 @@ class Runtime:
             await self._restore_deletions()
             for writer in list(self.writers.values()):
                 await self._catch_up(writer, journal)
-            await journal.lead()
+            while True:
+                try:
+                    await journal.lead()
+                    break
+                except StaleWriter:
+                    raise
+                except TemporaryError as exc:  # Redis away: the lease keeps, or is lost
+                    log.error("journal: %s (taking over again once Redis answers)", exc)
+                    await journal.until_available()
         except StaleWriter as exc:  # lost before it started: exits like any other loss
             log.error("%s", exc)
             journal.lost.set()
@@ -662,6 +670,13 @@ class Runtime:
         what is left then stays in the journal (and unpushed commits in the mirrors)."""
         self.accepting = False
         if self._leading is not None:
+            if self.redis_journal is not None and self.redis_journal.leading.is_set():
+                # Holding the lease, its takeover still under way (Redis was away): let it
+                # finish, so that what this replica accepted is written now.
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(
+                        asyncio.shield(self._leading), self.settings.shutdown_timeout_s / 2
+                    )
             self._leading.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._leading

@@ -91,6 +91,8 @@ class RedisJournal:
         self.probe_s = probe_s
         # Why appends fail now (what /readyz shows), None while Redis takes them.
         self.unwritable: str | None = None
+        self._available = asyncio.Event()  # clear while unwritable
+        self._available.set()
         self._backlog = 0
         # Events stored and not pushed over every lane's stream (a metric; the last probe's).
         self.stream_backlog = 0
@@ -288,6 +290,7 @@ class RedisJournal:
         if self.unwritable is None:
             log.error("journal unavailable: %s", why)
         self.unwritable = why
+        self._available.clear()
 
     async def probe(self) -> None:
         """One round: is Redis durable and reachable, how long is the stream, acknowledge."""
@@ -304,6 +307,12 @@ class RedisJournal:
         if self.unwritable is not None:
             log.info("journal available again")
         self.unwritable = None
+        self._available.set()
+
+    async def until_available(self) -> None:
+        """Return after the next probe that found Redis durable and reachable."""
+        await asyncio.sleep(self.probe_s)  # the probe may not have seen it go yet
+        await self._available.wait()
 
     async def _probe_loop(self) -> None:
         while True:
