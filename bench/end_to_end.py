@@ -9,18 +9,22 @@ dates and messages: the stream is read back from our remote) with a ``checkpoint
 and ``git fsck --strict`` must find nothing wrong in our remote.
 
 Cases: ``spread`` (200 folders), ``flat`` (one folder), ``100k`` (a remote that already holds
-100,000 files in 1,000 folders; the writes go to 100 of them) and ``ssh`` (spread, pushed
-over SSH to sshd on 127.0.0.1, the reference pushing there too). Each prints writes/s, the
-ratio to the reference, what the sender saw acknowledged, the drain time (last answer to
-last commit in the remote), serve's peak RSS, and the CPU time per write of serve (all its
-threads) and of the reference's git processes: on a machine shared with other jobs the CPU
-ratio moves far less than the wall-clock one.
+100,000 files in 1,000 folders; the writes go to 100 of them), ``ssh`` (spread, pushed
+over SSH to sshd on 127.0.0.1, the reference pushing there too) and ``https`` (spread, pushed
+to ``git http-backend`` behind TLS and basic authentication on 127.0.0.1, tests/gitservers.py's
+server in a process of its own; the reference too). Each prints writes/s, the ratio to the
+reference, what the sender saw acknowledged, the drain time (last answer to last commit in the
+remote), serve's peak RSS, and the CPU time per write of serve (all its threads and the ``ssh``
+client it runs for a push) and of the reference's git processes (``git push`` with its
+``ssh``); over SSH and HTTPS neither counts the remote's ``receive-pack``, which runs under the
+server. On a machine shared with other jobs the CPU ratio moves far less than the wall-clock
+one.
 
 ``serve`` and the reference's git processes run on CPU 0, the sender on CPU 1. serve pushes
 with the default ``maxCommits`` (20: in a drain, after every batch the writer takes) and a
 1 s interval, so that the last commits do not wait for the default minute.
 
-    python bench/end_to_end.py [--writes 10000] [--cases spread,flat,100k,ssh] [--no-fsck]
+    python bench/end_to_end.py [--writes 10000] [--cases spread,flat,100k,ssh,https] [--no-fsck]
 """
 
 from __future__ import annotations
@@ -35,8 +39,10 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -211,10 +217,10 @@ def _start_serve(root: Path, config: Path) -> tuple[subprocess.Popen[bytes], int
 
 
 def _cpu_s(pid: int) -> float:
-    """CPU seconds ``pid`` has used (all its threads): on a machine shared with other jobs
-    this moves far less than the wall clock."""
+    """CPU seconds ``pid`` has used: all its threads and the children it has waited for (the
+    ``ssh`` client of a push, as the reference's count has git push's)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return sum(int(field) for field in fields[11:15]) / os.sysconf("SC_CLK_TCK")
 
 
 def _children_cpu_s() -> float:
@@ -375,10 +381,45 @@ def _base_repository(path: Path, files: int, folders: list[str]) -> None:
     )
 
 
+def _https_server(work: Path) -> tuple[Any, Callable[[], None], Path]:
+    """tests/gitservers.py's ``git http-backend`` behind TLS (a CA made on the spot) and
+    basic authentication, serving the repositories under ``work``; (server, how to stop it,
+    the CA's certificate). It runs in a process of its own, as sshd does, so that the CPU of
+    its http-backend runs stays out of this process's children's CPU (the reference's)."""
+    import multiprocessing
+    import ssl
+
+    from tests.gitservers import GitHttpServer, wait_for_port
+    from tests.pki import Authority
+
+    authority = Authority(work, "bench-ca")
+    issued = authority.issue("127.0.0.1", server=True)
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(issued.cert, issued.key)
+    server = GitHttpServer(work, username="bot", password="bench-token", tls=context)
+    process = multiprocessing.get_context("fork").Process(
+        target=_serve_forever, args=(server,), daemon=True
+    )
+    process.start()
+    wait_for_port(server.port)
+
+    def stop() -> None:
+        process.terminate()
+        process.join(10)
+
+    return server, stop, authority.cert
+
+
+def _serve_forever(server: Any) -> None:
+    server.start()
+    threading.Event().wait()
+
+
 def run_case(case: str, writes: int, work: Path, *, fsck: bool) -> dict[str, float]:
     remote = work / "remote.git"
-    url, secret, env, push_url = f"file://{remote}", None, dict(os.environ), str(remote)
-    sshd = None
+    url, secret, env = f"file://{remote}", None, dict(os.environ)
+    push_url: Callable[[Path], str] = str  # the reference's URL for a repository
+    stop: Callable[[], None] | None = None
     folders = [f"team-{n:03d}" for n in range(200)]
     base = None
     if case == "flat":
@@ -397,7 +438,8 @@ def run_case(case: str, writes: int, work: Path, *, fsck: bool) -> dict[str, flo
 
         sshd = SshServer(work / "sshd")
         sshd.start()
-        url = push_url = sshd.url(remote)
+        stop = sshd.stop
+        url, push_url = sshd.url(remote), sshd.url
         secret = {"ssh-privatekey": sshd.client_key.private, "known_hosts": sshd.known_hosts}
         key = work / "client_key"
         key.write_text(sshd.client_key.private)
@@ -406,6 +448,15 @@ def run_case(case: str, writes: int, work: Path, *, fsck: bool) -> dict[str, flo
         env["GIT_SSH_COMMAND"] = (
             f"ssh -i {key} -o UserKnownHostsFile={work / 'known_hosts'} -o IdentitiesOnly=yes"
         )
+    if case == "https":
+        http, stop, ca = _https_server(work)
+        url = http.url(remote)
+        secret = {"username": "bot", "password": "bench-token", "ca.crt": ca.read_text()}
+        # The reference's git takes the same credentials from its URL and trusts the same CA.
+        push_url = lambda repository: http.url(repository).replace(  # noqa: E731
+            "https://", "https://bot:bench-token@", 1
+        )
+        env["GIT_SSL_CAINFO"] = str(ca)
     try:
         before = _commits(remote)
         server, port = _start_serve(work, _config(work, url, secret))
@@ -435,9 +486,8 @@ def run_case(case: str, writes: int, work: Path, *, fsck: bool) -> dict[str, flo
             work / "reference-base.git",
             work / "reference-remote.git",
         )
-        ref_url = push_url.replace(str(remote), str(reference_remote))
         ref_cpu_before = _children_cpu_s()
-        ref_s, ref_tip = reference(reference_base, commands, ref_url, work, env)
+        ref_s, ref_tip = reference(reference_base, commands, push_url(reference_remote), work, env)
         ref_cpu = _children_cpu_s() - ref_cpu_before
         if ref_tip != ours_tip:
             raise SystemExit(f"{case}: history differs from fast-import's: {ours_tip} != {ref_tip}")
@@ -450,8 +500,8 @@ def run_case(case: str, writes: int, work: Path, *, fsck: bool) -> dict[str, flo
         ):
             raise SystemExit(f"{case}: git fsck found problems in the remote")
     finally:
-        if sshd is not None:
-            sshd.stop()
+        if stop is not None:
+            stop()
     ours_s = done - begin
     return {
         "writes/s": writes / ours_s,
