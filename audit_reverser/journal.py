@@ -49,6 +49,7 @@ from typing import Protocol
 import orjson
 
 from audit_reverser.errors import PermanentError, TemporaryError
+from audit_reverser.files import sync_directory
 
 log = logging.getLogger(__name__)
 
@@ -343,7 +344,7 @@ class Journal:
         self._segments = [s for s in self._segments if s.path != path]
         self._file = self._open_segment(path)
         self._segments.append(_Segment(path, first_seq, first_seq - 1, stored=self._file.size))
-        _sync_directory(self.directory)
+        sync_directory(self.directory)
 
     # -- appends (event loop) ----------------------------------------------------------------
 
@@ -466,7 +467,7 @@ class Journal:
         assert self._file is not None
         self._file.close()
         self._file = new
-        _sync_directory(self.directory)
+        sync_directory(self.directory)
         return path
 
     # -- reading back (event loop) -----------------------------------------------------------
@@ -551,7 +552,7 @@ class Journal:
             out.flush()
             os.fsync(out.fileno())
         os.replace(temporary, path)
-        _sync_directory(self.directory)
+        sync_directory(self.directory)
         for segment in doomed:
             with contextlib.suppress(FileNotFoundError):
                 segment.unlink()
@@ -566,14 +567,6 @@ class Journal:
             self._file = None
         self._io.shutdown(wait=False)
         self._reader.shutdown(wait=False)
-
-
-def _sync_directory(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _free_bytes(directory: Path) -> int | None:

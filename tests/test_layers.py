@@ -12,6 +12,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "audit_reverser"
 LAYERS = [
     "context",
     "errors",
+    "files",
     "events",
     "config",
     "encryption",

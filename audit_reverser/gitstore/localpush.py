@@ -29,7 +29,8 @@ import time
 from pathlib import Path
 
 from audit_reverser.errors import RemoteUnavailable
-from audit_reverser.gitstore.packing import merge_packs, sync_directory
+from audit_reverser.files import sync_directory
+from audit_reverser.gitstore.packing import merge_packs
 
 log = logging.getLogger(__name__)
 

@@ -30,6 +30,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
+from audit_reverser.files import sync_directory
+
 COMMIT, TREE, BLOB = 1, 2, 3
 _OFS_DELTA = 6
 _TYPE_NAMES = {COMMIT: b"commit", TREE: b"tree", BLOB: b"blob"}
@@ -135,14 +137,6 @@ def _install_pack(pack_dir: Path, body: bytes, index: bytes) -> Path:
     _write_durably(pack_dir / f"tmp_{name}.idx", pack_dir / f"{name}.idx", index)
     sync_directory(pack_dir)
     return pack_path
-
-
-def sync_directory(path: Path) -> None:
-    directory = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(directory)
-    finally:
-        os.close(directory)
 
 
 def _write_durably(temporary: Path, final: Path, data: bytes | bytearray) -> None:

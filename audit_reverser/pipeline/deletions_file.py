@@ -19,6 +19,7 @@ from pathlib import Path
 
 import orjson
 
+from audit_reverser.files import replace_durably
 from audit_reverser.pipeline.deletions import Saved, as_saved
 
 log = logging.getLogger(__name__)
@@ -62,17 +63,7 @@ class DeletionsFile:
         return saved
 
     def _save(self, saved: Saved) -> None:
-        temporary = self.path.with_suffix(".tmp")
-        with open(temporary, "wb") as out:
-            out.write(orjson.dumps(saved))
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(temporary, self.path)
-        descriptor = os.open(self.path.parent, os.O_RDONLY)
-        try:
-            os.fsync(descriptor)
-        finally:
-            os.close(descriptor)
+        replace_durably(self.path, orjson.dumps(saved))
 
     def _set_aside(self, why: str) -> None:
         log.warning(

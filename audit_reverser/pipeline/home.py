@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 from pathlib import Path
+
+from audit_reverser.files import replace_durably
 
 log = logging.getLogger(__name__)
 
@@ -81,9 +82,4 @@ class HomeCluster:
     def _save(self) -> None:
         assert self._pin_file is not None and self.name is not None
         self._pin_file.parent.mkdir(parents=True, exist_ok=True)
-        temporary = self._pin_file.with_suffix(".tmp")
-        with temporary.open("w") as out:
-            out.write(f"{self.name}\n")
-            out.flush()
-            os.fsync(out.fileno())
-        temporary.replace(self._pin_file)
+        replace_durably(self._pin_file, f"{self.name}\n".encode())
