@@ -303,6 +303,43 @@ def test_merging_packs_keeps_one_copy_of_repeated_objects(tmp_path: Path) -> Non
     assert repo[pygit2.Oid(raw=packing.object_id(packing.BLOB, target))].data == target
 
 
+def test_a_merged_pack_is_indexed_as_git_indexes_it(tmp_path: Path) -> None:
+    """Packs sharing objects every way (an object in three packs, deltas whose base an
+    earlier pack also holds, a pack sharing nothing): the merged pack keeps one copy of
+    each object, and its index is byte for byte the one ``git index-pack`` makes of it."""
+    rnd = random.Random(5)
+    pool = [f"line {k} of a file\n".encode() * rnd.randrange(30, 60) for k in range(300)]
+    pack_dir = tmp_path / "packs"
+    packs, contents = [], set()
+    for n in range(5):
+        objects = packing.NewObjects(lambda oid: (0, b""))
+        chosen = rnd.sample(pool, 120) if n < 4 else [os.urandom(600) for _ in range(50)]
+        previous = None
+        for content in chosen:
+            previous = objects.add(
+                packing.BLOB, content, delta_of=previous if rnd.random() < 0.6 else None
+            )
+            contents.add(content)
+        pack = objects.write_pack(pack_dir)
+        assert pack is not None
+        packs.append(pack)
+    merged = packing.merge_packs(packs, tmp_path / "merged")
+    repo = tmp_path / "r.git"
+    pygit2.init_repository(str(repo), bare=True)
+    git(repo, "index-pack", "-o", str(tmp_path / "by-git.idx"), str(merged))
+    assert merged.with_suffix(".idx").read_bytes() == (tmp_path / "by-git.idx").read_bytes()
+    for suffix in (".pack", ".idx"):
+        (repo / "objects" / "pack" / merged.with_suffix(suffix).name).write_bytes(
+            merged.with_suffix(suffix).read_bytes()
+        )
+    git(repo, "fsck", "--full", "--strict")
+    listing = git(repo, "verify-pack", "-v", str(repo / "objects" / "pack" / merged.name))
+    assert sum(1 for line in listing.splitlines() if " blob " in line) == len(contents)
+    odb = pygit2.Repository(str(repo))
+    for content in contents:
+        assert odb[pygit2.Oid(raw=packing.object_id(packing.BLOB, content))].data == content
+
+
 def test_an_interrupted_pack_is_cleaned_up_and_the_branch_is_untouched(tmp_path: Path) -> None:
     remote = bare_repo(tmp_path / "remote.git")
     mirror = _mirror(tmp_path, remote)
