@@ -2,12 +2,14 @@
 
 :meth:`Intake.triage` does the cheap part in the caller (filter on the decoded JSON, parse,
 route). :meth:`Intake.accept` appends what is kept to the journal (when there is one) and
-returns once it is on disk; nothing else is kept in memory for it. One worker task reads the
-records back from the journal in seq order and feeds the processor, holding at most
-``window`` events (and ``window_bytes`` of their JSON) between the journal and the local
-commit: while Git falls behind, the backlog waits on disk, so memory stays flat whatever its
-size, and a start after a crash reads it from where it is. Without a journal (``replay``,
-whose files are their own record) accepted events wait in a queue under the same bound.
+returns once it is on disk. One worker task reads the records back from the journal in seq
+order and feeds the processor, holding at most ``window`` events (and ``window_bytes`` of
+their JSON) between the journal and the local commit: while Git falls behind, the backlog
+waits on disk, so memory stays flat whatever its size, and a start after a crash reads it
+from where it is. The events accepted in this run stay parsed and routed (up to 16 windows of
+them, twice ``window_bytes`` of JSON) until the worker reads them back: a burst is not parsed
+twice. Without a journal (``replay``, whose files are their own record) accepted events wait
+in a queue under the same bound.
 
 The worker hands the processor, with each event, the events for the same object queued
 behind it (in memory, read from the journal with it): one read of the object from the API
@@ -44,6 +46,12 @@ DEFAULT_MAX_BACKLOG = 100_000
 DEFAULT_WINDOW = 1_024
 # ... and their JSON, so that large objects cannot make the window large.
 DEFAULT_WINDOW_BYTES = 8 * 1024 * 1024
+# Events accepted in this run are kept parsed and routed until the worker reads them back, so
+# that it need not decode and route them a second time (a quarter of its work per kept write
+# while a burst waits for Git): at most this many windows of them, and twice the window's JSON
+# (a parsed event takes about 2.5 times its JSON: some 40 MiB). Beyond that, the backlog is
+# decoded from the journal as it is read.
+PARSED_WINDOWS = 16
 
 _ObjectKey = tuple[str, str, str, str, str]  # cluster, group, resource, namespace, name
 
@@ -105,9 +113,12 @@ class Intake:
         self._handed = 0
         self._moved = asyncio.Event()
         self._waiting: dict[_ObjectKey, deque[AuditEvent]] = {}  # taken in, per object
-        # Events just accepted, parsed and routed, by seq: while the worker keeps up, it takes
-        # them from here instead of decoding its read-back again. At most a window of them.
-        self._fresh: dict[int, tuple[AuditEvent, Routed]] = {}
+        # Events just accepted, parsed and routed, by seq (with the size of their JSON): the
+        # worker takes them from here instead of decoding its read-back again.
+        self._fresh: dict[int, tuple[AuditEvent, Routed, int]] = {}
+        self._fresh_bytes = 0
+        self._fresh_limit = PARSED_WINDOWS * window
+        self._fresh_bytes_limit = 2 * window_bytes
 
     def triage(self, items: Iterable[object], *, cluster: str = "", source: str = "") -> Triage:
         result = Triage()
@@ -171,10 +182,17 @@ class Intake:
             for event, raw in zip(triage.kept, triage.raw, strict=True)
         ]
         seqs = await self.journal.append(entries)
-        for seq, event, routed in zip(seqs, triage.kept, triage.routed, strict=True):
-            if len(self._fresh) >= self.window:
+        for seq, event, routed, (_, _, data) in zip(
+            seqs, triage.kept, triage.routed, entries, strict=True
+        ):
+            size = len(data)
+            if (
+                len(self._fresh) >= self._fresh_limit
+                or self._fresh_bytes + size > self._fresh_bytes_limit
+            ):
                 break
-            self._fresh[seq] = (event, routed)
+            self._fresh[seq] = (event, routed, size)
+            self._fresh_bytes += size
 
     def _index(self, event: AuditEvent) -> None:
         key = _object_of(event)
@@ -273,11 +291,16 @@ class Intake:
 
     def _parsed(self, record: Record) -> tuple[AuditEvent | None, Routed | None]:
         """The record's event, and its targets when it was routed in this run."""
+        fresh = self._fresh
         # Seqs are read in order: any older entry was read before it was cached.
-        while self._fresh and next(iter(self._fresh)) < record.seq:
-            del self._fresh[next(iter(self._fresh))]
-        fresh = self._fresh.pop(record.seq, None)
-        return fresh if fresh is not None else (self._decode(record), None)
+        while fresh and (oldest := next(iter(fresh))) < record.seq:
+            self._fresh_bytes -= fresh.pop(oldest)[2]
+        cached = fresh.pop(record.seq, None)
+        if cached is None:
+            return self._decode(record), None
+        event, routed, size = cached
+        self._fresh_bytes -= size
+        return event, routed
 
     def _decode(self, record: Record) -> AuditEvent | None:
         try:
