@@ -44,10 +44,32 @@ def _check(pattern: re.Pattern[str], value: str, what: str) -> str:
     return value
 
 
+# The group, version, resource and namespace of the objects written repeat from event to
+# event, and each is checked on arrival and again for every file: a combination that passed
+# is remembered (bounded: emptied when full), so that only the name is checked again.
+_CHECKED_LIMIT = 4096
+_checked: dict[tuple[str, str, str, str], tuple[str, ...]] = {}
+
+
 def check_reference(
     *, api_group: str, api_version: str, resource: str, namespace: str, name: str
 ) -> list[str]:
     """The checked path parts of an object reference (the name may still be unknown)."""
+    key = (api_group, api_version, resource, namespace)
+    parts = _checked.get(key)
+    if parts is None:
+        parts = _checked_parts(*key)
+        if len(_checked) >= _CHECKED_LIMIT:
+            _checked.clear()
+        _checked[key] = parts
+    if name:
+        return [*parts, _check(_OBJECT_NAME, name, "name")]
+    return list(parts)
+
+
+def _checked_parts(
+    api_group: str, api_version: str, resource: str, namespace: str
+) -> tuple[str, ...]:
     parts = []
     if api_group:
         parts.append(_check(_DNS_SUBDOMAIN, api_group, "API group"))
@@ -55,9 +77,7 @@ def check_reference(
     parts.append(_check(_DNS_SUBDOMAIN, resource, "resource"))
     if namespace:
         parts.append(_check(_DNS_LABEL, namespace, "namespace"))
-    if name:
-        parts.append(_check(_OBJECT_NAME, name, "name"))
-    return parts
+    return tuple(parts)
 
 
 def is_secret(api_group: str, resource: str) -> bool:
