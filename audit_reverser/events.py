@@ -25,6 +25,10 @@ _AUDIT_ID = re.compile(r"^[\x21-\x7e]{1,128}$")
 # comparison instead of a TypeError for an unhashable value.
 AUDIT_API_VERSIONS = ("audit.k8s.io/v1", "audit.k8s.io/v1beta1")
 
+# What a decoded JSON object may be, for isinstance: orjson makes dicts, and a check against
+# the Mapping ABC alone takes five times as long (0.25 µs), a dozen times per kept event.
+JSON_OBJECT = (dict, Mapping)
+
 
 class UserInfoDict(TypedDict, total=False):
     username: str
@@ -163,7 +167,7 @@ _refs: dict[tuple[object, ...], ObjectRef] = {}
 
 
 def _user(raw: object, where: str) -> User:
-    if not isinstance(raw, Mapping):
+    if not isinstance(raw, JSON_OBJECT):
         raise EventError(f"{where}: must be an object")
     groups = raw.get("groups") or ()
     try:  # a user seen before was checked then
@@ -185,7 +189,7 @@ def _user(raw: object, where: str) -> User:
 def _object_ref(raw: object, where: str) -> ObjectRef | None:
     if raw is None:
         return None
-    if not isinstance(raw, Mapping):
+    if not isinstance(raw, JSON_OBJECT):
         raise EventError(f"{where}: must be an object")
     get = raw.get
     key = (
@@ -225,7 +229,7 @@ def parse_event(raw: object, *, cluster: str = "") -> AuditEvent:
 
     Raises :class:`EventError` naming the auditID and field when the item is not an event.
     """
-    if not isinstance(raw, Mapping):
+    if not isinstance(raw, JSON_OBJECT):
         raise EventError(f"event must be a JSON object, got {type(raw).__name__}")
     audit_id = raw.get("auditID")
     if not isinstance(audit_id, str) or not _AUDIT_ID.match(audit_id):
@@ -242,7 +246,7 @@ def parse_event(raw: object, *, cluster: str = "") -> AuditEvent:
     if not verb or not stage:
         raise EventError(f"{where}: 'verb' and 'stage' are required")
     status = raw.get("responseStatus")
-    code = status.get("code") if isinstance(status, Mapping) else None
+    code = status.get("code") if isinstance(status, JSON_OBJECT) else None
     if code is not None and (not isinstance(code, int) or isinstance(code, bool)):
         raise EventError(f"{where}: responseStatus.code must be an integer")
     impersonated = raw.get("impersonatedUser")
@@ -269,7 +273,7 @@ def parse_event(raw: object, *, cluster: str = "") -> AuditEvent:
         user_agent=_text(raw, "userAgent", where),
         object_ref=_object_ref(raw.get("objectRef"), f"{where}: objectRef"),
         status_code=code,
-        response_object=response_object if isinstance(response_object, Mapping) else None,
+        response_object=response_object if isinstance(response_object, JSON_OBJECT) else None,
         time=time,
         cluster=cluster,
     )

@@ -33,7 +33,7 @@ from typing import Any
 import orjson
 
 from audit_reverser.errors import EventError, TemporaryError
-from audit_reverser.events import AuditEvent, parse_event
+from audit_reverser.events import JSON_OBJECT, AuditEvent, parse_event
 from audit_reverser.gitstore.types import CommitOutcome
 from audit_reverser.journal import EventJournal, Record
 from audit_reverser.pipeline.filter import Skip, classify_raw
@@ -124,16 +124,16 @@ class Intake:
         result = Triage()
         for raw in items:
             self.stats.received += 1
-            reason = classify_raw(raw) if isinstance(raw, Mapping) else Skip.MALFORMED
+            reason = classify_raw(raw) if isinstance(raw, JSON_OBJECT) else Skip.MALFORMED
             # A status write is almost always bookkeeping, but it may finish a deletion.
             if (
                 reason is Skip.STATUS
-                and isinstance(raw, Mapping)
+                and isinstance(raw, JSON_OBJECT)
                 and self.processor.may_finish_deletion(raw, cluster=cluster)
             ):
                 reason = None
             if reason is None:
-                assert isinstance(raw, Mapping)
+                assert isinstance(raw, JSON_OBJECT)
                 try:
                     event = parse_event(raw, cluster=cluster)
                 except EventError as exc:

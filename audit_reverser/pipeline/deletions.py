@@ -26,7 +26,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol, TypedDict
 
-from audit_reverser.events import AuditEvent, AuditID, User
+from audit_reverser.events import JSON_OBJECT, AuditEvent, AuditID, User
 from audit_reverser.pipeline.resolve import NeedsApi, resolve_offline
 
 DELETE_VERBS = frozenset({"delete", "deletecollection"})
@@ -128,8 +128,8 @@ def namespace_key(cluster: str, namespace: str) -> ObjectKey:
 
 
 def _metadata(obj: object) -> Mapping[str, Any]:
-    metadata = obj.get("metadata") if isinstance(obj, Mapping) else None
-    return metadata if isinstance(metadata, Mapping) else {}
+    metadata = obj.get("metadata") if isinstance(obj, JSON_OBJECT) else None
+    return metadata if isinstance(metadata, JSON_OBJECT) else {}
 
 
 def _uid_of(response: Mapping[str, Any] | None) -> str:
@@ -137,7 +137,7 @@ def _uid_of(response: Mapping[str, Any] | None) -> str:
     if response is None:
         return ""
     details = response.get("details")
-    uid = (details if isinstance(details, Mapping) else _metadata(response)).get("uid")
+    uid = (details if isinstance(details, JSON_OBJECT) else _metadata(response)).get("uid")
     return uid if isinstance(uid, str) else ""
 
 
@@ -259,7 +259,7 @@ class Deletions:
         uids = tuple(
             o["uid"]
             for o in (owners if isinstance(owners, list) else ())
-            if isinstance(o, Mapping) and isinstance(o.get("uid"), str)
+            if isinstance(o, JSON_OBJECT) and isinstance(o.get("uid"), str)
         )
         if uids:
             if self._owners.get(key) != uids and any(u in self._by_uid for u in uids):

@@ -10,7 +10,7 @@ from collections.abc import Mapping
 from enum import StrEnum
 from typing import Any
 
-from audit_reverser.events import is_dry_run
+from audit_reverser.events import JSON_OBJECT, is_dry_run
 
 WRITE_VERBS = frozenset({"create", "update", "patch", "delete", "deletecollection"})
 
@@ -75,14 +75,14 @@ def classify_raw(event: Mapping[str, Any]) -> Skip | None:
     if not isinstance(verb, str) or verb not in WRITE_VERBS:
         return Skip.READ if isinstance(verb, str) else Skip.MALFORMED
     status = event.get("responseStatus")
-    code = status.get("code") if isinstance(status, Mapping) else None
+    code = status.get("code") if isinstance(status, JSON_OBJECT) else None
     if not isinstance(code, int) or not 200 <= code < 300:
         return Skip.FAILED
     uri = event.get("requestURI")
     if isinstance(uri, str) and is_dry_run(uri):
         return Skip.DRY_RUN
     ref = event.get("objectRef")
-    if not isinstance(ref, Mapping) or not ref.get("resource"):
+    if not isinstance(ref, JSON_OBJECT) or not ref.get("resource"):
         return Skip.NO_OBJECT
     # Empty values of any type ([] or {} as much as "") mean "none".
     subresource, group = ref.get("subresource") or "", ref.get("apiGroup") or ""

@@ -27,7 +27,7 @@ from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 from audit_reverser.config.model import Config
-from audit_reverser.events import AuditEvent, ObjectRef
+from audit_reverser.events import JSON_OBJECT, AuditEvent, ObjectRef
 
 DEFAULT_EXCLUDED_USERS = (
     "system:kube-controller-manager",
@@ -83,9 +83,9 @@ def controlled(body: Mapping[str, Any] | None) -> bool:
     if body is None:
         return False
     metadata = body.get("metadata")
-    owners = metadata.get("ownerReferences") if isinstance(metadata, Mapping) else None
+    owners = metadata.get("ownerReferences") if isinstance(metadata, JSON_OBJECT) else None
     return isinstance(owners, list) and any(
-        isinstance(owner, Mapping) and owner.get("controller") is True for owner in owners
+        isinstance(owner, JSON_OBJECT) and owner.get("controller") is True for owner in owners
     )
 
 

@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from audit_reverser.events import AuditEvent, ObjectRef
+from audit_reverser.events import JSON_OBJECT, AuditEvent, ObjectRef
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -78,11 +78,11 @@ def resolve_from_api(
 
 def _metadata(obj: Mapping[str, Any]) -> Mapping[str, Any]:
     metadata = obj.get("metadata")
-    return metadata if isinstance(metadata, Mapping) else {}
+    return metadata if isinstance(metadata, JSON_OBJECT) else {}
 
 
 def _is_object(obj: object) -> bool:
-    if not isinstance(obj, Mapping) or obj.get("kind") == "Status":
+    if not isinstance(obj, JSON_OBJECT) or obj.get("kind") == "Status":
         return False
     name = _metadata(obj).get("name")
     return isinstance(name, str) and bool(name)
@@ -96,7 +96,7 @@ def _held(obj: Mapping[str, Any]) -> bool:
     return (
         bool(metadata.get("finalizers"))
         or (isinstance(grace, int) and grace > 0)
-        or (isinstance(spec, Mapping) and bool(spec.get("finalizers")))
+        or (isinstance(spec, JSON_OBJECT) and bool(spec.get("finalizers")))
     )
 
 
