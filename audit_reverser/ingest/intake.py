@@ -25,7 +25,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections import Counter, deque
+from collections import Counter, OrderedDict, deque
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -114,8 +114,9 @@ class Intake:
         self._moved = asyncio.Event()
         self._waiting: dict[_ObjectKey, deque[AuditEvent]] = {}  # taken in, per object
         # Events just accepted, parsed and routed, by seq (with the size of their JSON): the
-        # worker takes them from here instead of decoding its read-back again.
-        self._fresh: dict[int, tuple[AuditEvent, Routed, int]] = {}
+        # worker takes them from here instead of decoding its read-back again. Ordered: the
+        # first key of a plain dict whose front was popped takes a scan past the holes.
+        self._fresh: OrderedDict[int, tuple[AuditEvent, Routed, int]] = OrderedDict()
         self._fresh_bytes = 0
         self._fresh_limit = PARSED_WINDOWS * window
         self._fresh_bytes_limit = 2 * window_bytes
