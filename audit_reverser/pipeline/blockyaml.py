@@ -188,17 +188,21 @@ class _Writer:
         else:
             keys = sorted(value)
         out = self.out
-        key_text = self.key
-        scalar = self.scalar
+        # The caches are read here first: most keys and many values were written before.
+        key_texts = self.emitter.key_texts
+        scalar_texts = self.emitter.scalar_texts
         within = order.within if order is not None and depth == 0 else None
         prefix = first_prefix
         pad = " " * indent
         for key in keys:
             item = value[key]
+            text = key_texts.get(key) if type(key) is str else None
+            if text is None:
+                text = self.key(key)
             if type(item) is str and "\n" not in item:  # most values: no call to node()
-                out.append(f"{prefix}{key_text(key)}:{scalar(item)}")
+                out.append(f"{prefix}{text}:{scalar_texts.get(item) or self.scalar(item)}")
             else:
-                out.append(f"{prefix}{key_text(key)}:")
+                out.append(f"{prefix}{text}:")
                 self.node(item, indent, True, depth, within.get(key) if within else None)
             prefix = pad
 
