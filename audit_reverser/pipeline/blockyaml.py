@@ -320,4 +320,7 @@ class _Writer:
             lines.pop()
         pad = " " * indent
         self.out.append(f" |{indent_hint}{chomp}\n")
-        self.out.append("".join(f"{pad}{line}\n" if line else "\n" for line in lines))
+        if "" in lines:  # an empty line has no indentation
+            self.out.append("".join(f"{pad}{line}\n" if line else "\n" for line in lines))
+        else:
+            self.out.append(pad + f"\n{pad}".join(lines) + "\n")
