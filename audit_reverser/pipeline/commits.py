@@ -84,8 +84,7 @@ def commit_message(
             authors.add(name)
             identity = author_for(name)
             trailers.append(("Co-authored-by", f"{identity.name} <{identity.email}>"))
-    lines = ((key, _one_line(value)) for key, value in trailers)
-    body = "\n".join(f"{key}: {value}" for key, value in lines if value)
+    body = "\n".join(f"{key}: {line}" for key, value in trailers if (line := _one_line(value)))
     return f"[{action}] {subject_path}\n\n{body}\n"
 
 
