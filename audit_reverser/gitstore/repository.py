@@ -12,11 +12,12 @@ keep whatever the remote has; nothing is ever force-pushed.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
 from collections.abc import Callable
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import pygit2
@@ -59,15 +60,27 @@ PACK_CONFIG = {"pack.deltaCacheSize": "16m", "pack.windowMemory": "64m"}
 
 
 def _signature(identity: Identity, when: datetime) -> bytes:
-    offset = when.utcoffset()
-    minutes = int(offset.total_seconds() // 60) if offset is not None else 0
-    sign = "-" if minutes < 0 else "+"
-    hours, minutes = divmod(abs(minutes), 60)
+    """``Name <email> seconds +hhmm``, as git writes an author or committer. The two parts
+    that repeat from commit to commit are remembered: made afresh, they cost 6.6 µs of the
+    Git thread per signature, two per commit."""
+    return b"%s %d %s" % (_person(identity), int(when.timestamp()), _zone(when.utcoffset()))
+
+
+@functools.lru_cache(maxsize=4096)
+def _person(identity: Identity) -> bytes:
     # Names and emails come sanitized from the pipeline; a stray '<', '>' or newline would
     # still corrupt the header, so they never get through.
     name = " ".join(identity.name.translate(_HEADER_UNSAFE).split())
     email = identity.email.translate(_HEADER_UNSAFE).strip()
-    return (f"{name} <{email}> {int(when.timestamp())} {sign}{hours:02d}{minutes:02d}").encode()
+    return f"{name} <{email}>".encode()
+
+
+@functools.lru_cache(maxsize=256)
+def _zone(offset: timedelta | None) -> bytes:
+    minutes = int(offset.total_seconds() // 60) if offset is not None else 0
+    sign = "-" if minutes < 0 else "+"
+    hours, minutes = divmod(abs(minutes), 60)
+    return f"{sign}{hours:02d}{minutes:02d}".encode()
 
 
 _HEADER_UNSAFE = str.maketrans({"<": None, ">": None, "\n": " ", "\0": None})
