@@ -35,9 +35,8 @@ from pathlib import Path
 from typing import Any
 
 import orjson
-from traced_serve import SERVE_ENV, serve_command  # bench/, the script's own folder
+from traced_serve import start_serve  # bench/, the script's own folder
 
-REPO = Path(__file__).resolve().parent.parent
 BATCH = 400
 LIMIT_MIB = 512  # deploy/deployment.yaml: resources.limits.memory
 
@@ -125,44 +124,10 @@ spec:
     return path
 
 
-def _port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
 class Serve:
     def __init__(self, root: Path, config: Path, *extra: str, traced: bool = False) -> None:
-        self.port = _port()
+        self.process, self.port = start_serve(root, config, *extra, traced=traced)
         self.log = root / f"serve-{self.port}.log"
-        with self.log.open("wb") as sink:
-            self.process = subprocess.Popen(
-                [
-                    *serve_command(traced),
-                    "--log-level",
-                    "warning",
-                    "serve",
-                    "--config",
-                    str(config),
-                    "--state-dir",
-                    str(root / "state"),
-                    "--listen",
-                    f"127.0.0.1:{self.port}",
-                    *extra,
-                ],
-                cwd=REPO,
-                stderr=sink,
-                env=SERVE_ENV,
-            )
-        deadline = time.monotonic() + 300
-        while True:
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{self.port}/readyz", timeout=1)
-                return
-            except OSError:
-                if self.process.poll() is not None or time.monotonic() > deadline:
-                    raise SystemExit("serve did not start: " + self.log.read_text()) from None
-                time.sleep(0.05)
 
     def memory_mib(self, field: str) -> float:
         for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():

@@ -35,20 +35,18 @@ import os
 import re
 import resource
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
 import threading
 import time
-import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import orjson
 import pygit2
-from traced_serve import SERVE_ENV, serve_command  # bench/, the script's own folder
+from traced_serve import start_serve  # bench/, the script's own folder
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -184,36 +182,9 @@ spec:
 
 
 def _start_serve(root: Path, config: Path) -> tuple[subprocess.Popen[bytes], int]:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    log = (root / "serve.log").open("wb")
-    server = subprocess.Popen(
-        [
-            *serve_command(),
-            "--log-level",
-            "warning",
-            "serve",
-            "--config",
-            str(config),
-            "--state-dir",
-            str(root / "state"),
-            "--listen",
-            f"127.0.0.1:{port}",
-        ],
-        cwd=REPO,
-        stderr=log,
-        env=SERVE_ENV,
-    )
+    server, port = start_serve(root, config, timeout_s=60)
     _pin(server.pid, 0)
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        try:
-            urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=1)
-            return server, port
-        except OSError:
-            time.sleep(0.1)
-    raise SystemExit("serve did not start: " + (root / "serve.log").read_text())
+    return server, port
 
 
 def _cpu_s(pid: int) -> float:

@@ -23,7 +23,6 @@ import argparse
 import asyncio
 import os
 import re
-import socket
 import statistics
 import subprocess
 import sys
@@ -33,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+from traced_serve import start_serve  # bench/, the script's own folder
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -231,41 +231,11 @@ spec:
   targetRef: {{name: live, namespace: bench}}
   rules: [{{scope: Namespaced, resources: ["*"]}}, {{scope: Cluster, resources: ["*"]}}]
 """)
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    log = (root / "serve.log").open("wb")
-    server = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "audit_reverser",
-            "--log-level",
-            "warning",
-            "serve",
-            "--config",
-            str(config),
-            "--state-dir",
-            str(root / "state"),
-            "--listen",
-            f"127.0.0.1:{port}",
-        ],
-        cwd=REPO,
-        stderr=log,
-    )
+    server, port = start_serve(root, config, traced=False, timeout_s=30)
     if hasattr(os, "sched_setaffinity") and os.cpu_count() and os.cpu_count() > 1:  # type: ignore[operator]
         os.sched_setaffinity(server.pid, {0})
         os.sched_setaffinity(0, {1})
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        try:
-            import urllib.request
-
-            urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=1)
-            return server, port
-        except OSError:
-            time.sleep(0.1)
-    raise SystemExit("serve did not start: " + (root / "serve.log").read_text())
+    return server, port
 
 
 def _report(

@@ -1,4 +1,5 @@
-"""``python -m audit_reverser`` under tracemalloc, for finding where a benchmark's memory goes.
+"""How the benchmarks start ``serve`` (:func:`start_serve`), and ``python -m audit_reverser``
+under tracemalloc, for finding where a benchmark's memory goes.
 
 The benchmarks run ``serve`` through this when ``BENCH_TRACEMALLOC`` names a file: every half
 second it appends the traced Python memory and the RSS to ``<file>.log``, and whenever the
@@ -14,10 +15,13 @@ from __future__ import annotations
 
 import os
 import runpy
+import socket
+import subprocess
 import sys
 import threading
 import time
 import tracemalloc
+import urllib.request
 from pathlib import Path
 
 # serve's environment as the image (Dockerfile) sets it: two malloc arenas.
@@ -30,6 +34,46 @@ def serve_command(traced: bool = True) -> list[str]:
     if traced and os.environ.get("BENCH_TRACEMALLOC"):
         return [sys.executable, str(Path(__file__).resolve())]
     return [sys.executable, "-m", "audit_reverser"]
+
+
+def start_serve(
+    root: Path, config: Path, *extra: str, traced: bool = True, timeout_s: float = 300
+) -> tuple[subprocess.Popen[bytes], int]:
+    """``serve`` of ``config`` with its state in ``root``/state, on a free port of 127.0.0.1,
+    its stderr in ``root``/serve-PORT.log; returns once ``/readyz`` answers."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = int(probe.getsockname()[1])
+    log = root / f"serve-{port}.log"
+    with log.open("wb") as sink:
+        process = subprocess.Popen(
+            [
+                *serve_command(traced),
+                "--log-level",
+                "warning",
+                "serve",
+                "--config",
+                str(config),
+                "--state-dir",
+                str(root / "state"),
+                "--listen",
+                f"127.0.0.1:{port}",
+                *extra,
+            ],
+            cwd=Path(__file__).resolve().parent.parent,
+            stderr=sink,
+            env=SERVE_ENV,
+        )
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=1)
+            return process, port
+        except OSError:
+            if process.poll() is not None or time.monotonic() > deadline:
+                process.kill()
+                raise SystemExit("serve did not start: " + log.read_text()) from None
+            time.sleep(0.05)
 
 
 def _rss_mib() -> int:

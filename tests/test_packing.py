@@ -251,6 +251,29 @@ def test_a_push_to_a_local_remote_hands_over_the_batch_pack(tmp_path: Path) -> N
     assert git_files(remote) == git_files(mirror.path)
 
 
+def test_the_batches_of_one_push_become_one_pack_in_the_mirror_and_the_remote(
+    tmp_path: Path,
+) -> None:
+    """Three batches before a push: the mirror merges their packs once, keeps that pack
+    instead of the three, and the remote gets the same pack; nothing merged twice."""
+    remote = bare_repo(tmp_path / "remote.git")
+    mirror = _mirror(tmp_path, remote)
+    packs = mirror.path / "objects" / "pack"
+    changes = [c for c in _changes(60) if c.content is not None]
+    for batch in (changes[:20], changes[20:40], changes[40:]):
+        for change in batch:
+            mirror.commit(change)
+        mirror.save()
+    assert len(list(packs.glob("*.pack"))) == 3
+    assert mirror.push() == mirror_commits(mirror)
+    [ours] = packs.glob("*.pack")
+    [theirs] = (remote / "objects" / "pack").glob("*.pack")
+    assert theirs.name == ours.name and theirs.read_bytes() == ours.read_bytes()
+    git(mirror.path, "fsck", "--strict", "--full", "--no-dangling")
+    git(remote, "fsck", "--strict", "--full", "--no-dangling")
+    assert git_files(remote) == git_files(mirror.path)
+
+
 def mirror_commits(mirror: Mirror) -> int:
     return int(git(mirror.path, "rev-list", "--count", "main"))
 

@@ -12,11 +12,12 @@ keep whatever the remote has; nothing is ever force-pushed.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
 from collections.abc import Callable
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import pygit2
@@ -59,15 +60,27 @@ PACK_CONFIG = {"pack.deltaCacheSize": "16m", "pack.windowMemory": "64m"}
 
 
 def _signature(identity: Identity, when: datetime) -> bytes:
-    offset = when.utcoffset()
-    minutes = int(offset.total_seconds() // 60) if offset is not None else 0
-    sign = "-" if minutes < 0 else "+"
-    hours, minutes = divmod(abs(minutes), 60)
+    """``Name <email> seconds +hhmm``, as git writes an author or committer. The two parts
+    that repeat from commit to commit are remembered: made afresh, they cost 6.6 µs of the
+    Git thread per signature, two per commit."""
+    return b"%s %d %s" % (_person(identity), int(when.timestamp()), _zone(when.utcoffset()))
+
+
+@functools.lru_cache(maxsize=4096)
+def _person(identity: Identity) -> bytes:
     # Names and emails come sanitized from the pipeline; a stray '<', '>' or newline would
     # still corrupt the header, so they never get through.
     name = " ".join(identity.name.translate(_HEADER_UNSAFE).split())
     email = identity.email.translate(_HEADER_UNSAFE).strip()
-    return (f"{name} <{email}> {int(when.timestamp())} {sign}{hours:02d}{minutes:02d}").encode()
+    return f"{name} <{email}>".encode()
+
+
+@functools.lru_cache(maxsize=256)
+def _zone(offset: timedelta | None) -> bytes:
+    minutes = int(offset.total_seconds() // 60) if offset is not None else 0
+    sign = "-" if minutes < 0 else "+"
+    hours, minutes = divmod(abs(minutes), 60)
+    return f"{sign}{hours:02d}{minutes:02d}".encode()
 
 
 _HEADER_UNSAFE = str.maketrans({"<": None, ">": None, "\n": " ", "\0": None})
@@ -467,6 +480,7 @@ class Mirror:
 
     def _push_once(self) -> None:
         assert self._head is not None
+        self._merge_outgoing()
         if (
             isinstance(self.transport, LocalTransport)
             and self._outgoing is not None
@@ -565,6 +579,24 @@ class Mirror:
             remote.hex()[:12],
         )
 
+    def _merge_outgoing(self) -> None:
+        """Replace the packs written since the last push with one pack of them all.
+
+        Every push sends one pack (hard-linked into a local remote, streamed to an SSH or
+        HTTPS one), so several batch packs were merged for it anyway, and then merged again
+        in the mirror with the rest of their tier. Merged here once, in the mirror, the push
+        takes that pack as it is and the tiers start one level up: each object is copied
+        one time less (a drain of 30,000 spread commits: 4-6 % less CPU per commit)."""
+        if self._outgoing is None or len(self._outgoing) < 2:
+            return
+        try:
+            merged = merge_packs(self._outgoing, self.path / "objects" / "pack")
+        except (OSError, ValueError) as exc:  # the push merges them in its own way then
+            log.warning("%s: could not merge the packs to push: %s", self.path, exc)
+            return
+        self._drop_packs(self._outgoing)
+        self._outgoing = [merged]
+
     def _consolidate(self) -> None:
         """Merge the packs of the smallest full tier (and any smaller ones) into one, and
         again while that fills the next tier."""
@@ -575,14 +607,18 @@ class Mirror:
             if len(merged) < 2:
                 return
             merge_packs(merged, pack_dir)
-            for pack in merged:
-                for suffix in (".idx", ".rev", ".bitmap", ".pack"):
-                    pack.with_suffix(suffix).unlink(missing_ok=True)
-            # git's multi-pack index (if someone made one here) would name the removed packs.
-            (pack_dir / "multi-pack-index").unlink(missing_ok=True)
-            # libgit2 keeps the removed packs open until the repository is opened again.
-            self._repo = pygit2.Repository(str(self.path))
-            log.debug("%s: merged %d packs into one", self.path, len(merged))
+            self._drop_packs(merged)
+
+    def _drop_packs(self, packs: list[Path]) -> None:
+        """Remove ``packs``, whose objects a pack merged from them now holds."""
+        for pack in packs:
+            for suffix in (".idx", ".rev", ".bitmap", ".pack"):
+                pack.with_suffix(suffix).unlink(missing_ok=True)
+        # git's multi-pack index (if someone made one here) would name the removed packs.
+        (self.path / "objects" / "pack" / "multi-pack-index").unlink(missing_ok=True)
+        # libgit2 keeps the removed packs open until the repository is opened again.
+        self._repo = pygit2.Repository(str(self.path))
+        log.debug("%s: merged %d packs into one", self.path, len(packs))
 
 
 def _entry_id(tree: pygit2.Tree | None, path: str) -> pygit2.Oid | None:

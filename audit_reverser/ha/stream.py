@@ -17,7 +17,7 @@ the stream's length is the backlog, and nothing leaves it before it is in the re
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -262,19 +262,29 @@ class Lane:
     async def acknowledge(self, entry_ids: Sequence[str]) -> None:
         """Entries whose commits are in the remote: out of the pending list and the stream,
         in one transaction, durably."""
+        script = self.journal._acknowledge
+        await self._acknowledge_in_chunks(
+            entry_ids,
+            lambda pipe, chunk: script(keys=[self.key], args=[GROUP, *chunk], client=pipe),
+        )
+
+    async def _acknowledge_in_chunks(
+        self, entry_ids: Sequence[str], queue: Callable[[Any, Sequence[str]], Awaitable[Any]]
+    ) -> list[Any]:
+        """Queue an acknowledging script per chunk of ``entry_ids`` in one pipeline, with the
+        durability commands after them; the scripts' answers, or none when there were no
+        entries."""
         if not entry_ids:
-            return
+            return []
         with self.connection.errors(f"acknowledging entries of lane {self.name}"):
             async with self.connection.client.pipeline(transaction=False) as pipe:
                 # Chunks: a Lua call unpacks its arguments onto a stack of limited size.
                 for start in range(0, len(entry_ids), _ACK_CHUNK):
-                    chunk = entry_ids[start : start + _ACK_CHUNK]
-                    await self.journal._acknowledge(
-                        keys=[self.key], args=[GROUP, *chunk], client=pipe
-                    )
+                    await queue(pipe, entry_ids[start : start + _ACK_CHUNK])
                 self.connection.durable_commands(pipe)
-                answers = await pipe.execute()
+                answers: list[Any] = await pipe.execute()
         self.connection.confirm(answers)
+        return answers[: _chunks(len(entry_ids))]
 
     async def ensure(self) -> None:
         """Create the stream and its group if missing (a replica that only appends may
@@ -340,21 +350,14 @@ class Lane:
     async def acknowledge_fenced(self, fence: Fence, entry_ids: Sequence[str]) -> None:
         """:meth:`acknowledge`, for the lease holder only: raises :class:`StaleWriter`
         (acknowledging nothing more) when ``fence`` is not what Redis holds."""
-        if not entry_ids:
-            return
-        with self.connection.errors(f"acknowledging entries of lane {self.name}"):
-            async with self.connection.client.pipeline(transaction=False) as pipe:
-                for start in range(0, len(entry_ids), _ACK_CHUNK):
-                    chunk = entry_ids[start : start + _ACK_CHUNK]
-                    await self.journal._fenced_acknowledge(
-                        keys=[self.key, fence.key],
-                        args=[fence.value, GROUP, *chunk],
-                        client=pipe,
-                    )
-                self.connection.durable_commands(pipe)
-                answers = await pipe.execute()
-        self.connection.confirm(answers)
-        if any(int(a) < 0 for a in answers[: _chunks(len(entry_ids))]):
+        script = self.journal._fenced_acknowledge
+        answers = await self._acknowledge_in_chunks(
+            entry_ids,
+            lambda pipe, chunk: script(
+                keys=[self.key, fence.key], args=[fence.value, GROUP, *chunk], client=pipe
+            ),
+        )
+        if any(int(a) < 0 for a in answers):
             raise StaleWriter(f"lane {self.name}: the lease is another's; not acknowledged")
 
     async def pending(self) -> int:
