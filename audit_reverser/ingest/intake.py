@@ -6,8 +6,8 @@ returns once it is on disk. One worker task reads the records back from the jour
 order and feeds the processor, holding at most ``window`` events (and ``window_bytes`` of
 their JSON) between the journal and the local commit: while Git falls behind, the backlog
 waits on disk, so memory stays flat whatever its size, and a start after a crash reads it
-from where it is. The events accepted in this run stay parsed and routed (up to 16 windows of
-them, twice ``window_bytes`` of JSON) until the worker reads them back: a burst is not parsed
+from where it is. The events accepted in this run stay parsed and routed (up to 8 windows of
+them, ``window_bytes`` of JSON) until the worker reads them back: a burst is not parsed
 twice. Without a journal (``replay``, whose files are their own record) accepted events wait
 in a queue under the same bound.
 
@@ -48,10 +48,11 @@ DEFAULT_WINDOW = 1_024
 DEFAULT_WINDOW_BYTES = 8 * 1024 * 1024
 # Events accepted in this run are kept parsed and routed until the worker reads them back, so
 # that it need not decode and route them a second time (a quarter of its work per kept write
-# while a burst waits for Git): at most this many windows of them, and twice the window's JSON
-# (a parsed event takes about 2.5 times its JSON: some 40 MiB). Beyond that, the backlog is
-# decoded from the journal as it is read.
-PARSED_WINDOWS = 16
+# while a burst waits for Git): at most this many windows of them, and as much of their JSON
+# as the window holds (a parsed event takes about 2.5 times its JSON: some 20 MiB; 16 windows
+# and twice the JSON took the 80,000-write burst of bench/backlog_memory.py from 125 to 169
+# MiB). Beyond that, the backlog is decoded from the journal as it is read.
+PARSED_WINDOWS = 8
 
 _ObjectKey = tuple[str, str, str, str, str]  # cluster, group, resource, namespace, name
 
@@ -119,7 +120,7 @@ class Intake:
         self._fresh: OrderedDict[int, tuple[AuditEvent, Routed, int]] = OrderedDict()
         self._fresh_bytes = 0
         self._fresh_limit = PARSED_WINDOWS * window
-        self._fresh_bytes_limit = 2 * window_bytes
+        self._fresh_bytes_limit = window_bytes
 
     def triage(self, items: Iterable[object], *, cluster: str = "", source: str = "") -> Triage:
         result = Triage()
