@@ -484,8 +484,10 @@ class BranchWriter:
         self.last_push_error = None
         self._push_deadline = None
         if self.mirror.unpushed:  # made while this push was on its way
+            # As after any commit batch: at once when maxCommits wait and nothing more is
+            # queued; in a drain, at 1,024 commits (see _commit) or after the interval.
             now = asyncio.get_running_loop().time()
-            soon = self.mirror.unpushed >= self.push_max_commits
+            soon = self.mirror.unpushed >= self.push_max_commits and self._queue.empty()
             self._push_deadline = now if soon else now + self.push_interval_s
         self._retry_s = RETRY_MIN_S
         log.info("%s: pushed %d commits", self.name, pushed)
