@@ -126,6 +126,43 @@ async def test_our_unpushed_commits_are_replayed_when_the_remote_moved(tmp_path:
     assert mirror.replays == 1
 
 
+async def test_a_push_made_alongside_the_commits_replays_onto_a_moved_remote(
+    tmp_path: Path,
+) -> None:
+    """maxCommits 1: each commit is pushed from the writer's second thread while commits go
+    on. The remote moved before one of them: that push falls back to the replay, and every
+    commit lands on top of the other tool's, never forced."""
+    remote = await asyncio.to_thread(bare_repo, tmp_path / "remote.git")
+    await asyncio.to_thread(_protect, remote)
+    harness = await start_harness(tmp_path, max_commits=1)
+    try:
+        await harness.send(event("create", name="a", body=configmap("a", data={"v": "1"})))
+        await harness.sync()
+        await asyncio.to_thread(
+            _other_tool_commit, remote, tmp_path / "bob", {"docs/README.md": "hi\n"}, "Bob's"
+        )
+        await harness.send(
+            event("update", name="a", body=configmap("a", data={"v": "2"}), user="carol"),
+            event("create", name="b", body=configmap("b")),
+        )
+        async with asyncio.timeout(30):  # no flush: the writer pushes by itself
+            while len(await harness.subjects()) < 4:  # noqa: ASYNC110 - another process
+                await asyncio.sleep(0.05)
+        [writer] = harness.runtime.writers.values()
+    finally:
+        await harness.runtime.close()
+    assert await harness.subjects() == [
+        "[CREATE] v1/configmaps/default/a",
+        "Bob's",
+        "[UPDATE] v1/configmaps/default/a",
+        "[CREATE] v1/configmaps/default/b",
+    ]
+    assert await asyncio.to_thread(_only_fast_forwards, remote)
+    assert writer.mirror.replays == 1
+    assert writer.stats.push_failures == 0  # replayed at once, not after a back-off
+    assert await asyncio.to_thread(git, remote, "fsck", "--strict", "--no-dangling") == ""
+
+
 async def test_a_concurrent_writer_and_an_outage_lose_nothing_and_force_nothing(
     tmp_path: Path, sshd: SshServer
 ) -> None:

@@ -234,3 +234,45 @@ async def test_https_pushes_send_our_packs_too(
     ]
     assert git_http.requests[2:] == push * 2
     assert "s3cr3t-t0ken-9f8e7d" not in caplog.text
+
+
+async def test_commits_go_on_while_the_server_takes_its_time_with_a_push(
+    tmp_path: Path, git_http: GitHttpServer
+) -> None:
+    """A push waiting on a slow server does not hold the next events back: they are
+    committed in the mirror meanwhile, and once the server answers every commit reaches the
+    remote, in order, in as many pushes as it took."""
+    remote = await asyncio.to_thread(_remote, tmp_path / "remote.git")
+    secret = {"username": "bot", "password": "s3cr3t-t0ken-9f8e7d"}
+    harness = await start_harness(tmp_path, url=git_http.url(remote), secret=secret, max_commits=2)
+    [writer] = harness.runtime.writers.values()
+
+    async def committed() -> int:
+        count = await asyncio.to_thread(git, writer.mirror.path, "rev-list", "--count", "--all")
+        return int(count)
+
+    async def until_committed(count: int) -> None:
+        for _ in range(600):
+            if await committed() >= count:
+                return
+            await asyncio.sleep(0.05)
+        raise AssertionError(f"{await committed()} commits in the mirror, not {count}")
+
+    try:
+        assert await _send(harness, "first") == []  # fetched and pushed once
+        git_http.answering.clear()  # the server sits on every request from now on
+        for name in ("a", "b"):  # two commits: maxCommits, so a push starts and waits
+            await harness.send(event("create", name=name, body=configmap(name), user="ana"))
+        await until_committed(3)
+        for name in ("c", "d"):
+            await harness.send(event("create", name=name, body=configmap(name), user="bob"))
+        await until_committed(5)
+        assert len(await harness.subjects()) == 1  # the push is still held
+        git_http.answering.set()
+        await harness.sync()
+    finally:
+        git_http.answering.set()
+        await harness.runtime.close()
+    names = [subject.split("/")[-1] for subject in await harness.subjects()]
+    assert names == ["first", "a", "b", "c", "d"]
+    assert await asyncio.to_thread(git, remote, "fsck", "--strict", "--no-dangling") == ""

@@ -17,6 +17,7 @@ import json
 import logging
 import os
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
 
@@ -453,20 +454,91 @@ class Mirror:
                     raise  # the remote did not move: a transport or permission problem
                 self._replay_onto(remote)
                 continue
-            pushed, self.unpushed = self.unpushed, 0
-            self._outgoing = []
-            self._builds_on = self._head
-            try:
-                self._consolidate()
-            except (OSError, pygit2.GitError, ValueError) as exc:
-                # Merging only saves reads; the packs as they are hold everything.
-                log.warning("%s: could not merge packs: %s", self.path, exc)
-            self._release_caches()
+            pushed = self.unpushed
+            self._pushed(self._head, pushed, None)
             return pushed
         raise RemoteUnavailable(
             f"branch {self.branch} of {self.transport.display} moved {MAX_REPLAYS} times while "
             "we pushed; trying again later"
         )
+
+    def _pushed(self, head: bytes, commits: int, packs: list[Path] | None) -> None:
+        """The remote now holds ``head``: the ``commits`` before it and the ``packs`` that
+        carried them (None: all there were) are no longer waiting, and the packs are merged
+        as tiers fill."""
+        self.unpushed -= commits
+        if packs is None or self._outgoing is None:
+            self._outgoing = []
+        else:
+            self._outgoing = [pack for pack in self._outgoing if pack not in packs]
+        self._builds_on = head
+        try:
+            self._consolidate()
+        except (OSError, pygit2.GitError, ValueError) as exc:
+            # Merging only saves reads; the packs as they are hold everything.
+            log.warning("%s: could not merge packs: %s", self.path, exc)
+        self._release_caches()
+
+    # -- a push while commits go on (BranchWriter) ------------------------------------------
+    #
+    # begin_push and end_push run on the Git thread, send on a thread of its own: it reads
+    # only the plan's pack files (never changed or removed until end_push) and the remote, so
+    # commits can be made and saved meanwhile. A remote that moved, or a push our packs cannot
+    # carry, is left to push() after end_push, as the rare case it is.
+
+    def begin_push(self) -> PushPlan | None:
+        """Save, and say what :meth:`send` is to push: the branch tip as it is now and the one
+        pack of the commits up to it. None when :meth:`push` must push (nothing to push, the
+        commits of an earlier run, a remote our packs cannot be handed to)."""
+        self.save()
+        if self._head is None or not self.unpushed or not self._outgoing:
+            return None
+        if isinstance(self.transport, LocalTransport):
+            if not can_push_directly(self.transport.path, self._local_ref):
+                return None
+        elif not isinstance(self.transport, NetworkTransport) or self._pack_push_unsupported:
+            return None
+        if self.fence is not None:
+            self.fence()
+        self._merge_outgoing()
+        try:
+            old = self._last_seen_remote_tip()
+        except RemoteMoved:
+            return None
+        return PushPlan(
+            head=self._head, old=old, packs=tuple(self._outgoing), commits=self.unpushed
+        )
+
+    def send(self, plan: PushPlan) -> None:
+        """Hand ``plan``'s packs to the remote and move its branch from ``plan.old`` to
+        ``plan.head``; raises as the transport fails. Safe beside commits and saves."""
+        if self.fence is not None:
+            self.fence()
+        packs = list(plan.packs)
+        if isinstance(self.transport, LocalTransport):
+            push_packs(self.transport.path, self._local_ref, plan.old, plan.head, packs)
+        else:
+            assert isinstance(self.transport, NetworkTransport)
+            scratch = self.path / "audit-reverser" / "outgoing"
+            push_pack(self.transport, self._local_ref, plan.old, plan.head, packs, scratch)
+
+    def end_push(self, plan: PushPlan, error: BaseException | None) -> bool:
+        """After :meth:`send`: True when it pushed ``plan``; False when :meth:`push` is to
+        push now (the remote moved: it replays; our packs cannot go there: libgit2); any
+        other failure raised as :class:`RemoteUnavailable`."""
+        if error is None:
+            self.repo.references.create(self._tracking_ref, _oid(plan.head), force=True)
+            self._pushed(plan.head, plan.commits, list(plan.packs))
+            return True
+        if isinstance(error, PackPushUnsupported):
+            self._pack_push_unsupported = True
+            log.info("%s: pushing with libgit2: %s", self.transport.display, error)
+            return False
+        if isinstance(error, RemoteMoved):
+            return False
+        if isinstance(error, OSError):  # reading or merging our own packs
+            raise RemoteUnavailable(f"push to {self.transport.display} failed: {error}") from error
+        raise error
 
     def _release_caches(self) -> None:
         """Drop libgit2's caches and return the freed memory, once a push is done.
@@ -602,7 +674,12 @@ class Mirror:
         again while that fills the next tier."""
         pack_dir = self.path / "objects" / "pack"
         while True:
-            packs = [(p.stat().st_size, p) for p in pack_dir.glob("pack-*.pack") if _mergeable(p)]
+            waiting = set(self._outgoing or ())  # a push to come carries them as they are
+            packs = [
+                (p.stat().st_size, p)
+                for p in pack_dir.glob("pack-*.pack")
+                if _mergeable(p) and p not in waiting
+            ]
             merged = _full_tier(packs)
             if len(merged) < 2:
                 return
@@ -619,6 +696,17 @@ class Mirror:
         # libgit2 keeps the removed packs open until the repository is opened again.
         self._repo = pygit2.Repository(str(self.path))
         log.debug("%s: merged %d packs into one", self.path, len(packs))
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class PushPlan:
+    """A push :meth:`Mirror.send` makes: move the remote branch from ``old`` to ``head``
+    with ``packs``, which hold the ``commits`` made since the last push."""
+
+    head: bytes
+    old: bytes | None
+    packs: tuple[Path, ...]
+    commits: int
 
 
 def _entry_id(tree: pygit2.Tree | None, path: str) -> pygit2.Oid | None:

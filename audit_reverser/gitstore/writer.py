@@ -106,6 +106,15 @@ class _Flush:
 
 
 @dataclass(frozen=True, slots=True)
+class _Wake:
+    """Queued when a push made alongside the commits ends: the writer looks at its push
+    deadline again even if no change comes."""
+
+
+_WAKE = _Wake()
+
+
+@dataclass(frozen=True, slots=True)
 class _Change:
     change: FileChange | TreeChange
     done: asyncio.Future[CommitOutcome]
@@ -169,12 +178,15 @@ class BranchWriter:
         self.push_max_commits = push_max_commits
         self.stats = WriterStats()
         self.last_push_error: str | None = None
-        self._queue: asyncio.Queue[_Change | _Flush | None] = asyncio.Queue(queue_size)
+        self._queue: asyncio.Queue[_Change | _Flush | _Wake | None] = asyncio.Queue(queue_size)
         self._task: asyncio.Task[None] | None = None
         self._push_deadline: float | None = None
         self._retry_s = RETRY_MIN_S
         self._recovered: dict[tuple[str, str], str] = {}
         self._thread = GitThread(f"git {mirror.path.name}")
+        # A push made while commits go on (see _push_soon), and the thread it sends from.
+        self._pushing: asyncio.Task[None] | None = None
+        self._sender: GitThread | None = None
         self._watchers: list[Touched] = []
         # HA: raises unless this replica may still write the branch; awaited before every
         # commit batch and every push (see :meth:`take_over`).
@@ -314,18 +326,20 @@ class BranchWriter:
             assert self._task is not None
             await self._task
         self._thread.shutdown(wait=False)
+        if self._sender is not None:
+            self._sender.shutdown(wait=False)
 
     async def _run(self) -> None:
         await self._sync()
         loop = asyncio.get_running_loop()
         while True:
             timeout = None
-            if self._push_deadline is not None:
+            if self._push_deadline is not None and self._pushing is None:
                 timeout = max(0.0, self._push_deadline - loop.time())
             try:
                 item = await asyncio.wait_for(self._queue.get(), timeout)
             except TimeoutError:
-                await self._try_push()
+                await self._push_soon()
                 continue
             # Take what is already waiting (up to a limit) into one trip to the worker thread.
             batch: list[_Change] = []
@@ -337,11 +351,13 @@ class BranchWriter:
             if batch:
                 await self._commit(batch)
             if isinstance(item, _Flush):
+                await self._settle()
                 try:
                     item.done.set_result(await self._push())
                 except AuditReverserError as exc:
                     item.done.set_exception(exc)
             elif item is None:
+                await self._settle()
                 await self._try_push(final=True)
                 return
 
@@ -415,9 +431,36 @@ class BranchWriter:
             or self.mirror.unpushed >= BACKLOG_PUSH_COMMITS
             or (self._push_deadline is not None and now >= self._push_deadline)
         ):
-            await self._try_push()
+            await self._push_soon()
 
-    async def _push(self) -> int:
+    async def _push_soon(self) -> None:
+        """Push: alongside the commits that go on meanwhile (a push to a server takes a
+        round trip or several, and the server indexes the pack; commits waited for all of
+        it), or here in HA, where a replica acknowledges entries by the pushed count and a
+        push must be all that happens between two counts."""
+        if self.fence is not None:
+            await self._try_push()
+        elif self._pushing is None:
+            self._pushing = asyncio.create_task(self._push_alongside(), name=f"push {self.name}")
+
+    async def _push_alongside(self) -> None:
+        try:
+            await self._try_push(alongside=True)
+        except Exception as exc:  # a bug: no one awaits this task to see it, so say it here
+            log.exception("%s: push failed unexpectedly; trying again later", self.name)
+            self.last_push_error = f"push failed unexpectedly: {exc}"
+            self._push_deadline = asyncio.get_running_loop().time() + self._next_delay()
+        finally:
+            self._pushing = None
+            with contextlib.suppress(asyncio.QueueFull):  # full: the writer wakes anyway
+                self._queue.put_nowait(_WAKE)
+
+    async def _settle(self) -> None:
+        """Wait for a push made alongside the commits to end."""
+        if self._pushing is not None:
+            await self._pushing
+
+    async def _push(self, *, alongside: bool = False) -> int:
         if not self.mirror.unpushed:
             self._push_deadline = None
             return 0
@@ -425,7 +468,10 @@ class BranchWriter:
             await self.fence()
         begin = time.monotonic()
         try:
-            pushed = await self._blocking(self.mirror.push)
+            if alongside:
+                pushed = await self._send_alongside()
+            else:
+                pushed = await self._blocking(self.mirror.push)
         except AuditReverserError as exc:
             self.stats.pushed_in(time.monotonic() - begin)
             self.stats.push_failures += 1
@@ -437,9 +483,36 @@ class BranchWriter:
         self.stats.last_push_at = datetime.now(UTC)
         self.last_push_error = None
         self._push_deadline = None
+        if self.mirror.unpushed:  # made while this push was on its way
+            # As after any commit batch: at once when maxCommits wait and nothing more is
+            # queued; in a drain, at 1,024 commits (see _commit) or after the interval.
+            now = asyncio.get_running_loop().time()
+            soon = self.mirror.unpushed >= self.push_max_commits and self._queue.empty()
+            self._push_deadline = now if soon else now + self.push_interval_s
         self._retry_s = RETRY_MIN_S
         log.info("%s: pushed %d commits", self.name, pushed)
         return pushed
+
+    async def _send_alongside(self) -> int:
+        """Push the commits saved so far from a thread of its own, while the Git thread
+        goes on committing; what the mirror cannot push that way, it pushes on the Git
+        thread (the remote moved: a replay; a remote for libgit2)."""
+        plan = await self._blocking(self.mirror.begin_push)
+        if plan is None:
+            return await self._blocking(self.mirror.push)
+        if self._sender is None:
+            self._sender = GitThread(f"push {self.mirror.path.name}")
+        sending = plan
+        error: BaseException | None = None
+        try:
+            await asyncio.get_running_loop().run_in_executor(
+                self._sender, lambda: self.mirror.send(sending)
+            )
+        except Exception as exc:  # end_push decides what it means, on the Git thread
+            error = exc
+        if await self._blocking(lambda: self.mirror.end_push(sending, error)):
+            return sending.commits
+        return await self._blocking(self.mirror.push)
 
     def _next_delay(self) -> float:
         """Capped exponential back-off with jitter, so that many writers do not retry in step."""
@@ -447,10 +520,10 @@ class BranchWriter:
         self._retry_s = min(self._retry_s * 2, RETRY_MAX_S)
         return delay
 
-    async def _try_push(self, *, final: bool = False) -> None:
+    async def _try_push(self, *, final: bool = False, alongside: bool = False) -> None:
         """Push, and on failure schedule a retry with back-off instead of raising."""
         with contextlib.suppress(AuditReverserError):
-            await self._push()
+            await self._push(alongside=alongside)
             return
         if final:
             log.warning(
