@@ -445,11 +445,13 @@ def _size_varint(size: int) -> bytearray:
 
 def _common_prefix(a: bytes, b: bytes, limit: int) -> int:
     """Length of the common prefix of ``a`` and ``b``, at most ``limit``: a binary search
-    whose comparisons run in C (a byte loop in Python would cost a hundred times more)."""
+    whose comparisons run in C (a byte loop in Python would cost a hundred times more), on
+    views of ``b`` (slices would copy: 4 MB per search in a folder of 80,000 files)."""
     low, high = 0, limit
+    view = memoryview(b)
     while low < high:
         middle = (low + high + 1) // 2
-        if a.startswith(b[low:middle], low):
+        if a.startswith(view[low:middle], low):
             low = middle
         else:
             high = middle - 1
@@ -460,9 +462,10 @@ def _common_suffix(a: bytes, b: bytes, limit: int) -> int:
     """Length of the common suffix of ``a`` and ``b``, at most ``limit``."""
     low, high = 0, limit
     end_a, end_b = len(a), len(b)
+    view = memoryview(b)
     while low < high:
         middle = (low + high + 1) // 2
-        if a.endswith(b[end_b - middle : end_b - low], 0, end_a - low):
+        if a.endswith(view[end_b - middle : end_b - low], 0, end_a - low):
             low = middle
         else:
             high = middle - 1
