@@ -8,6 +8,7 @@ Every component is checked against what Kubernetes itself allows, so a forged ob
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 
@@ -44,29 +45,20 @@ def _check(pattern: re.Pattern[str], value: str, what: str) -> str:
     return value
 
 
-# The group, version, resource and namespace of the objects written repeat from event to
-# event, and each is checked on arrival and again for every file: a combination that passed
-# is remembered (bounded: emptied when full), so that only the name is checked again.
-_CHECKED_LIMIT = 4096
-_checked: dict[tuple[str, str, str, str], tuple[str, ...]] = {}
-
-
 def check_reference(
     *, api_group: str, api_version: str, resource: str, namespace: str, name: str
 ) -> list[str]:
     """The checked path parts of an object reference (the name may still be unknown)."""
-    key = (api_group, api_version, resource, namespace)
-    parts = _checked.get(key)
-    if parts is None:
-        parts = _checked_parts(*key)
-        if len(_checked) >= _CHECKED_LIMIT:
-            _checked.clear()
-        _checked[key] = parts
+    parts = _checked_parts(api_group, api_version, resource, namespace)
     if name:
         return [*parts, _check(_OBJECT_NAME, name, "name")]
     return list(parts)
 
 
+# The group, version, resource and namespace of the objects written repeat from event to
+# event, and each is checked on arrival and again for every file: a combination that passed
+# is remembered (4,096 of them), so that only the name is checked again.
+@functools.lru_cache(maxsize=4096)
 def _checked_parts(
     api_group: str, api_version: str, resource: str, namespace: str
 ) -> tuple[str, ...]:
