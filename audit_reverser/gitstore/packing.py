@@ -167,9 +167,6 @@ class _Table:
     def count(self) -> int:
         return len(self.offsets)
 
-    def id(self, i: int) -> bytes:
-        return self.ids[20 * i : 20 * i + 20]
-
     def ids_between(self, low: int, high: int) -> Iterator[bytes]:
         """The ids of objects ``low`` to ``high`` - 1, sliced by C code as they are read."""
         return map(
@@ -178,9 +175,8 @@ class _Table:
         )
 
     def first_byte_bounds(self) -> list[int]:
-        """Where the ids of each first byte start, and the count at the end (the fan-out)."""
-        first_bytes = self.ids[::20]
-        return [bisect_left(first_bytes, byte) for byte in range(256)] + [self.count]
+        """Where the ids of each first byte start, and the count at the end."""
+        return [0, *_fanout(self.ids)]
 
 
 def _big_endian(kind: str, data: bytes) -> array[int]:
@@ -629,12 +625,18 @@ def _encode_index(offsets: dict[bytes, int], crcs: dict[bytes, int], checksum: b
     )
 
 
+def _fanout(ids: bytes | bytearray) -> list[int]:
+    """A pack index's fan-out of sorted 20-byte ``ids``: how many start with each byte or
+    a smaller one."""
+    first_bytes = ids[::20]
+    return [bisect_right(first_bytes, byte) for byte in range(256)]
+
+
 def _index_bytes(
     ids: bytes | bytearray, crcs: array[int], offsets: array[int], checksum: bytes
 ) -> bytearray:
     """A version 2 pack index: fan-out table, sorted ids, CRCs, offsets, checksums."""
-    first_bytes = ids[::20]
-    fanout = [bisect_right(first_bytes, byte) for byte in range(256)]
+    fanout = _fanout(ids)
     small, large = array("I"), array("Q")
     if not offsets or max(offsets) < 0x80000000:
         small = array("I", offsets)
