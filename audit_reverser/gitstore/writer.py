@@ -227,11 +227,7 @@ class BranchWriter:
         """Remember the commits made after ``since``; returns their ``(path, message)``s.
         Between :meth:`open` and :meth:`start`."""
         changes = await self._blocking(lambda: self.mirror.changes_since(since))
-        found = []
-        for commit_id, message, paths in changes:
-            for path in paths:
-                self._recovered[(message, path)] = commit_id
-                found.append((path, message))
+        found = self._remember(changes)
         if changes:
             log.info(
                 "%s: %d commits made after the last journal checkpoint", self.name, len(changes)
@@ -247,12 +243,18 @@ class BranchWriter:
         :meth:`start`."""
         await self.warm()
         changes = await self._blocking(lambda: self.mirror.latest_changes(history))
+        found = self._remember(changes)
+        log.info("%s: read the newest %d commits of the remote's history", self.name, len(changes))
+        return found
+
+    def _remember(self, changes: list[tuple[str, str, list[str]]]) -> list[tuple[str, str]]:
+        """Answer a change processed again with the commit already made for it (same message
+        and path); returns those ``(path, message)``s."""
         found = []
         for commit_id, message, paths in changes:
             for path in paths:
                 self._recovered[(message, path)] = commit_id
                 found.append((path, message))
-        log.info("%s: read the newest %d commits of the remote's history", self.name, len(changes))
         return found
 
     async def warm(self) -> None:
