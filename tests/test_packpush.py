@@ -45,23 +45,30 @@ def _packs(folder: Path) -> set[str]:
     return {pack.name for pack in folder.glob("**/objects/pack/pack-*.pack")}
 
 
-async def test_pushes_send_our_packs_and_land_the_same_history_as_libgit2(
-    tmp_path: Path, sshd: SshServer, caplog: pytest.LogCaptureFixture
+async def _two_pushes_carry_our_packs(
+    harness: Harness, state: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.INFO)
-    remote = await asyncio.to_thread(_remote, tmp_path / "ours" / "remote.git")
-    harness = await start_harness(tmp_path / "ours", url=sshd.url(remote), secret=_secret(sshd))
+    """Two events, a push, one more, a push; then the runtime is closed. The remote holds
+    the very packs the mirror wrote (not ones rebuilt for the push), and git finds it whole."""
     try:
         assert await _send(harness, "a", "b") == []
         assert await _send(harness, "c") == []
     finally:
         await harness.runtime.close()
     assert FALLBACK not in caplog.text
-    # The remote holds the very packs the mirror wrote, not ones rebuilt for the push.
-    remote_packs = await asyncio.to_thread(_packs, remote)
+    remote_packs = await asyncio.to_thread(_packs, harness.remote)
     assert len(remote_packs) == 2
-    assert remote_packs <= await asyncio.to_thread(_packs, tmp_path / "ours" / "state")
-    assert await asyncio.to_thread(git, remote, "fsck", "--strict", "--no-dangling") == ""
+    assert remote_packs <= await asyncio.to_thread(_packs, state)
+    assert await asyncio.to_thread(git, harness.remote, "fsck", "--strict", "--no-dangling") == ""
+
+
+async def test_pushes_send_our_packs_and_land_the_same_history_as_libgit2(
+    tmp_path: Path, sshd: SshServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    remote = await asyncio.to_thread(_remote, tmp_path / "ours" / "remote.git")
+    harness = await start_harness(tmp_path / "ours", url=sshd.url(remote), secret=_secret(sshd))
+    await _two_pushes_carry_our_packs(harness, tmp_path / "ours" / "state", caplog)
 
     # The same events through libgit2's push (an encrypted key falls back to it).
     key = await asyncio.to_thread(KeyPair, "correct horse")
@@ -214,16 +221,7 @@ async def test_https_pushes_send_our_packs_too(
     remote = await asyncio.to_thread(_remote, tmp_path / "remote.git")
     secret = {"username": "bot", "password": "s3cr3t-t0ken-9f8e7d"}
     harness = await start_harness(tmp_path, url=git_http.url(remote), secret=secret)
-    try:
-        assert await _send(harness, "a", "b") == []
-        assert await _send(harness, "c") == []
-    finally:
-        await harness.runtime.close()
-    assert FALLBACK not in caplog.text
-    remote_packs = await asyncio.to_thread(_packs, remote)
-    assert len(remote_packs) == 2
-    assert remote_packs <= await asyncio.to_thread(_packs, tmp_path / "state")
-    assert await asyncio.to_thread(git, remote, "fsck", "--strict", "--no-dangling") == ""
+    await _two_pushes_carry_our_packs(harness, tmp_path / "state", caplog)
     assert len(await harness.subjects()) == 3
     # Credentials only where they were asked for: each push's first request is anonymous.
     # (The first two: the fetch on start; info/refs?service=git-receive-pack after.)
