@@ -102,7 +102,8 @@ class EventJournal(Protocol):
 
     @property
     def last_seq(self) -> int:
-        """The newest seq given out by :meth:`append`."""
+        """The newest seq given out by :meth:`append`, or of a record left by an earlier run
+        that this one is to finish: what the intake drains through at a stop."""
         ...
 
     async def append(self, entries: Sequence[Entry]) -> list[int]:

@@ -74,3 +74,29 @@ async def test_a_retried_batch_is_stored_once(
     assert again[0] == 0 and again[1] > first[0]
     assert journal.last_seq == again[1]
     assert await _length(redis_server) == 2
+
+
+async def test_a_new_writer_finishes_what_the_one_before_left(
+    journal: RedisJournal, redis_server: RedisServer
+) -> None:
+    """Its stop drains the intake through ``last_seq``: that must cover the entries it took
+    over, not only those it appended itself (a stop right after a takeover wrote nothing)."""
+    seqs = await journal.append([(f"id-{n}", "", b"{}") for n in range(3)])
+    await journal.read(2, 1 << 20)  # delivered, never acknowledged: the writer is killed
+    await journal.lease.release()
+    connection = await connect(
+        JournalSettings(url=redis_server.url, password_file=redis_server.password_file)
+    )
+    successor = RedisJournal(connection, consumer="replica-b", progress=dict)
+    await successor.open()
+    try:
+        await successor.leading.wait()
+        assert successor.last_seq == 0  # it appended nothing
+        await successor.lead()
+        assert successor.last_seq == seqs[-1]
+        read: list[int] = []
+        while not read or read[-1] < successor.last_seq:  # the taken-over first, then the rest
+            read.extend(r.seq for r in (await successor.read(10, 1 << 20)).records)
+        assert read == seqs
+    finally:
+        await successor.close()

@@ -36,6 +36,7 @@ from tests.conftest import (
     start_serve,
     write_config,
 )
+from tests.gitservers import GitHttpServer
 from tests.redisserver import RedisServer
 from tests.test_metrics import SHARED_JOURNAL_ONLY
 
@@ -80,15 +81,6 @@ def _post_all(port: int, numbers: list[int], acked: list[int], reached: threadin
         acked.append(n)
         if len(acked) >= 40:
             reached.set()
-
-
-def _readiness(port: int) -> str:
-    """``/readyz?verbose``, whatever its status."""
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz?verbose", timeout=5) as r:
-            return str(r.read().decode())
-    except urllib.error.HTTPError as exc:
-        return str(exc.read().decode())
 
 
 def _ready(port: int) -> bool:
@@ -178,9 +170,10 @@ def test_kill_9_and_an_empty_state_dir_lose_nothing_and_duplicate_nothing(
     # The mirror is a cache: a start without it reads what is not pushed back from Redis.
     shutil.rmtree(tmp_path / "state")
     server = start_serve(tmp_path, *args, "--shutdown-timeout", "300")
-    # Writing once the takeover is done: a stop before that leaves the entries in Redis for
-    # the next writer (nothing lost), and would test that instead.
-    _wait_until(lambda: "standby" not in _readiness(server.port), "the takeover")
+    # Once it holds the lease: a standby's stop leaves the entries in Redis for the next
+    # writer (nothing lost), and would test that instead. A stop during the takeover that
+    # follows writes them (see the test below).
+    _wait_until(lambda: "lease intake: taken by" in server.log.read_text(), "the lease")
     resend = [first_run[-1], *range(first_run[-1] + 1, BATCHES)]  # one 200 lost on the wire
     for n in resend:
         assert _post(server.port, n)[0] == 200
@@ -193,6 +186,38 @@ def test_kill_9_and_an_empty_state_dir_lose_nothing_and_duplicate_nothing(
     assert [i for i, count in ids.items() if count > 1] == []
     assert len(git_files(remote)) == len(ids)
     # Everything pushed was acknowledged: nothing waits in the stream.
+    assert redis_server.command("XLEN", STREAM) == "0"
+
+
+def test_a_stop_during_a_takeover_writes_what_the_killed_writer_left(
+    tmp_path: Path, redis_server: RedisServer, git_http: GitHttpServer
+) -> None:
+    """SIGTERM while the new writer takes over (its remote is slow to answer the takeover's
+    fetch): it finishes the takeover and writes what the killed writer left before it exits,
+    instead of leaving everything in Redis for a writer that may never come."""
+    remote = bare_repo(tmp_path / "remote.git")
+    secret = {"username": "bot", "password": git_http.password}
+    args = _serve_args(tmp_path, remote, redis_server, url=git_http.url(remote), secret=secret)
+    server = start_serve(tmp_path, *args)
+    for n in range(3):
+        assert _post(server.port, n)[0] == 200
+    _wait_until(lambda: _commits(server.port) == 3 * KEPT_PER_BATCH, "commits")
+    server.kill()  # pushes every hour: it pushed nothing
+    assert git(remote, "rev-list", "--all") == ""
+
+    git_http.answering.clear()  # the takeover's fetch waits from now on
+    server = start_serve(tmp_path, *args)
+    _wait_until(lambda: "lease intake: taken by" in server.log.read_text(), "the lease")
+    server.process.terminate()
+    time.sleep(0.5)  # the stop is under way while the takeover waits for the remote
+    git_http.answering.set()
+    server.process.wait(timeout=300)  # a bound against hangs, not a time to meet
+    log = server.log.read_text()
+    assert server.process.returncode == 0, log
+
+    ids = _audit_ids(remote)
+    assert set(ids) == {f"id-{n}-{j}" for n in range(3) for j in range(KEPT_PER_BATCH)}
+    assert max(ids.values()) == 1
     assert redis_server.command("XLEN", STREAM) == "0"
 
 

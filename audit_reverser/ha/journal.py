@@ -161,6 +161,11 @@ class RedisJournal:
         entry earlier holders read and did not acknowledge ours, and start reading."""
         await self.fence()
         taken = await self.lane.take_over()
+        # What earlier holders left is this writer's to finish, at a stop too: the intake
+        # drains through last_seq, which so far counts only what this replica appended.
+        newest = await self.lane.newest()
+        if newest is not None:
+            self._last_seq = max(self._last_seq, seq_of(newest))
         log.info(
             "journal: this replica writes now (lease token %s); %d entries taken over",
             self.lease.token,

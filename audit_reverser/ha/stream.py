@@ -238,6 +238,13 @@ class Lane:
         self._cursor = "0"
         return claimed
 
+    async def newest(self) -> str | None:
+        """The ID of the stream's newest entry, None while it is empty."""
+        with self.connection.errors(f"reading lane {self.name}"):
+            answer = await self.connection.client.xrevrange(self.key, count=1)
+        entry_id = answer[0][0] if answer else None
+        return None if entry_id is None else _text(entry_id)
+
     async def read(self, count: int = 100, block_s: float | None = None) -> list[Entry]:
         """The next entries: first those delivered to us before and not acknowledged, then
         new ones (waiting up to ``block_s`` for one when there is none; at most the
