@@ -419,3 +419,34 @@ def test_a_pack_index_with_offsets_past_2_gib_reads_back_as_written() -> None:
     assert table.ids == b"".join(ids)
     assert list(table.offsets) == offsets
     assert list(table.crcs) == [7] * 4
+
+
+def test_a_delta_made_from_shared_chunks_rebuilds_the_target() -> None:
+    """chunked_delta (a big tree's next version, from its runs): whatever runs were changed,
+    inserted, split or removed, applying the delta to the joined base gives the target, and
+    the unchanged runs are copied, not inserted."""
+    rnd = random.Random(5)
+    for _ in range(200):
+        base = [bytes(rnd.randbytes(rnd.randrange(1, 400))) for _ in range(rnd.randrange(0, 12))]
+        target = list(base)
+        for _ in range(rnd.randrange(1, 4)):
+            at = rnd.randrange(len(target) + 1)
+            match rnd.randrange(4):
+                case 0 if at < len(target):  # a run changed in one place
+                    run = bytearray(target[at])
+                    run[rnd.randrange(len(run))] ^= 0xFF
+                    target[at] = bytes(run)
+                case 1:  # a run inserted
+                    target.insert(at, rnd.randbytes(rnd.randrange(1, 300)))
+                case 2 if at < len(target):  # a run removed
+                    del target[at]
+                case _ if at < len(target):  # a run split in two new objects
+                    run = target[at]
+                    cut = rnd.randrange(len(run) + 1)
+                    target[at : at + 1] = [run[:cut] + b"", run[cut:] + b""]
+        size = sum(map(len, target))
+        delta = packing.chunked_delta(base, target, size)
+        assert packing.apply_delta(b"".join(base), delta) == b"".join(target)
+    shared = [rnd.randbytes(10_000) for _ in range(20)]
+    changed = [*shared[:7], shared[7][:-1] + b"x", *shared[8:]]
+    assert len(packing.chunked_delta(shared, changed, 200_000)) < 100

@@ -12,7 +12,13 @@ import re
 from bisect import bisect_left, bisect_right
 from itertools import accumulate, chain
 
-from audit_reverser.gitstore.packing import MAX_DELTA_DEPTH, TREE, NewObjects, compose_delta
+from audit_reverser.gitstore.packing import (
+    MAX_DELTA_DEPTH,
+    TREE,
+    NewObjects,
+    chunked_delta,
+    compose_delta,
+)
 
 TREE_MODE = b"40000"
 FILE_MODE = b"100644"
@@ -71,7 +77,17 @@ class _Base:
 class Directory:
     """One tree: its entries encoded as Git stores them, kept in Git's order, in runs."""
 
-    __slots__ = ("base", "encoded", "firsts", "modes", "oid", "run_keys", "runs", "written")
+    __slots__ = (
+        "base",
+        "encoded",
+        "firsts",
+        "modes",
+        "oid",
+        "run_keys",
+        "runs",
+        "written",
+        "written_runs",
+    )
 
     def __init__(self, data: bytes = b"", oid: bytes | None = None) -> None:
         self.modes: dict[bytes, bytes] = {}
@@ -84,6 +100,9 @@ class Directory:
         self.oid = oid  # None while changed and not yet written
         self.written = oid  # the last id written or loaded: the base for a delta
         self.base: _Base | None = None
+        # The encoded runs of ``written``, when this tree wrote it: the next version of a big
+        # tree is a delta made from them, and never joined whole.
+        self.written_runs: list[bytes] | None = None
         if data:
             found = _ENTRY.findall(data)
             records = [record for record, _, _ in found]
@@ -163,25 +182,36 @@ class Directory:
 
     def store(self, objects: NewObjects) -> bytes:
         """Add this version to ``objects``: as a delta of the previous one while that chain
-        is short, else of the batch's whole version, else whole; returns its id."""
-        data = self.encode()
+        is short, else of the batch's whole version, else whole; returns its id. A big
+        tree's deltas are made from its runs, without joining it (see ``written_runs``)."""
+        runs = self._encoded_runs()
+        size = sum(map(len, runs))
         previous = objects.depth(self.written) if self.written is not None else None
-        if previous is not None and previous < MAX_DELTA_DEPTH:
-            return objects.add(TREE, data, delta_of=self.written)
+        last, self.written_runs = self.written_runs, runs
+        chained = previous is not None and previous < MAX_DELTA_DEPTH
+        if size < BASE_MIN_SIZE:
+            data = b"".join(runs)
+            return objects.add(TREE, data, delta_of=self.written if chained else None)
+        if chained and last is not None:
+            assert self.written is not None
+            delta = chunked_delta(last, runs, size)
+            return objects.add_chunks(TREE, runs, size, base=self.written, delta=delta)
         if self.base is not None and objects.depth(self.base.oid) == 0:
-            delta = self.base.delta_to(self, len(data))
-            return objects.add_delta(TREE, data, base=self.base.oid, delta=delta)
-        oid = objects.add(TREE, data)
-        big = len(data) >= BASE_MIN_SIZE and objects.depth(oid) == 0
-        self.base = _Base(oid, self) if big else None
+            delta = self.base.delta_to(self, size)
+            return objects.add_chunks(TREE, runs, size, base=self.base.oid, delta=delta)
+        oid = objects.add(TREE, b"".join(runs), delta_of=self.written if chained else None)
+        self.base = _Base(oid, self) if objects.depth(oid) == 0 else None
         return oid
 
-    def encode(self) -> bytes:
+    def _encoded_runs(self) -> list[bytes]:
         encoded = self.encoded
         for run, joined in enumerate(encoded):
             if joined is None:
                 encoded[run] = b"".join(self.runs[run])
-        return b"".join(encoded)  # type: ignore[arg-type]  # none is None any more
+        return list(encoded)  # type: ignore[arg-type]  # none is None any more
+
+    def encode(self) -> bytes:
+        return b"".join(self._encoded_runs())
 
 
 class WorkingTree:
