@@ -693,7 +693,12 @@ class Mirror:
                 pack.with_suffix(suffix).unlink(missing_ok=True)
         # git's multi-pack index (if someone made one here) would name the removed packs.
         (self.path / "objects" / "pack" / "multi-pack-index").unlink(missing_ok=True)
-        # libgit2 keeps the removed packs open until the repository is opened again.
+        # libgit2 keeps the removed packs open (their index files mapped whole: 13 MiB of
+        # RSS after 40,000 commits) until the repository is opened again, and frees the old
+        # handle only when Python's cycle collector gets to it (pygit2's Repository and its
+        # collections refer to each other): let go of the packs now.
+        if self._repo is not None:
+            self._repo.free()
         self._repo = pygit2.Repository(str(self.path))
         log.debug("%s: merged %d packs into one", self.path, len(packs))
 
