@@ -301,3 +301,73 @@ def test_a_lock_left_in_the_remote_by_a_killed_push_does_not_stop_pushing(
     assert git_subjects(remote) == ["[CREATE] a", "[CREATE] b"]
     assert "removed refs/heads/main.lock, left 60s ago" in caplog.text
     subprocess.run(["git", "-C", str(remote), "fsck", "--strict"], check=True)
+
+
+def test_a_lock_naming_our_own_commit_is_removed_at_once(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A kill -9 while our push's ref update held the remote's lock leaves ``main.lock``
+    holding the commit it was writing, one of the mirror's own: the restarted writer removes
+    it at once (a stop right after the restart pushes everything) instead of waiting for it
+    to age. A fresh lock naming any other commit is someone's update under way: we wait."""
+    remote = bare_repo(tmp_path / "remote.git")
+    mirror = Mirror(tmp_path / "mirror.git", LocalTransport(remote), "main", COMMITTER)
+    mirror.open()
+    mirror.sync()
+    lock = remote / "refs" / "heads" / "main.lock"
+    for name in ("a", "b"):
+        mirror.commit(
+            FileChange(
+                path=f"live/{name}.yaml",
+                content=b"x\n",
+                message=f"[CREATE] {name}\n",
+                author=COMMITTER,
+                time=datetime(2026, 3, 1, tzinfo=UTC),
+            )
+        )
+        if name == "a":
+            assert mirror.push() == 1
+    mirror.save()
+    assert mirror.tip is not None
+    lock.write_text("5" * 40 + "\n")  # no commit of ours
+    with pytest.raises(RemoteUnavailable):
+        mirror.push()
+    lock.write_text(mirror.tip + "\n")  # what our killed update had written
+    mirror = Mirror(tmp_path / "mirror.git", LocalTransport(remote), "main", COMMITTER)
+    mirror.open()
+    with caplog.at_level(logging.WARNING):
+        assert mirror.push() == 1
+    assert not lock.exists()
+    assert git_subjects(remote) == ["[CREATE] a", "[CREATE] b"]
+    assert "removed refs/heads/main.lock" in caplog.text
+
+
+def test_a_lock_left_in_the_mirror_by_a_killed_save_does_not_stop_the_next_run(
+    tmp_path: Path,
+) -> None:
+    """A kill -9 while a save held the mirror's branch lock: the next run (the only user
+    of its state directory) removes it, and its commits go on the branch and out."""
+    remote = bare_repo(tmp_path / "remote.git")
+
+    def run(name: str) -> Mirror:
+        mirror = Mirror(tmp_path / "mirror.git", LocalTransport(remote), "main", COMMITTER)
+        mirror.open()
+        mirror.sync()
+        mirror.commit(
+            FileChange(
+                path=f"live/{name}.yaml",
+                content=b"x\n",
+                message=f"[CREATE] {name}\n",
+                author=COMMITTER,
+                time=datetime(2026, 3, 1, tzinfo=UTC),
+            )
+        )
+        mirror.save()
+        return mirror
+
+    first = run("a")
+    assert first.tip is not None
+    (tmp_path / "mirror.git" / "refs" / "heads" / "main.lock").write_text(first.tip + "\n")
+    second = run("b")
+    assert second.push() == 2
+    assert git_subjects(remote) == ["[CREATE] a", "[CREATE] b"]

@@ -26,6 +26,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from audit_reverser.errors import RemoteUnavailable
@@ -58,15 +59,23 @@ def can_push_directly(remote: Path, ref: str) -> bool:
     return not (loose.is_file() and loose.read_bytes().startswith(b"ref:"))
 
 
-def push_packs(remote: Path, ref: str, old: bytes | None, new: bytes, packs: list[Path]) -> None:
+def push_packs(
+    remote: Path,
+    ref: str,
+    old: bytes | None,
+    new: bytes,
+    packs: list[Path],
+    ours: Callable[[bytes], bool] | None = None,
+) -> None:
     """Put the objects of ``packs`` into ``remote`` and move ``ref`` from ``old`` (None: it
-    must not exist yet) to ``new``; :class:`RemoteMoved` when it is somewhere else."""
+    must not exist yet) to ``new``; :class:`RemoteMoved` when it is somewhere else. ``ours``:
+    see :func:`clear_stale_lock`."""
     try:
         if len(packs) == 1:
             _link_pack(packs[0], remote / "objects" / "pack")
         elif packs:
             merge_packs(packs, remote / "objects" / "pack")
-        _update_ref(remote, ref, old, new)
+        _update_ref(remote, ref, old, new, ours)
     except OSError as exc:
         raise RemoteUnavailable(f"cannot write to {remote}: {exc}") from exc
 
@@ -85,21 +94,36 @@ def _link_pack(pack: Path, pack_dir: Path) -> None:
     sync_directory(pack_dir)
 
 
-def _update_ref(remote: Path, ref: str, old: bytes | None, new: bytes) -> None:
-    path = remote / ref
-    path.parent.mkdir(parents=True, exist_ok=True)
-    lock = path.with_name(path.name + ".lock")
-    clear_stale_lock(remote, ref)
+def _update_ref(
+    remote: Path, ref: str, old: bytes | None, new: bytes, ours: Callable[[bytes], bool] | None
+) -> None:
+    def unmoved(current: bytes | None) -> None:
+        if current != old:
+            seen = current.hex()[:12] if current else "nothing"
+            raise RemoteMoved(f"{ref} in {remote} moved (it is at {seen})")
+
+    clear_stale_lock(remote, ref, ours)
     try:
-        fd = os.open(lock, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        write_ref(remote, ref, new, check=unmoved)
     except FileExistsError:
         raise RemoteMoved(f"{ref} in {remote} is being updated by someone else") from None
+
+
+def write_ref(
+    repo: Path, ref: str, new: bytes, *, check: Callable[[bytes | None], None] | None = None
+) -> None:
+    """Point ``ref`` of ``repo`` at ``new`` as git does: under ``<ref>.lock``, created
+    exclusively (FileExistsError while someone holds it), written and synced, then renamed
+    into place and its directory synced. ``check`` is shown where ``ref`` points first (None:
+    nowhere) and raises to leave it as it is."""
+    path = repo / ref
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lock = path.with_name(path.name + ".lock")
+    fd = os.open(lock, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
     try:
         try:
-            current = _read_ref(remote, ref)
-            if current != old:
-                seen = current.hex()[:12] if current else "nothing"
-                raise RemoteMoved(f"{ref} in {remote} moved (it is at {seen})")
+            if check is not None:
+                check(_read_ref(repo, ref))
             os.write(fd, new.hex().encode() + b"\n")
             os.fsync(fd)
         finally:
@@ -111,15 +135,19 @@ def _update_ref(remote: Path, ref: str, old: bytes | None, new: bytes) -> None:
     sync_directory(path.parent)
 
 
-def clear_stale_lock(remote: Path, ref: str) -> None:
+def clear_stale_lock(remote: Path, ref: str, ours: Callable[[bytes], bool] | None = None) -> None:
     """Remove ``ref``'s lock in ``remote`` when an update that never finished left it: also
-    before libgit2's push, which would otherwise fail on it at every try."""
+    before libgit2's push, which would otherwise fail on it at every try. A lock that names a
+    commit ``ours`` says is one of the caller's own (made in its mirror, which one process
+    at a time uses) was left by an earlier run killed while pushing it, and goes at once: a
+    restart need not wait for it to age."""
     lock = remote / (ref + ".lock")
     try:
         age = time.time() - lock.stat().st_mtime
+        named = lock.read_bytes().strip()
     except OSError:
         return  # none (the usual case), or not ours to look at
-    if age < STALE_LOCK_S:
+    if age < STALE_LOCK_S and not (ours is not None and _names(named, ours)):
         return
     log.warning(
         "%s: removed %s, left %.0fs ago by an update that never finished (a process killed "
@@ -129,6 +157,15 @@ def clear_stale_lock(remote: Path, ref: str) -> None:
         age,
     )
     lock.unlink(missing_ok=True)
+
+
+def _names(content: bytes, ours: Callable[[bytes], bool]) -> bool:
+    """Whether a lock's ``content`` (what its update was writing) is a commit of ``ours``."""
+    try:
+        oid = bytes.fromhex(content.decode("ascii"))
+    except ValueError:  # empty (killed before it wrote), or not an object id
+        return False
+    return len(oid) == 20 and ours(oid)
 
 
 def _read_ref(remote: Path, ref: str) -> bytes | None:
