@@ -58,6 +58,19 @@ def _other_tool_commit(remote: Path, work: Path, files: dict[str, str], message:
     raise AssertionError(pushed.stderr.decode())
 
 
+def _create(mirror: Mirror, name: str) -> None:
+    """Commit ``live/<name>.yaml`` as a new file."""
+    mirror.commit(
+        FileChange(
+            path=f"live/{name}.yaml",
+            content=b"x\n",
+            message=f"[CREATE] {name}\n",
+            author=COMMITTER,
+            time=datetime(2026, 3, 1, tzinfo=UTC),
+        )
+    )
+
+
 def _protect(remote: Path) -> None:
     """Refuse forced pushes on the server and keep a log of every update of main."""
     git(remote, "config", "receive.denyNonFastForwards", "true")
@@ -269,23 +282,11 @@ def test_a_lock_left_in_the_remote_by_a_killed_push_does_not_stop_pushing(
     mirror.open()
     mirror.sync()
 
-    def commit(name: str) -> None:
-        when = datetime(2026, 3, 1, tzinfo=UTC)
-        mirror.commit(
-            FileChange(
-                path=f"live/{name}.yaml",
-                content=b"x\n",
-                message=f"[CREATE] {name}\n",
-                author=COMMITTER,
-                time=when,
-            )
-        )
-
-    commit("a")
+    _create(mirror, "a")
     assert mirror.push() == 1
     lock = remote / "refs" / "heads" / "main.lock"
     lock.write_bytes(b"")  # an update under way, or one killed a moment ago
-    commit("b")
+    _create(mirror, "b")
     with pytest.raises(RemoteUnavailable):
         mirror.push()
     assert mirror.unpushed == 1 and lock.exists()
@@ -315,18 +316,9 @@ def test_a_lock_naming_our_own_commit_is_removed_at_once(
     mirror.open()
     mirror.sync()
     lock = remote / "refs" / "heads" / "main.lock"
-    for name in ("a", "b"):
-        mirror.commit(
-            FileChange(
-                path=f"live/{name}.yaml",
-                content=b"x\n",
-                message=f"[CREATE] {name}\n",
-                author=COMMITTER,
-                time=datetime(2026, 3, 1, tzinfo=UTC),
-            )
-        )
-        if name == "a":
-            assert mirror.push() == 1
+    _create(mirror, "a")
+    assert mirror.push() == 1
+    _create(mirror, "b")
     mirror.save()
     assert mirror.tip is not None
     lock.write_text("5" * 40 + "\n")  # no commit of ours
@@ -353,15 +345,7 @@ def test_a_lock_left_in_the_mirror_by_a_killed_save_does_not_stop_the_next_run(
         mirror = Mirror(tmp_path / "mirror.git", LocalTransport(remote), "main", COMMITTER)
         mirror.open()
         mirror.sync()
-        mirror.commit(
-            FileChange(
-                path=f"live/{name}.yaml",
-                content=b"x\n",
-                message=f"[CREATE] {name}\n",
-                author=COMMITTER,
-                time=datetime(2026, 3, 1, tzinfo=UTC),
-            )
-        )
+        _create(mirror, name)
         mirror.save()
         return mirror
 
