@@ -494,6 +494,9 @@ class Mirror:
         if isinstance(self.transport, LocalTransport):
             if not can_push_directly(self.transport.path, self._local_ref):
                 return None
+            # Here, not in send(): whether a lock names our commit asks libgit2, which the
+            # Git thread uses meanwhile (a repository must not be used by two at once).
+            clear_stale_lock(self.transport.path, self._local_ref, self._made_here)
         elif not isinstance(self.transport, NetworkTransport) or self._pack_push_unsupported:
             return None
         if self.fence is not None:
@@ -514,9 +517,7 @@ class Mirror:
             self.fence()
         packs = list(plan.packs)
         if isinstance(self.transport, LocalTransport):
-            push_packs(
-                self.transport.path, self._local_ref, plan.old, plan.head, packs, self._made_here
-            )
+            push_packs(self.transport.path, self._local_ref, plan.old, plan.head, packs)
         else:
             assert isinstance(self.transport, NetworkTransport)
             scratch = self.path / "audit-reverser" / "outgoing"
@@ -551,7 +552,8 @@ class Mirror:
         release_free_memory()
 
     def _made_here(self, oid: bytes) -> bool:
-        """Whether the commit ``oid`` is in this mirror (made or fetched here)."""
+        """Whether the commit ``oid`` is in this mirror (made or fetched here); on the Git
+        thread only."""
         return _oid(oid) in self.repo
 
     def _push_once(self) -> None:
