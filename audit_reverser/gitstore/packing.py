@@ -155,10 +155,24 @@ def _install_pack(pack_dir: Path, body: bytes, index: bytes) -> Path:
     return pack_path
 
 
-def _write_durably(temporary: Path, final: Path, data: bytes | bytearray) -> None:
+_Buffer = bytes | bytearray | memoryview
+
+
+def _write_durably(
+    temporary: Path, final: Path, data: _Buffer, *parts: _Buffer, hashed: bool = False
+) -> None:
+    """Write ``data`` and ``parts`` to ``final`` through ``temporary``, synced; ``hashed``:
+    followed by their SHA-1, as a pack index ends (so that a merge's index, tens of MB, is
+    never put together in memory)."""
     temporary.unlink(missing_ok=True)  # read-only, left by a crash
+    digest = hashlib.sha1(usedforsecurity=False)
     with open(temporary, "wb") as out:
-        out.write(data)
+        for part in (data, *parts):
+            out.write(part)
+            if hashed:
+                digest.update(part)
+        if hashed:
+            out.write(digest.digest())
         out.flush()
         os.fdatasync(out.fileno())
     # Packs are immutable; git makes them read-only too.
@@ -312,14 +326,14 @@ def merge_packs(packs: list[Path], pack_dir: Path) -> Path:
     pack_path = pack_dir / f"{name}.pack"
     temporary.replace(pack_path)
     index = _merged_index(tables, merge, new_offsets, checksum)
-    _write_durably(pack_dir / f"tmp_{name}.idx", pack_dir / f"{name}.idx", index)
+    _write_durably(pack_dir / f"tmp_{name}.idx", pack_dir / f"{name}.idx", *index, hashed=True)
     sync_directory(pack_dir)
     return pack_path
 
 
 def _merged_index(
     tables: list[_Table], merge: _Merge, new_offsets: list[array[int]], checksum: bytes
-) -> bytearray:
+) -> list[_Buffer]:
     """The new pack's index: each pack's first copies come in its own (id) order, so the
     merged columns are the packs' columns taken in ``merge.order`` (iterators run by C)."""
     kept = [
@@ -343,7 +357,7 @@ def _merged_index(
         )
     crcs = array("I", map(next, map(operator.itemgetter(1), map(kept.__getitem__, merge.order))))
     offsets = array("Q", map(next, map(operator.itemgetter(2), map(kept.__getitem__, merge.order))))
-    return _index_bytes(ids, crcs, offsets, checksum)
+    return _index_sections(ids, crcs, offsets, checksum)
 
 
 _INDEX_SLICE = 1 << 16
@@ -678,13 +692,11 @@ def _encode_pack(objects: dict[bytes, _Pending]) -> tuple[bytes, bytes]:
 def _encode_index(offsets: dict[bytes, int], crcs: dict[bytes, int], checksum: bytes) -> bytes:
     """A version 2 pack index of the objects of ``offsets``."""
     oids = sorted(offsets)
-    return bytes(
-        _index_bytes(
-            b"".join(oids),
-            array("I", map(crcs.__getitem__, oids)),
-            array("Q", map(offsets.__getitem__, oids)),
-            checksum,
-        )
+    return _index_bytes(
+        b"".join(oids),
+        array("I", map(crcs.__getitem__, oids)),
+        array("Q", map(offsets.__getitem__, oids)),
+        checksum,
     )
 
 
@@ -697,8 +709,17 @@ def _fanout(ids: bytes | bytearray) -> list[int]:
 
 def _index_bytes(
     ids: bytes | bytearray, crcs: array[int], offsets: array[int], checksum: bytes
-) -> bytearray:
+) -> bytes:
     """A version 2 pack index: fan-out table, sorted ids, CRCs, offsets, checksums."""
+    index = b"".join(_index_sections(ids, crcs, offsets, checksum))
+    return index + hashlib.sha1(index, usedforsecurity=False).digest()
+
+
+def _index_sections(
+    ids: bytes | bytearray, crcs: array[int], offsets: array[int], checksum: bytes
+) -> list[_Buffer]:
+    """A version 2 pack index but for its closing SHA-1 of itself, in sections, not joined:
+    fan-out table, sorted ids, CRCs, offsets (and the large ones), the pack's checksum."""
     fanout = _fanout(ids)
     small, large = array("I"), array("Q")
     if not offsets or max(offsets) < 0x80000000:
@@ -713,12 +734,11 @@ def _index_bytes(
     if sys.byteorder == "little":
         for values in (crcs, small, large):
             values.byteswap()
-    index = bytearray(b"\xfftOc" + struct.pack(">I", 2))
-    index += struct.pack(">256I", *fanout)
-    index += ids
-    index += crcs.tobytes()
-    index += small.tobytes()
-    index += large.tobytes()
-    index += checksum
-    index += hashlib.sha1(index, usedforsecurity=False).digest()
-    return index
+    return [
+        b"\xfftOc" + struct.pack(">I", 2) + struct.pack(">256I", *fanout),
+        ids,
+        memoryview(crcs).cast("B"),
+        memoryview(small).cast("B"),
+        memoryview(large).cast("B"),
+        checksum,
+    ]
