@@ -544,7 +544,8 @@ def chunked_delta(base: Sequence[bytes], target: Sequence[bytes], target_size: i
             changed.append(chunk)
             continue
         index, at = found
-        _stretch(ops, b"".join(base[next_index:index]), next_offset, b"".join(changed))
+        if changed or index > next_index:  # most runs follow a shared one: nothing between
+            _stretch(ops, b"".join(base[next_index:index]), next_offset, b"".join(changed))
         _copy_op(ops, at, len(chunk))
         next_index, next_offset, changed = index + 1, at + len(chunk), []
     _stretch(ops, b"".join(base[next_index:]), next_offset, b"".join(changed))
