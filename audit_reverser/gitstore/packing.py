@@ -165,13 +165,13 @@ def _write_durably(
     followed by their SHA-1, as a pack index ends (so that a merge's index, tens of MB, is
     never put together in memory)."""
     temporary.unlink(missing_ok=True)  # read-only, left by a crash
-    digest = hashlib.sha1(usedforsecurity=False)
+    digest = hashlib.sha1(usedforsecurity=False) if hashed else None
     with open(temporary, "wb") as out:
         for part in (data, *parts):
             out.write(part)
-            if hashed:
+            if digest is not None:
                 digest.update(part)
-        if hashed:
+        if digest is not None:
             out.write(digest.digest())
         out.flush()
         os.fdatasync(out.fileno())
@@ -616,14 +616,9 @@ def apply_delta(base: bytes, delta: bytes) -> bytes:
 def make_delta(base: bytes, target: bytes) -> bytes:
     """A git delta turning ``base`` into ``target``: copy the common prefix and suffix,
     insert what lies between."""
-    limit = min(len(base), len(target))
-    prefix = _common_prefix(base, target, limit)
-    suffix = _common_suffix(base, target, limit - prefix)
-    out = _size_varint(len(base)) + _size_varint(len(target))
-    _copy(out, 0, prefix)
-    _insert(out, target[prefix : len(target) - suffix])
-    _copy(out, len(base) - suffix, suffix)
-    return bytes(out)
+    ops: list[tuple[int, int] | bytes] = []
+    _stretch(ops, base, 0, target)
+    return compose_delta(len(base), len(target), ops)
 
 
 def _compress(data: bytes, level: int) -> bytes:

@@ -214,9 +214,6 @@ class Directory:
                 encoded[run] = b"".join(self.runs[run])
         return list(encoded)  # type: ignore[arg-type]  # none is None any more
 
-    def encode(self) -> bytes:
-        return b"".join(self._encoded_runs())
-
 
 class WorkingTree:
     """The root tree of a commit being built, with the directories on changed paths."""
