@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol, TypedDict
 
 from audit_reverser.events import JSON_OBJECT, AuditEvent, AuditID, User
-from audit_reverser.pipeline.resolve import NeedsApi, resolve_offline
+from audit_reverser.pipeline.resolve import NeedsApi, metadata_of, resolve_offline
 
 DELETE_VERBS = frozenset({"delete", "deletecollection"})
 LIMIT = 100_000
@@ -127,17 +127,12 @@ def namespace_key(cluster: str, namespace: str) -> ObjectKey:
     return (cluster, "", "namespaces", "", namespace)
 
 
-def _metadata(obj: object) -> Mapping[str, Any]:
-    metadata = obj.get("metadata") if isinstance(obj, JSON_OBJECT) else None
-    return metadata if isinstance(metadata, JSON_OBJECT) else {}
-
-
 def _uid_of(response: Mapping[str, Any] | None) -> str:
     """The uid a delete's response names: the object's, or the Status details' uid."""
     if response is None:
         return ""
     details = response.get("details")
-    uid = (details if isinstance(details, JSON_OBJECT) else _metadata(response)).get("uid")
+    uid = (details if isinstance(details, JSON_OBJECT) else metadata_of(response)).get("uid")
     return uid if isinstance(uid, str) else ""
 
 
@@ -190,7 +185,8 @@ class Deletions:
             keys = []
             items = response.get("items") if response is not None else None
             for item in items if isinstance(items, list) else ():
-                name, uid = _metadata(item).get("name"), _metadata(item).get("uid")
+                metadata = metadata_of(item)
+                name, uid = metadata.get("name"), metadata.get("uid")
                 if isinstance(name, str) and name:
                     keys.append(object_key(event, name=name))
                 if isinstance(uid, str) and uid:
@@ -251,7 +247,7 @@ class Deletions:
             self._uids.pop(key, None)
             self._owners.pop(key, None)
             return
-        metadata = _metadata(body)
+        metadata = metadata_of(body)
         uid = metadata.get("uid")
         if isinstance(uid, str) and uid:
             self._uids.put(key, uid)

@@ -76,21 +76,22 @@ def resolve_from_api(
     return [_change(ref, current, gone=is_gone(current))]
 
 
-def _metadata(obj: Mapping[str, Any]) -> Mapping[str, Any]:
-    metadata = obj.get("metadata")
+def metadata_of(obj: object) -> Mapping[str, Any]:
+    """An object's ``metadata``, empty when it has none (or is not an object)."""
+    metadata = obj.get("metadata") if isinstance(obj, JSON_OBJECT) else None
     return metadata if isinstance(metadata, JSON_OBJECT) else {}
 
 
 def _is_object(obj: object) -> bool:
     if not isinstance(obj, JSON_OBJECT) or obj.get("kind") == "Status":
         return False
-    name = _metadata(obj).get("name")
+    name = metadata_of(obj).get("name")
     return isinstance(name, str) and bool(name)
 
 
 def _held(obj: Mapping[str, Any]) -> bool:
     """True when a deleted object still exists: finalizers or a graceful deletion pending."""
-    metadata = _metadata(obj)
+    metadata = metadata_of(obj)
     grace = metadata.get("deletionGracePeriodSeconds")
     spec = obj.get("spec") if obj.get("kind") == "Namespace" else None
     return (
@@ -102,11 +103,11 @@ def _held(obj: Mapping[str, Any]) -> bool:
 
 def is_gone(obj: Mapping[str, Any]) -> bool:
     """True when ``obj``, as a write answered it, no longer exists: deleted and not held."""
-    return bool(_metadata(obj).get("deletionTimestamp")) and not _held(obj)
+    return bool(metadata_of(obj).get("deletionTimestamp")) and not _held(obj)
 
 
 def _change(ref: ObjectRef, obj: Mapping[str, Any], *, gone: bool) -> ObjectChange:
-    metadata = _metadata(obj)
+    metadata = metadata_of(obj)
     namespace = metadata.get("namespace")
     rv = metadata.get("resourceVersion")
     return ObjectChange(
