@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import subprocess
 from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 
 from audit_reverser.config import load_config
+from audit_reverser.gitstore import writer as writer_module
+from audit_reverser.gitstore.types import FileChange, Identity
+from audit_reverser.gitstore.writer import BranchWriter
 from audit_reverser.runtime import Runtime, Settings
 from tests.conftest import (
     Harness,
@@ -95,3 +100,71 @@ def test_targets_on_one_repository_branch_share_one_writer(tmp_path: Path) -> No
     file.write_text(text + "---" + second + "---" + target)
     runtime = Runtime(load_config([file]), Settings(state_dir=tmp_path / "state"))
     assert len(runtime.writers) == 1
+
+
+def _branch_on_disk(writer: BranchWriter) -> str:
+    """The mirror's branch as a crash would leave it: the ref file the save wrote ("" when
+    there is none yet)."""
+    ref = writer.mirror.path / "refs" / "heads" / writer.mirror.branch
+    return ref.read_text().strip() if ref.exists() else ""
+
+
+def _change(n: int) -> FileChange:
+    return FileChange(
+        path=f"live/cm{n}.yaml",
+        content=b"n: %d\n" % n,
+        message=f"cm{n}",
+        author=Identity(name="jane", email="jane@example.com"),
+        time=datetime(2026, 12, 1, tzinfo=UTC),
+    )
+
+
+async def test_a_trickle_of_changes_is_saved_together_and_answered_once_saved(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Changes arriving one batch at a time wait for one save (SAVE_DELAY_S, here long):
+    none is answered (its journal entry kept) while its commit is not on disk."""
+    monkeypatch.setattr(writer_module, "SAVE_DELAY_S", 3600.0)
+    harness = await start_harness(tmp_path, max_commits=1000, interval="1h")
+    try:
+        [writer] = harness.runtime.writers.values()
+        done = []
+        for n in range(3):  # each committed before the next comes: a batch each
+            done.append(await writer.submit(_change(n)))
+            await _wait_for(lambda n=n: _true(writer.mirror.unsaved == n + 1))
+        assert not any(future.done() for future in done)
+        assert await asyncio.to_thread(_branch_on_disk, writer) == ""
+
+        assert await writer.flush() == 3  # saves, answers, pushes
+        tip = done[-1].result().commit_id
+        assert all(future.result().commit_id for future in done)
+        assert await asyncio.to_thread(_branch_on_disk, writer) == tip
+        assert await harness.subjects() == ["cm0", "cm1", "cm2"]
+    finally:
+        await harness.runtime.close()
+
+
+async def test_a_trickle_is_saved_after_the_delay_without_a_push(tmp_path: Path) -> None:
+    """With no push due, the commits of a trickle are saved, and their changes answered,
+    once SAVE_DELAY_S has passed."""
+    harness = await start_harness(tmp_path, max_commits=1000, interval="1h")
+    try:
+        [writer] = harness.runtime.writers.values()
+        done = [await writer.submit(_change(n)) for n in range(3)]
+        async with asyncio.timeout(10):
+            outcomes = await asyncio.gather(*done)
+        assert writer.stats.pushes == 0 and writer.mirror.unsaved == 0
+        assert await asyncio.to_thread(_branch_on_disk, writer) == outcomes[-1].commit_id
+        log = await asyncio.to_thread(
+            subprocess.run,
+            ["git", "-C", str(writer.mirror.path), "log", "--format=%s", "main"],
+            capture_output=True,
+            text=True,
+        )
+        assert log.stdout.split() == ["cm2", "cm1", "cm0"]
+    finally:
+        await harness.runtime.close()
+
+
+async def _true(value: bool) -> bool:
+    return value

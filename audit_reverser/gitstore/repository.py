@@ -391,6 +391,11 @@ class Mirror:
         self.unpushed += 1
         return self._head.hex()
 
+    @property
+    def unsaved(self) -> int:
+        """Commits made since the last :meth:`save`."""
+        return self._unsaved
+
     def save(self) -> None:
         """Write the commits made since the last save (one pack) and move the branch to them.
         On failure they are dropped (their events stay in the journal) and the error raised."""

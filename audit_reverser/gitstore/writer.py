@@ -35,6 +35,13 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 BATCH_LIMIT = 256
+# A save (a pack and the branch, each synced to disk) waits this long after the first
+# commit made since the last one, or for BATCH_LIMIT commits or SAVE_BYTES of content: under
+# a trickle of writes (a few per audit batch) a save per batch cost more than its commits,
+# and the hundreds of small packs it left were merged again at every push. Only the local
+# commit waits: the apiserver's acknowledgement needs the journal alone.
+SAVE_DELAY_S = 0.1
+SAVE_BYTES = 1024 * 1024
 # While more changes wait in the queue (a backlog drains), a push waits for this many
 # commits (or push.interval): each push has a cost of its own (a connection, a pack, a
 # reference update), and these commits reach the remote sooner in a few large pushes.
@@ -120,6 +127,12 @@ class _Change:
     done: asyncio.Future[CommitOutcome]
 
 
+def _content_size(change: FileChange | TreeChange) -> int:
+    if isinstance(change, TreeChange):
+        return sum(len(file.content or b"") for file in change.files)
+    return len(change.content or b"")
+
+
 class GitThread(concurrent.futures.Executor):
     """The one thread that touches a writer's mirror: calls run there in submission order.
 
@@ -181,6 +194,12 @@ class BranchWriter:
         self._queue: asyncio.Queue[_Change | _Flush | _Wake | None] = asyncio.Queue(queue_size)
         self._task: asyncio.Task[None] | None = None
         self._push_deadline: float | None = None
+        # Changes committed since the last save, with their outcomes, answered once saved
+        # (see SAVE_DELAY_S); a small queue (the intake's window) is saved at every batch.
+        self._unsaved: list[tuple[_Change, CommitOutcome | BaseException]] = []
+        self._unsaved_bytes = 0
+        self._save_deadline: float | None = None
+        self._save_commits = min(BATCH_LIMIT, max(1, queue_size // 4))
         self._retry_s = RETRY_MIN_S
         self._recovered: dict[tuple[str, str], str] = {}
         self._thread = GitThread(f"git {mirror.path.name}")
@@ -335,13 +354,17 @@ class BranchWriter:
         await self._sync()
         loop = asyncio.get_running_loop()
         while True:
-            timeout = None
+            deadlines = [self._save_deadline] if self._save_deadline is not None else []
             if self._push_deadline is not None and self._pushing is None:
-                timeout = max(0.0, self._push_deadline - loop.time())
+                deadlines.append(self._push_deadline)
+            timeout = max(0.0, min(deadlines) - loop.time()) if deadlines else None
             try:
                 item = await asyncio.wait_for(self._queue.get(), timeout)
             except TimeoutError:
-                await self._push_soon()
+                if self._save_deadline is not None and loop.time() >= self._save_deadline:
+                    await self._save()
+                else:
+                    await self._push_soon()
                 continue
             # Take what is already waiting (up to a limit) into one trip to the worker thread.
             batch: list[_Change] = []
@@ -353,12 +376,14 @@ class BranchWriter:
             if batch:
                 await self._commit(batch)
             if isinstance(item, _Flush):
+                await self._save()
                 await self._settle()
                 try:
                     item.done.set_result(await self._push())
                 except AuditReverserError as exc:
                     item.done.set_exception(exc)
             elif item is None:
+                await self._save()
                 await self._settle()
                 await self._try_push(final=True)
                 return
@@ -371,8 +396,17 @@ class BranchWriter:
                 for entry in batch:
                     entry.done.set_exception(exc)
                 return
+        loop = asyncio.get_running_loop()
+        if self._save_deadline is None:
+            self._save_deadline = loop.time() + SAVE_DELAY_S
+        self._unsaved_bytes += sum(_content_size(entry.change) for entry in batch)
+        save = (
+            len(self._unsaved) + len(batch) >= self._save_commits
+            or self._unsaved_bytes >= SAVE_BYTES
+            or loop.time() >= self._save_deadline
+        )
 
-        def commit_all() -> list[CommitOutcome | BaseException]:
+        def commit_all() -> tuple[list[CommitOutcome | BaseException], bool, Exception | None]:
             results: list[CommitOutcome | BaseException] = []
             for entry in batch:
                 change = entry.change
@@ -398,20 +432,52 @@ class BranchWriter:
                             files_removed=files_removed,
                         )
                     )
-            try:
-                self.mirror.save()
-            except MirrorWriteFailed as exc:  # none of this batch's commits is on the branch
-                return [
-                    exc
-                    if isinstance(r, CommitOutcome)
-                    and r.commit_id
-                    and not isinstance(r, _Recovered)
-                    else r
-                    for r in results
-                ]
-            return results
+            if save or not self.mirror.unsaved:  # nothing new: answer them at once
+                return results, True, self._save_mirror()
+            return results, False, None
 
-        for entry, result in zip(batch, await self._blocking(commit_all), strict=True):
+        results, saved, failed = await self._blocking(commit_all)
+        self._unsaved += zip(batch, results, strict=True)
+        if saved:
+            self._answer(failed)
+        now = loop.time()
+        if self.mirror.unpushed and self._push_deadline is None:
+            self._push_deadline = now + self.push_interval_s
+        if self.mirror.unpushed >= self.push_max_commits and (
+            self._queue.empty()
+            or self.mirror.unpushed >= BACKLOG_PUSH_COMMITS
+            or (self._push_deadline is not None and now >= self._push_deadline)
+        ):
+            await self._push_soon()
+
+    def _save_mirror(self) -> Exception | None:
+        """On the Git thread: save the mirror; a failure is returned, not raised."""
+        try:
+            self.mirror.save()
+        except MirrorWriteFailed as exc:  # none of the unsaved commits is on the branch
+            return exc
+        return None
+
+    async def _save(self) -> None:
+        """Save the commits made since the last save and answer their changes."""
+        if self._unsaved:
+            self._answer(await self._blocking(self._save_mirror))
+
+    def _answer(self, failed: Exception | None) -> None:
+        """Answer the changes committed since the last save, which has just been made
+        (``failed``: tried, and their commits are gone; their events stay in the journal)."""
+        unsaved, self._unsaved = self._unsaved, []
+        self._unsaved_bytes = 0
+        self._save_deadline = None
+        for entry, outcome in unsaved:
+            result = outcome
+            if (
+                failed is not None
+                and isinstance(outcome, CommitOutcome)
+                and outcome.commit_id
+                and not isinstance(outcome, _Recovered)
+            ):
+                result = failed
             if isinstance(result, BaseException):
                 self.stats.failed += 1
                 what = getattr(entry.change, "path", "a snapshot")
@@ -425,21 +491,13 @@ class BranchWriter:
             else:
                 self.stats.commits += 1
             entry.done.set_result(result)
-        now = asyncio.get_running_loop().time()
-        if self.mirror.unpushed and self._push_deadline is None:
-            self._push_deadline = now + self.push_interval_s
-        if self.mirror.unpushed >= self.push_max_commits and (
-            self._queue.empty()
-            or self.mirror.unpushed >= BACKLOG_PUSH_COMMITS
-            or (self._push_deadline is not None and now >= self._push_deadline)
-        ):
-            await self._push_soon()
 
     async def _push_soon(self) -> None:
         """Push: alongside the commits that go on meanwhile (a push to a server takes a
         round trip or several, and the server indexes the pack; commits waited for all of
         it), or here in HA, where a replica acknowledges entries by the pushed count and a
         push must be all that happens between two counts."""
+        await self._save()  # the push would save them; answer their changes now
         if self.fence is not None:
             await self._try_push()
         elif self._pushing is None:
