@@ -354,10 +354,15 @@ def test_merging_packs_keeps_one_copy_of_repeated_objects(tmp_path: Path) -> Non
     assert repo[pygit2.Oid(raw=packing.object_id(packing.BLOB, target))].data == target
 
 
-def test_a_merged_pack_is_indexed_as_git_indexes_it(tmp_path: Path) -> None:
+@pytest.mark.parametrize("plan_ids", [1 << 14, 7, 1])
+def test_a_merged_pack_is_indexed_as_git_indexes_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, plan_ids: int
+) -> None:
     """Packs sharing objects every way (an object in three packs, deltas whose base an
     earlier pack also holds, a pack sharing nothing): the merged pack keeps one copy of
-    each object, and its index is byte for byte the one ``git index-pack`` makes of it."""
+    each object, and its index is byte for byte the one ``git index-pack`` makes of it,
+    whether the ids are planned in one range or in many (some of them empty)."""
+    monkeypatch.setattr(packing, "_PLAN_IDS", plan_ids)
     rnd = random.Random(5)
     pool = [f"line {k} of a file\n".encode() * rnd.randrange(30, 60) for k in range(300)]
     pack_dir = tmp_path / "packs"
