@@ -340,7 +340,7 @@ def merge_packs(packs: list[Path], pack_dir: Path) -> Path:
                     shift = sink.size - 12
                     source.seek(12)
                     sink.copy(source, size - 32)
-                    table.offsets[:] = array("Q", (offset + shift for offset in table.offsets))
+                    table.offsets[:] = array("Q", map(shift.__add__, table.offsets))
                 else:
                     _copy_entries(source, size, j, tables, merge, sink)
         checksum = sink.digest()
