@@ -59,41 +59,49 @@ def probe(transport: Transport, branch: str) -> RemoteHealth:
     """Check ``branch`` of the remote behind ``transport``; blocking (network)."""
     if isinstance(transport, LocalTransport):
         return _probe_local(transport, branch)
-    checks: list[Check] = []
     with tempfile.TemporaryDirectory(prefix="audit-reverser-check-") as scratch:
         repo = pygit2.init_repository(scratch, bare=True)
-        remote = repo.remotes.create_anonymous(transport.url)
-        callbacks = transport.callbacks()
         try:
-            heads = remote.list_heads(callbacks=callbacks)
-        except pygit2.GitError as exc:
-            name, reason = _failure(callbacks, exc)
-            if name == "authenticated":
-                checks.append(Check(name="reachable", ok=True, detail="the server answered"))
-            checks.append(Check(name=name, ok=False, detail=callbacks.explain(exc)))
-            return RemoteHealth(
-                remote=transport.display, branch=branch, checks=tuple(checks), reason=reason
-            )
-        checks.append(Check(name="reachable", ok=True, detail="the server answered"))
-        credential = getattr(transport, "credential", None)
-        checks.append(
-            Check(
-                name="authenticated",
-                ok=True,
-                detail=f"with {credential.source}" if credential else "no credentials needed",
-            )
+            return _probe_network(repo, transport, branch)
+        finally:
+            repo.free()  # before its folder goes (see _probe_local)
+
+
+def _probe_network(repo: pygit2.Repository, transport: Transport, branch: str) -> RemoteHealth:
+    """:func:`probe` over the network; ``repo`` is a scratch repository for libgit2."""
+    checks: list[Check] = []
+    remote = repo.remotes.create_anonymous(transport.url)
+    callbacks = transport.callbacks()
+    try:
+        heads = remote.list_heads(callbacks=callbacks)
+    except pygit2.GitError as exc:
+        name, reason = _failure(callbacks, exc)
+        if name == "authenticated":
+            checks.append(Check(name="reachable", ok=True, detail="the server answered"))
+        checks.append(Check(name=name, ok=False, detail=callbacks.explain(exc)))
+        return RemoteHealth(
+            remote=transport.display, branch=branch, checks=tuple(checks), reason=reason
         )
-        checks.append(_branch_check(branch, [head.name or "" for head in heads]))
-        callbacks = transport.callbacks()
-        try:
-            remote.connect(callbacks=callbacks, direction=_PUSH)
-        except pygit2.GitError as exc:
-            detail = callbacks.explain(exc)
-            checks.append(Check(name="push", ok=False, detail=detail))
-            return RemoteHealth(
-                remote=transport.display, branch=branch, checks=tuple(checks), reason="PushDenied"
-            )
-        checks.append(Check(name="push", ok=True, detail="git-receive-pack accepted us"))
+    checks.append(Check(name="reachable", ok=True, detail="the server answered"))
+    credential = getattr(transport, "credential", None)
+    checks.append(
+        Check(
+            name="authenticated",
+            ok=True,
+            detail=f"with {credential.source}" if credential else "no credentials needed",
+        )
+    )
+    checks.append(_branch_check(branch, [head.name or "" for head in heads]))
+    callbacks = transport.callbacks()
+    try:
+        remote.connect(callbacks=callbacks, direction=_PUSH)
+    except pygit2.GitError as exc:
+        detail = callbacks.explain(exc)
+        checks.append(Check(name="push", ok=False, detail=detail))
+        return RemoteHealth(
+            remote=transport.display, branch=branch, checks=tuple(checks), reason="PushDenied"
+        )
+    checks.append(Check(name="push", ok=True, detail="git-receive-pack accepted us"))
     return RemoteHealth(
         remote=transport.display, branch=branch, checks=tuple(checks), reason="Ready"
     )
@@ -113,12 +121,18 @@ def _probe_local(transport: LocalTransport, branch: str) -> RemoteHealth:
     except pygit2.GitError:
         check = Check(name="reachable", ok=False, detail=f"{display} is not a Git repository")
         return RemoteHealth(remote=display, branch=branch, checks=(check,), reason="Unreachable")
+    try:
+        heads, git_dir = list(repo.references), Path(repo.path)
+    finally:
+        # pygit2's Repository is in a reference cycle: without this its files stay open
+        # (packs the remote's own git may be removing) until the cycle collector runs.
+        repo.free()
     checks = [
         Check(name="reachable", ok=True, detail="a local repository"),
         Check(name="authenticated", ok=True, detail="file permissions only"),
-        _branch_check(branch, list(repo.references)),
+        _branch_check(branch, heads),
     ]
-    writable = all(os.access(Path(repo.path) / part, os.W_OK) for part in ("objects", "refs"))
+    writable = all(os.access(git_dir / part, os.W_OK) for part in ("objects", "refs"))
     if not writable:
         checks.append(Check(name="push", ok=False, detail=f"{display} is not writable for us"))
         return RemoteHealth(
