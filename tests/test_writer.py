@@ -144,6 +144,27 @@ async def test_a_trickle_of_changes_is_saved_together_and_answered_once_saved(
         await harness.runtime.close()
 
 
+async def test_a_change_no_one_waits_for_any_more_does_not_stop_the_writer(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A submitter that stops waiting (its task cancelled at a shut-down) while its change
+    waits for a save: the save answers the others, and the writer goes on."""
+    monkeypatch.setattr(writer_module, "SAVE_DELAY_S", 3600.0)
+    harness = await start_harness(tmp_path, max_commits=1000, interval="1h")
+    try:
+        [writer] = harness.runtime.writers.values()
+        first = await writer.submit(_change(0))
+        second = await writer.submit(_change(1))
+        await _wait_for(lambda: _true(writer.mirror.unsaved == 2))
+        first.cancel()
+        async with asyncio.timeout(10):  # a writer stopped by it would never answer
+            assert await writer.flush() == 2
+        assert writer.running and second.result().commit_id
+        assert await harness.subjects() == ["cm0", "cm1"]
+    finally:
+        await harness.runtime.close()
+
+
 async def test_a_trickle_is_saved_after_the_delay_without_a_push(tmp_path: Path) -> None:
     """With no push due, the commits of a trickle are saved, and their changes answered,
     once SAVE_DELAY_S has passed."""

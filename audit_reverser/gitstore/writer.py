@@ -482,15 +482,18 @@ class BranchWriter:
                 self.stats.failed += 1
                 what = getattr(entry.change, "path", "a snapshot")
                 log.error("%s: commit of %s failed: %s", self.name, what, result)
-                entry.done.set_exception(result)
-                continue
-            if isinstance(result, _Recovered):
+            elif isinstance(result, _Recovered):
                 self.stats.recovered += 1
             elif result.commit_id is None:
                 self.stats.unchanged += 1
             else:
                 self.stats.commits += 1
-            entry.done.set_result(result)
+            if entry.done.cancelled():  # its submitter stopped waiting (a shut-down)
+                continue
+            if isinstance(result, BaseException):
+                entry.done.set_exception(result)
+            else:
+                entry.done.set_result(result)
 
     async def _push_soon(self) -> None:
         """Push: alongside the commits that go on meanwhile (a push to a server takes a
