@@ -274,13 +274,14 @@ def _plan_range(
 ) -> None:
     """:func:`_plan` for the ids whose first byte is in ``low`` to ``high`` - 1."""
     ids: list[bytes] = []
-    owners, indexes = array("H"), array("I")
+    owners = array("H")  # the pack of each of ids
+    shift = [0] * len(tables)  # an id's index in pack j is its place in ids + shift[j]
     for j, table in enumerate(tables):
         start, end = bounds[j][low], bounds[j][high]
         if start < end:
+            shift[j] = start - len(ids)
             ids += table.ids_between(start, end)
             owners += array("H", [j]) * (end - start)
-            indexes.extend(range(start, end))
     if not ids:
         merge.fanout.extend([len(merge.order)] * (high - low))
         return
@@ -294,7 +295,8 @@ def _plan_range(
         in_order, kept = kept, []
         previous, first = b"", (0, 0)
         for position, oid in zip(positions, in_order, strict=True):
-            j, i = owners[position], indexes[position]
+            j = owners[position]
+            i = position + shift[j]
             if oid == previous:  # an earlier pack has it
                 merge.keep[j][i] = 0
                 merge.earlier[(j, i)] = first
