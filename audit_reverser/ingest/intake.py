@@ -124,8 +124,10 @@ class Intake:
 
     def triage(self, items: Iterable[object], *, cluster: str = "", source: str = "") -> Triage:
         result = Triage()
+        skipped: Counter[Skip] = Counter()  # counted once per batch, not per event
+        received = 0
         for raw in items:
-            self.stats.received += 1
+            received += 1
             reason = classify_raw(raw) if isinstance(raw, JSON_OBJECT) else Skip.MALFORMED
             # A status write is almost always bookkeeping, but it may finish a deletion.
             if (
@@ -151,8 +153,11 @@ class Intake:
                         result.routed.append(routed)
                         continue
                     reason = routed
-            self.stats.skip(reason)
-            result.skipped[reason.value] += 1
+            skipped[reason] += 1
+        self.stats.received += received
+        for reason, count in skipped.items():
+            self.stats.skip(reason, count)
+            result.skipped[reason.value] += count
         return result
 
     def overloaded(self) -> bool:
