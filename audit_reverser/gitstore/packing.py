@@ -463,9 +463,11 @@ def _copy_entries(
         sink.write(data)
 
 
-def _entry_header(kind: int, size: int) -> bytearray:
+def _entry_header(kind: int, size: int) -> bytes | bytearray:
     byte = (kind << 4) | (size & 0x0F)
     size >>= 4
+    if size < 0x80:  # up to 2 KiB, as nearly every object of a batch: no loop
+        return bytes((byte | 0x80, size)) if size else bytes((byte,))
     header = bytearray()
     while size:
         header.append(byte | 0x80)
@@ -672,6 +674,10 @@ def _stored(data: bytes) -> bytes:
     """A zlib stream of ``data`` in stored (uncompressed) deflate blocks, as level 0 writes
     it: zlib's own level 0 took 28 µs for a 7 KB tree, mostly setting up its stream; this
     takes 4 (the header, a 5-byte head per 64 KiB block, the Adler-32)."""
+    size = len(data)
+    if size <= _STORED_BLOCK:  # one block, as nearly every tree
+        head = struct.pack("<BHH", 1, size, size ^ 0xFFFF)
+        return b"\x78\x01" + head + data + struct.pack(">I", zlib.adler32(data))
     out = bytearray(b"\x78\x01")  # deflate, 32 KiB window, "fastest"; a multiple of 31
     start = 0
     while True:
@@ -700,13 +706,16 @@ def _encode_pack(objects: dict[bytes, _Pending]) -> tuple[bytes, bytes]:
         if entry.base is not None:
             assert entry.delta is not None
             delta = entry.delta
-            record = _entry_header(_OFS_DELTA, len(delta))
-            record += _offset_encoding(start - offsets[entry.base])
-            record += _compress(delta, _LEVELS[entry.kind])
+            record = (
+                _entry_header(_OFS_DELTA, len(delta))
+                + _offset_encoding(start - offsets[entry.base])
+                + _compress(delta, _LEVELS[entry.kind])
+            )
         else:
             assert entry.data is not None  # only versions made into deltas drop theirs
-            record = _entry_header(entry.kind, len(entry.data))
-            record += _compress(entry.data, _LEVELS[entry.kind])
+            record = _entry_header(entry.kind, len(entry.data)) + _compress(
+                entry.data, _LEVELS[entry.kind]
+            )
         offsets[oid] = start
         crcs[oid] = zlib.crc32(record)
         pack += record
