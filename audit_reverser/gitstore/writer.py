@@ -195,7 +195,8 @@ class BranchWriter:
         self._task: asyncio.Task[None] | None = None
         self._push_deadline: float | None = None
         # Changes committed since the last save, with their outcomes, answered once saved
-        # (see SAVE_DELAY_S); a small queue (the intake's window) is saved at every batch.
+        # (see SAVE_DELAY_S). A queue under 1,024 (the intake's window, which may be no
+        # bigger) is saved once a quarter of it waits, so that a full window never waits.
         self._unsaved: list[tuple[_Change, CommitOutcome | BaseException]] = []
         self._unsaved_bytes = 0
         self._save_deadline: float | None = None
