@@ -20,7 +20,9 @@ changed), not written out whole again.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
+import io
 import itertools
 import operator
 import os
@@ -198,7 +200,7 @@ class _Table:
 
     def first_byte_bounds(self) -> list[int]:
         """Where the ids of each first byte start, and the count at the end."""
-        return [0, *_fanout(self.ids)]
+        return [0, *_fanout(self.ids[::20])]
 
 
 def _to_big_endian(values: array[int]) -> bytes:
@@ -304,9 +306,9 @@ def _plan_range(
                 previous, first = oid, (j, i)
                 merge.order.append(j)
                 kept.append(oid)
-    first_bytes = bytes(map(_FIRST, kept))  # sorted, as the ids are
     before = len(merge.order) - len(kept)
-    merge.fanout.extend(before + bisect_right(first_bytes, byte) for byte in range(low, high))
+    first_bytes = bytes(map(_FIRST, kept))  # sorted, as the ids are
+    merge.fanout.extend(before + count for count in _fanout(first_bytes, low, high))
 
 
 def merge_packs(packs: list[Path], pack_dir: Path) -> Path:
@@ -372,17 +374,14 @@ def _write_merged_index(
         for start in range(0, len(merge.order), _INDEX_SLICE):
             yield list(map(next, map(kept.__getitem__, merge.order[start : start + _INDEX_SLICE])))
 
-    sink.write(_index_header(merge.fanout))
-    for ids in column(lambda table: table.ids_between(0, table.count)):
-        sink.write(b"".join(ids))
-    for crcs in column(operator.attrgetter("crcs")):
-        sink.write(_to_big_endian(array("I", crcs)))
-    large = array("Q")
-    for offsets in column(operator.attrgetter("offsets")):
-        sink.write(_to_big_endian(_small_offsets(array("Q", offsets), large)))
-    sink.write(_to_big_endian(large))
-    sink.write(checksum)
-    sink.write(sink.digest())
+    _write_index(
+        sink,
+        merge.fanout,
+        map(b"".join, column(lambda table: table.ids_between(0, table.count))),
+        map(functools.partial(array, "I"), column(operator.attrgetter("crcs"))),
+        map(functools.partial(array, "Q"), column(operator.attrgetter("offsets"))),
+        checksum,
+    )
 
 
 _INDEX_SLICE = 1 << 14
@@ -727,42 +726,47 @@ def _encode_pack(objects: dict[bytes, _Pending]) -> tuple[bytes, bytes]:
 def _encode_index(offsets: dict[bytes, int], crcs: dict[bytes, int], checksum: bytes) -> bytes:
     """A version 2 pack index of the objects of ``offsets``."""
     oids = sorted(offsets)
-    return _index_bytes(
-        b"".join(oids),
-        array("I", map(crcs.__getitem__, oids)),
-        array("Q", map(offsets.__getitem__, oids)),
+    ids = b"".join(oids)
+    out = io.BytesIO()
+    _write_index(
+        _HashedFile(out),
+        _fanout(ids[::20]),
+        [ids],
+        [array("I", map(crcs.__getitem__, oids))],
+        [array("Q", map(offsets.__getitem__, oids))],
         checksum,
     )
+    return out.getvalue()
 
 
-def _fanout(ids: bytes | bytearray) -> list[int]:
-    """A pack index's fan-out of sorted 20-byte ``ids``: how many start with each byte or
-    a smaller one."""
-    first_bytes = ids[::20]
-    return [bisect_right(first_bytes, byte) for byte in range(256)]
+def _fanout(first_bytes: bytes, low: int = 0, high: int = 256) -> list[int]:
+    """A pack index's fan-out of sorted ids, given by their ``first_bytes``: how many start
+    with each byte (from ``low`` to ``high`` - 1) or a smaller one."""
+    return [bisect_right(first_bytes, byte) for byte in range(low, high)]
 
 
-def _index_bytes(
-    ids: bytes | bytearray, crcs: array[int], offsets: array[int], checksum: bytes
-) -> bytes:
-    """A version 2 pack index: fan-out table, sorted ids, CRCs, offsets, checksums."""
+def _write_index(
+    sink: _HashedFile,
+    fanout: list[int],
+    ids: Iterable[bytes],
+    crcs: Iterable[array[int]],
+    offsets: Iterable[array[int]],
+    checksum: bytes,
+) -> None:
+    """A version 2 pack index from its columns, each given in pieces in id order: fan-out
+    table, sorted ids, CRCs, offsets (and the large ones), the pack's checksum, and the
+    SHA-1 of all that."""
+    sink.write(b"\xfftOc" + struct.pack(">I", 2) + struct.pack(">256I", *fanout))
+    for piece in ids:
+        sink.write(piece)
+    for values in crcs:
+        sink.write(_to_big_endian(values))
     large = array("Q")
-    small = _small_offsets(offsets, large)
-    index = b"".join(
-        (
-            _index_header(_fanout(ids)),
-            ids,
-            _to_big_endian(crcs),
-            _to_big_endian(small),
-            _to_big_endian(large),
-            checksum,
-        )
-    )
-    return index + hashlib.sha1(index, usedforsecurity=False).digest()
-
-
-def _index_header(fanout: list[int]) -> bytes:
-    return b"\xfftOc" + struct.pack(">I", 2) + struct.pack(">256I", *fanout)
+    for values in offsets:
+        sink.write(_to_big_endian(_small_offsets(values, large)))
+    sink.write(_to_big_endian(large))
+    sink.write(checksum)
+    sink.write(sink.digest())
 
 
 def _small_offsets(offsets: array[int], large: array[int]) -> array[int]:
