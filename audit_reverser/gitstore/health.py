@@ -124,8 +124,8 @@ def _probe_local(transport: LocalTransport, branch: str) -> RemoteHealth:
     try:
         heads, git_dir = list(repo.references), Path(repo.path)
     finally:
-        # pygit2's Repository is in a reference cycle: without this its files stay open
-        # (packs the remote's own git may be removing) until the cycle collector runs.
+        # pygit2's Repository is in a reference cycle: without this, libgit2's handle on
+        # the remote would live until the cycle collector's next pass.
         repo.free()
     checks = [
         Check(name="reachable", ok=True, detail="a local repository"),
