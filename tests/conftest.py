@@ -17,6 +17,7 @@ import time
 import urllib.request
 from collections.abc import AsyncIterator, Iterable, Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from blockbuster import blockbuster_ctx
 
 from audit_reverser.config import load_config
+from audit_reverser.gitstore.types import FileChange, Identity
 from audit_reverser.ingest.server import make_app
 from audit_reverser.pipeline.resolve import ObjectSource
 from audit_reverser.runtime import Runtime, Settings
@@ -167,6 +169,20 @@ def git_subjects(repo: Path, ref: str = "main") -> list[str]:
         return git(repo, "log", "--reverse", "--format=%s", ref).splitlines()
     except subprocess.CalledProcessError:
         return []
+
+
+WHO = Identity(name="jane", email="jane@example.com")
+
+
+def file_change(n: int) -> FileChange:
+    """A new file ``live/c<n>.yaml``, committed as "[CREATE] c<n>" by jane."""
+    return FileChange(
+        path=f"live/c{n}.yaml",
+        content=f"n: {n}\n".encode(),
+        message=f"[CREATE] c{n}\n\nAudit-ID: id-{n}\n",
+        author=WHO,
+        time=datetime(2026, 11, 30, tzinfo=UTC),
+    )
 
 
 def bare_repo(path: Path) -> Path:

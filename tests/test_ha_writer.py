@@ -5,7 +5,6 @@ recent history with its commit; a fence that says no stops commits and pushes.""
 from __future__ import annotations
 
 import asyncio
-from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -13,21 +12,8 @@ import pytest
 from audit_reverser.errors import TemporaryError
 from audit_reverser.gitstore.repository import Mirror
 from audit_reverser.gitstore.transport import LocalTransport
-from audit_reverser.gitstore.types import FileChange, Identity
 from audit_reverser.gitstore.writer import BranchWriter
-from tests.conftest import bare_repo, git
-
-WHO = Identity(name="jane", email="jane@example.com")
-
-
-def _change(n: int) -> FileChange:
-    return FileChange(
-        path=f"live/c{n}.yaml",
-        content=f"n: {n}\n".encode(),
-        message=f"[CREATE] c{n}\n\nAudit-ID: id-{n}\n",
-        author=WHO,
-        time=datetime(2026, 11, 30, tzinfo=UTC),
-    )
+from tests.conftest import WHO, bare_repo, file_change, git
 
 
 async def _writer(remote: Path, mirror: Path) -> BranchWriter:
@@ -50,13 +36,13 @@ async def test_a_takeover_skips_what_the_remote_holds_and_drops_what_was_not_pus
     old = await _writer(remote, tmp_path / "old.git")
     old.start()
     for n in range(3):  # the old writer pushed these, and died before acknowledging them
-        await (await old.submit(_change(n)))
+        await (await old.submit(file_change(n)))
     await old.flush()
     await old.close()
     new = await _writer(remote, tmp_path / "new.git")
     await new.take_over(history=2)  # the newest two only: id-0 is left out on purpose
     new.start()
-    outcomes = [await (await new.submit(_change(n))) for n in (1, 2, 3)]
+    outcomes = [await (await new.submit(file_change(n))) for n in (1, 2, 3)]
     await new.flush()
     await new.close()
     assert new.stats.recovered == 2 and new.stats.commits == 1
@@ -81,15 +67,15 @@ async def test_a_fence_that_says_no_stops_commits_and_pushes(tmp_path: Path) -> 
     writer.fence = fence
     writer.mirror.fence = push_fence
     writer.start()
-    await (await writer.submit(_change(0)))
+    await (await writer.submit(file_change(0)))
     await writer.flush()  # committed and pushed
     allowed["push"] = False
-    await (await writer.submit(_change(1)))  # committed; its push is refused
+    await (await writer.submit(file_change(1)))  # committed; its push is refused
     with pytest.raises(TemporaryError, match="lease ran out"):
         await writer.flush()
     allowed["commit"] = False
     with pytest.raises(TemporaryError, match="lease lost"):
-        await (await writer.submit(_change(2)))  # not even committed
+        await (await writer.submit(file_change(2)))  # not even committed
     with pytest.raises(TemporaryError, match="lease lost"):
         await writer.flush()
     await writer.close()

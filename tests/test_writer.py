@@ -3,16 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-import subprocess
 from collections.abc import AsyncIterator, Awaitable, Callable
-from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 
 from audit_reverser.config import load_config
 from audit_reverser.gitstore import writer as writer_module
-from audit_reverser.gitstore.types import FileChange, Identity
 from audit_reverser.gitstore.writer import BranchWriter
 from audit_reverser.runtime import Runtime, Settings
 from tests.conftest import (
@@ -20,6 +17,7 @@ from tests.conftest import (
     bare_repo,
     configmap,
     event,
+    file_change,
     git_subjects,
     http_client,
     start_harness,
@@ -109,16 +107,6 @@ def _branch_on_disk(writer: BranchWriter) -> str:
     return ref.read_text().strip() if ref.exists() else ""
 
 
-def _change(n: int) -> FileChange:
-    return FileChange(
-        path=f"live/cm{n}.yaml",
-        content=b"n: %d\n" % n,
-        message=f"cm{n}",
-        author=Identity(name="jane", email="jane@example.com"),
-        time=datetime(2026, 12, 1, tzinfo=UTC),
-    )
-
-
 async def test_a_trickle_of_changes_is_saved_together_and_answered_once_saved(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -130,7 +118,7 @@ async def test_a_trickle_of_changes_is_saved_together_and_answered_once_saved(
         [writer] = harness.runtime.writers.values()
         done = []
         for n in range(3):  # each committed before the next comes: a batch each
-            done.append(await writer.submit(_change(n)))
+            done.append(await writer.submit(file_change(n)))
             await _wait_for(lambda n=n: _true(writer.mirror.unsaved == n + 1))
         assert not any(future.done() for future in done)
         assert await asyncio.to_thread(_branch_on_disk, writer) == ""
@@ -139,7 +127,7 @@ async def test_a_trickle_of_changes_is_saved_together_and_answered_once_saved(
         tip = done[-1].result().commit_id
         assert all(future.result().commit_id for future in done)
         assert await asyncio.to_thread(_branch_on_disk, writer) == tip
-        assert await harness.subjects() == ["cm0", "cm1", "cm2"]
+        assert await harness.subjects() == ["[CREATE] c0", "[CREATE] c1", "[CREATE] c2"]
     finally:
         await harness.runtime.close()
 
@@ -153,14 +141,14 @@ async def test_a_change_no_one_waits_for_any_more_does_not_stop_the_writer(
     harness = await start_harness(tmp_path, max_commits=1000, interval="1h")
     try:
         [writer] = harness.runtime.writers.values()
-        first = await writer.submit(_change(0))
-        second = await writer.submit(_change(1))
+        first = await writer.submit(file_change(0))
+        second = await writer.submit(file_change(1))
         await _wait_for(lambda: _true(writer.mirror.unsaved == 2))
         first.cancel()
         async with asyncio.timeout(10):  # a writer stopped by it would never answer
             assert await writer.flush() == 2
         assert writer.running and second.result().commit_id
-        assert await harness.subjects() == ["cm0", "cm1"]
+        assert await harness.subjects() == ["[CREATE] c0", "[CREATE] c1"]
     finally:
         await harness.runtime.close()
 
@@ -171,18 +159,16 @@ async def test_a_trickle_is_saved_after_the_delay_without_a_push(tmp_path: Path)
     harness = await start_harness(tmp_path, max_commits=1000, interval="1h")
     try:
         [writer] = harness.runtime.writers.values()
-        done = [await writer.submit(_change(n)) for n in range(3)]
+        done = [await writer.submit(file_change(n)) for n in range(3)]
         async with asyncio.timeout(10):
             outcomes = await asyncio.gather(*done)
         assert writer.stats.pushes == 0 and writer.mirror.unsaved == 0
         assert await asyncio.to_thread(_branch_on_disk, writer) == outcomes[-1].commit_id
-        log = await asyncio.to_thread(
-            subprocess.run,
-            ["git", "-C", str(writer.mirror.path), "log", "--format=%s", "main"],
-            capture_output=True,
-            text=True,
-        )
-        assert log.stdout.split() == ["cm2", "cm1", "cm0"]
+        assert await asyncio.to_thread(git_subjects, writer.mirror.path) == [
+            "[CREATE] c0",
+            "[CREATE] c1",
+            "[CREATE] c2",
+        ]
     finally:
         await harness.runtime.close()
 
