@@ -660,6 +660,7 @@ async def _serve(
         journal_lease_s=args.journal_lease,
         max_backlog=args.max_backlog,
         shutdown_timeout_s=args.shutdown_timeout,
+        retry_push_at_stop=True,
         exclusions=_exclusions(args),
         rules_from_files=rules is None and fleet is None,
     )

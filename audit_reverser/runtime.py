@@ -58,6 +58,8 @@ DEFAULT_COMMITTER = Identity(name="audit-reverser", email="audit-reverser@audit-
 
 
 DEFAULT_SHUTDOWN_TIMEOUT_S = 20.0
+# A stop's last try to push starts at least this long before the shut-down time is over.
+FINAL_PUSH_MARGIN_S = 1.0
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -83,6 +85,9 @@ class Settings:
     # How long close() may spend committing and pushing before it leaves the rest to the
     # journal; below Kubernetes' default 30 s grace period.
     shutdown_timeout_s: float = DEFAULT_SHUTDOWN_TIMEOUT_S
+    # serve: a stop's push that the remote refuses is tried again until the shut-down time is
+    # over. replay and snapshot have pushed (their flush reports what failed) and exit.
+    retry_push_at_stop: bool = False
     # Rules from files (True): a provider or key that cannot be used is an error at start,
     # and a key generateWhenMissing makes goes to the state directory. From a cluster
     # (False): such objects are left out, reported in their status, and a generated key goes
@@ -666,8 +671,9 @@ class Runtime:
         return failures
 
     async def close(self) -> None:
-        """Stop accepting, commit what was accepted and push once, within the shut-down time;
-        what is left then stays in the journal (and unpushed commits in the mirrors)."""
+        """Stop accepting, commit what was accepted and push (see ``retry_push_at_stop``),
+        within the shut-down time; what is left then stays in the journal (and unpushed
+        commits in the mirrors)."""
         self.accepting = False
         if self._leading is not None:
             if self.redis_journal is not None and self.redis_journal.leading.is_set():
@@ -703,8 +709,9 @@ class Runtime:
         self._unlock_state_dir()
 
     async def _finish_in_time(self) -> None:
+        deadline = asyncio.get_running_loop().time() + self.settings.shutdown_timeout_s
         try:
-            await asyncio.wait_for(self._finish(), self.settings.shutdown_timeout_s)
+            await asyncio.wait_for(self._finish(deadline), self.settings.shutdown_timeout_s)
         except TimeoutError:
             log.warning(
                 "shut-down time (%.0fs) is over: %d events stay in the journal and %d commits "
@@ -715,6 +722,9 @@ class Runtime:
             )
             await self.intake.stop()
 
-    async def _finish(self) -> None:
+    async def _finish(self, deadline: float) -> None:
         await self.intake.close()
-        await asyncio.gather(*(w.close() for w in self.writers.values()))
+        # A push that fails is tried again until a little before the deadline, so that the
+        # last try's warning is logged, not cut short.
+        until = deadline - FINAL_PUSH_MARGIN_S if self.settings.retry_push_at_stop else None
+        await asyncio.gather(*(w.close(push_until=until) for w in self.writers.values()))

@@ -11,6 +11,7 @@ import logging
 import socket
 import ssl
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,7 @@ from tests.conftest import (
     event,
     event_list,
     git_files,
+    git_subjects,
     request,
     start_harness,
     start_serve,
@@ -326,3 +328,29 @@ def test_a_silent_remote_delays_neither_start_nor_shutdown(tmp_path: Path) -> No
     log = served.log.read_text()
     assert "1 events stay in the journal and 0 commits in the mirrors" in log
     assert silent.connections  # it did try
+
+
+def test_a_stop_pushes_once_the_remote_takes_the_push_again(tmp_path: Path) -> None:
+    """SIGTERM while the remote's branch is locked by an update someone else has under way:
+    serve tries the push again, and exits once the commit is in the remote (within
+    --shutdown-timeout), not leaving it in the mirror for a next start."""
+    remote = bare_repo(tmp_path / "remote.git")
+    config = write_config(tmp_path / "c.yaml", remote)
+    state = ["--config", str(config), "--state-dir", str(tmp_path / "state")]
+    served = start_serve(tmp_path, *state, "--shutdown-timeout", "60")
+    lock = remote / "refs" / "heads" / "main.lock"
+    lock.write_text("1" * 40 + "\n")  # fresh, naming no commit of ours: it must wait
+    body = json.dumps(event_list(event("create", body=configmap()))).encode()
+    status, _ = request(
+        served.port, "POST", "/audit-webhook", body, headers={"Content-Type": "application/json"}
+    )
+    assert status == 200
+    served.process.terminate()
+    deadline = time.monotonic() + 30
+    while "commits not pushed yet, next try in" not in served.log.read_text():
+        assert served.process.poll() is None, served.log.read_text()
+        assert time.monotonic() < deadline, served.log.read_text()
+        time.sleep(0.05)
+    lock.unlink()
+    assert served.process.wait(timeout=60) == 0, served.log.read_text()
+    assert git_subjects(remote) == ["[CREATE] v1/configmaps/default/demo"]

@@ -173,5 +173,56 @@ async def test_a_trickle_is_saved_after_the_delay_without_a_push(tmp_path: Path)
         await harness.runtime.close()
 
 
+@pytest.mark.parametrize("refusal", ["away", "locked"])
+async def test_a_stop_tries_the_push_again_until_the_remote_takes_it(
+    tmp_path: Path, refusal: str
+) -> None:
+    """serve's stop, while the remote refuses the push for a moment (moved away, or its
+    branch locked by an update another process has not finished): it tries again, and the
+    commits are in the remote when the stop ends, not only in the mirror."""
+    harness = await start_harness(
+        tmp_path, settings={"retry_push_at_stop": True, "shutdown_timeout_s": 60.0}
+    )
+    [writer] = harness.runtime.writers.values()
+    away = tmp_path / "away.git"
+    lock = harness.remote / "refs" / "heads" / "main.lock"
+    if refusal == "away":
+        await asyncio.to_thread(harness.remote.rename, away)
+    else:  # fresh, and naming a commit not ours: nothing may break it
+        await asyncio.to_thread(lock.write_text, "1" * 40 + "\n")
+    await harness.send(
+        *(event("create", name=f"cm{i}", body=configmap(f"cm{i}")) for i in range(3))
+    )
+    closing = asyncio.create_task(harness.runtime.close())
+    await _wait_for(lambda: _true(writer.stats.push_failures >= 1))
+    if refusal == "away":
+        await asyncio.to_thread(away.rename, harness.remote)
+    else:
+        await asyncio.to_thread(lock.unlink)
+    async with asyncio.timeout(30):
+        await closing
+    assert await harness.subjects() == [f"[CREATE] v1/configmaps/default/cm{i}" for i in range(3)]
+    assert writer.mirror.unpushed == 0
+
+
+@pytest.mark.parametrize("retry", [True, False])
+async def test_a_stop_leaves_what_it_cannot_push_in_the_mirror(tmp_path: Path, retry: bool) -> None:
+    """A remote away for good: serve's stop tries again until a little before its shut-down
+    time is over; replay's and snapshot's (their flush has reported the failure) try once.
+    Either way the stop ends, and the commits wait in the mirror for the next start."""
+    harness = await start_harness(
+        tmp_path, settings={"retry_push_at_stop": retry, "shutdown_timeout_s": 3.0}
+    )
+    [writer] = harness.runtime.writers.values()
+    await asyncio.to_thread(harness.remote.rename, tmp_path / "away.git")
+    await harness.send(
+        *(event("create", name=f"cm{i}", body=configmap(f"cm{i}")) for i in range(3))
+    )
+    async with asyncio.timeout(20):
+        await harness.runtime.close()
+    assert writer.stats.commits == 3 and writer.mirror.unpushed == 3
+    assert writer.stats.push_failures >= 2 if retry else writer.stats.push_failures == 1
+
+
 async def _true(value: bool) -> bool:
     return value

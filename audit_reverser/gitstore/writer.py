@@ -26,7 +26,12 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
-from audit_reverser.errors import AuditReverserError, MirrorWriteFailed, TemporaryError
+from audit_reverser.errors import (
+    AuditReverserError,
+    MirrorWriteFailed,
+    RemoteUnavailable,
+    TemporaryError,
+)
 from audit_reverser.gitstore.repository import Mirror
 from audit_reverser.gitstore.types import CommitOutcome, FileChange, TreeChange
 
@@ -48,6 +53,10 @@ SAVE_BYTES = 1024 * 1024
 BACKLOG_PUSH_COMMITS = 1024
 RETRY_MIN_S = 1.0
 RETRY_MAX_S = 60.0
+# A stop's push, when the remote is away or its branch locked for a moment, is tried again
+# sooner than a running writer's: the stop's deadline is seconds away, not minutes.
+FINAL_RETRY_MIN_S = 0.25
+FINAL_RETRY_MAX_S = 2.0
 
 
 # Upper bounds (seconds) of the push duration histogram: a push to a nearby server takes
@@ -202,6 +211,7 @@ class BranchWriter:
         self._save_deadline: float | None = None
         self._save_commits = min(BATCH_LIMIT, max(1, queue_size // 4))
         self._retry_s = RETRY_MIN_S
+        self._final_push_until: float | None = None  # see close()
         self._recovered: dict[tuple[str, str], str] = {}
         self._thread = GitThread(f"git {mirror.path.name}")
         # A push made while commits go on (see _push_soon), and the thread it sends from.
@@ -341,8 +351,12 @@ class BranchWriter:
         await self._queue.put(_Flush(done))
         return await done
 
-    async def close(self) -> None:
-        """Commit what is queued, push once, and stop; unpushed commits stay in the mirror."""
+    async def close(self, *, push_until: float | None = None) -> None:
+        """Commit what is queued, push, and stop; unpushed commits stay in the mirror.
+
+        The push is tried once, or, with ``push_until`` (a time of the running loop: the
+        stop's deadline), again after each failure of the remote until that time."""
+        self._final_push_until = push_until
         if self.running:
             await self._queue.put(None)
             assert self._task is not None
@@ -386,7 +400,7 @@ class BranchWriter:
             elif item is None:
                 await self._save()
                 await self._settle()
-                await self._try_push(final=True)
+                await self._final_push()
                 return
 
     async def _commit(self, batch: list[_Change]) -> None:
@@ -584,19 +598,10 @@ class BranchWriter:
         self._retry_s = min(self._retry_s * 2, RETRY_MAX_S)
         return delay
 
-    async def _try_push(self, *, final: bool = False, alongside: bool = False) -> None:
+    async def _try_push(self, *, alongside: bool = False) -> None:
         """Push, and on failure schedule a retry with back-off instead of raising."""
         with contextlib.suppress(AuditReverserError):
             await self._push(alongside=alongside)
-            return
-        if final:
-            log.warning(
-                "%s: %s; %d commits stay in %s for the next start",
-                self.name,
-                self.last_push_error,
-                self.mirror.unpushed,
-                self.mirror.path,
-            )
             return
         delay = self._next_delay()
         log.warning(
@@ -607,3 +612,39 @@ class BranchWriter:
             delay,
         )
         self._push_deadline = asyncio.get_running_loop().time() + delay
+
+    async def _final_push(self) -> None:
+        """The stop's push. A remote that is away or refuses for a moment (a server
+        restarting, its branch locked by a push that a killed process left) is tried again
+        until the stop's deadline, if there is one; what is not pushed by then stays in the
+        mirror for the next start."""
+        loop = asyncio.get_running_loop()
+        until = self._final_push_until
+        delay = FINAL_RETRY_MIN_S
+        while True:
+            try:
+                await self._push()
+                return
+            except RemoteUnavailable as exc:
+                error: AuditReverserError = exc
+                if until is None or loop.time() + delay >= until:
+                    break
+            except AuditReverserError as exc:  # not the remote's doing (the lease lost)
+                error = exc
+                break
+            log.warning(
+                "%s: %s; %d commits not pushed yet, next try in %.2fs (stopping)",
+                self.name,
+                error,
+                self.mirror.unpushed,
+                delay,
+            )
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, FINAL_RETRY_MAX_S)
+        log.warning(
+            "%s: %s; %d commits stay in %s for the next start",
+            self.name,
+            error,
+            self.mirror.unpushed,
+            self.mirror.path,
+        )
