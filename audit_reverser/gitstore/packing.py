@@ -76,11 +76,18 @@ class _Pending:
 
 
 class NewObjects:
-    """Objects made since the last :meth:`write_pack`, readable before they are written."""
+    """Objects made since the last :meth:`write_pack`, readable before they are written.
+
+    Each object's pack entry is encoded (compressed) as the object comes, not all at the
+    save: a save under a steady trickle of writes used to hold the GIL for milliseconds of
+    compression at once, and the requests it overlapped were the slowest ones."""
 
     def __init__(self, read_stored: ObjectReader) -> None:
         self._read_stored = read_stored
         self._pending: dict[bytes, _Pending] = {}
+        self._entries = bytearray()  # the pack after its header, up to the checksum
+        self._offsets: dict[bytes, int] = {}  # in the pack, the header counted
+        self._crcs: dict[bytes, int] = {}
 
     def __len__(self) -> int:
         return len(self._pending)
@@ -99,6 +106,7 @@ class NewObjects:
                 if previous.delta is not None:
                     previous.data = None  # read() rebuilds it from its base
         self._pending[oid] = _Pending(kind, data, base, depth, delta)
+        self._encode(oid, kind, data if delta is None else delta, base)
         return oid
 
     def add_chunks(
@@ -114,7 +122,24 @@ class NewObjects:
             if previous.delta is not None:
                 previous.data = None
             self._pending[oid] = _Pending(kind, None, base, previous.depth + 1, delta)
+            self._encode(oid, kind, delta, base)
         return oid
+
+    def _encode(self, oid: bytes, kind: int, stored: bytes, base: bytes | None) -> None:
+        """Append the pack entry of ``oid``: ``stored`` is its data, or its delta from
+        ``base`` (an entry before it, as git's OFS_DELTA needs)."""
+        start = _PACK_HEADER + len(self._entries)
+        if base is None:
+            record = _entry_header(kind, len(stored)) + _compress(stored, _LEVELS[kind])
+        else:
+            record = (
+                _entry_header(_OFS_DELTA, len(stored))
+                + _offset_encoding(start - self._offsets[base])
+                + _compress(stored, _LEVELS[kind])
+            )
+        self._offsets[oid] = start
+        self._crcs[oid] = zlib.crc32(record)
+        self._entries += record
 
     def depth(self, oid: bytes) -> int | None:
         """The delta depth of a pending object (0: stored whole); None when not pending."""
@@ -135,25 +160,34 @@ class NewObjects:
 
     def discard(self) -> None:
         self._pending.clear()
+        self._entries = bytearray()
+        self._offsets.clear()
+        self._crcs.clear()
 
     def write_pack(self, pack_dir: Path) -> Path | None:
         """Write the pending objects as ``pack-<sha>.pack`` + ``.idx`` (both synced to disk,
         the index last, so that a reader never sees a pack without its objects)."""
         if not self._pending:
             return None
-        body, index = _encode_pack(self._pending)
-        pack_path = _install_pack(pack_dir, body, index)
-        self._pending.clear()
+        header = b"PACK" + struct.pack(">II", 2, len(self._pending))
+        digest = hashlib.sha1(header, usedforsecurity=False)
+        digest.update(self._entries)
+        checksum = digest.digest()
+        index = _encode_index(self._offsets, self._crcs, checksum)
+        pack_path = _install_pack(pack_dir, (header, self._entries, checksum), index)
+        self.discard()
         return pack_path
 
 
-def _install_pack(pack_dir: Path, body: bytes, index: bytes) -> Path:
-    """Put a pack and its index into ``pack_dir``, durably, the index last."""
+def _install_pack(pack_dir: Path, parts: Sequence[bytes | bytearray], index: bytes) -> Path:
+    """Put a pack (written from ``parts``, its checksum last) and its index into
+    ``pack_dir``, durably, the index last."""
     pack_dir.mkdir(parents=True, exist_ok=True)
-    name = f"pack-{body[-20:].hex()}"
+    name = f"pack-{parts[-1].hex()}"
     pack_path = pack_dir / f"{name}.pack"
     with _durable(pack_dir / f"tmp_{name}.pack", pack_path) as out:
-        out.write(body)
+        for part in parts:
+            out.write(part)
     with _durable(pack_dir / f"tmp_{name}.idx", pack_dir / f"{name}.idx") as out:
         out.write(index)
     sync_directory(pack_dir)
@@ -694,33 +728,7 @@ def _stored(data: bytes) -> bytes:
 # Trees (and their deltas) are stored without compression: most of a tree is object ids,
 # which do not compress.
 _LEVELS = {COMMIT: 1, TREE: 0, BLOB: 1}
-
-
-def _encode_pack(objects: dict[bytes, _Pending]) -> tuple[bytes, bytes]:
-    pack = bytearray(b"PACK" + struct.pack(">II", 2, len(objects)))
-    offsets: dict[bytes, int] = {}
-    crcs: dict[bytes, int] = {}
-    for oid, entry in objects.items():
-        start = len(pack)
-        if entry.base is not None:
-            assert entry.delta is not None
-            delta = entry.delta
-            record = (
-                _entry_header(_OFS_DELTA, len(delta))
-                + _offset_encoding(start - offsets[entry.base])
-                + _compress(delta, _LEVELS[entry.kind])
-            )
-        else:
-            assert entry.data is not None  # only versions made into deltas drop theirs
-            record = _entry_header(entry.kind, len(entry.data)) + _compress(
-                entry.data, _LEVELS[entry.kind]
-            )
-        offsets[oid] = start
-        crcs[oid] = zlib.crc32(record)
-        pack += record
-    checksum = hashlib.sha1(pack, usedforsecurity=False).digest()
-    pack += checksum
-    return bytes(pack), _encode_index(offsets, crcs, checksum)
+_PACK_HEADER = 12  # "PACK", the version, the number of entries
 
 
 def _encode_index(offsets: dict[bytes, int], crcs: dict[bytes, int], checksum: bytes) -> bytes:
