@@ -28,9 +28,10 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from end_to_end import _create  # noqa: E402  (bench/, the script's own folder)
+
 from audit_reverser.pipeline import blockyaml, canonical  # noqa: E402
 from audit_reverser.pipeline.sanitize import sanitize  # noqa: E402
-from bench.end_to_end import _create  # noqa: E402
 
 
 def configmaps(n: int) -> list[dict[str, Any]]:

@@ -36,6 +36,7 @@ import sys
 import tempfile
 import time
 from datetime import UTC, datetime
+from importlib import metadata
 from pathlib import Path
 
 import pygit2
@@ -266,7 +267,7 @@ def main() -> None:
     sizes = [int(s) for s in args.sizes.split(",")]
     rates: dict[int, tuple[float, float, float]] = {}
     push_line = ""
-    versions = f"git {_git_version()}, pygit2 {pygit2.__version__}"
+    versions = f"git {_git_version()}, pygit2 {metadata.version('pygit2')}"
     print(f"{args.commits} single-file commits per run; {versions}")
     print(f"{'files':>8} {'fast-import/s':>14} {'ours/s':>9} {'ours ÷ fi':>10} {'loose/s':>9}")
     for files in sizes:

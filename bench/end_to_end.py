@@ -214,7 +214,9 @@ def _commits(remote: Path) -> int:
 
 
 def _tip(remote: Path) -> pygit2.Oid:
-    return pygit2.Repository(str(remote)).references["refs/heads/main"].target
+    target = pygit2.Repository(str(remote)).references["refs/heads/main"].target
+    assert isinstance(target, pygit2.Oid)  # a branch, not a symbolic reference
+    return target
 
 
 def _wait_for(remote: Path, commits: int, timeout: float) -> float:

@@ -29,6 +29,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import orjson
@@ -79,14 +80,19 @@ def _event(n: int) -> bytes:
     )
 
 
-def _batches(count: int, size: int, first: int) -> list[list[tuple[str, bytes]]]:
+Batch = list[tuple[str, bytes]]  # (auditID, event JSON) of one request
+
+
+def _batches(count: int, size: int, first: int) -> list[Batch]:
     return [
         [(f"5e0c8d4e-{n:012d}", _event(n)) for n in range(first + b * size, first + (b + 1) * size)]
         for b in range(count)
     ]
 
 
-async def _run(senders: int, batches: list, append) -> float:  # type: ignore[no-untyped-def]
+async def _run(
+    senders: int, batches: list[Batch], append: Callable[[Batch], Awaitable[None]]
+) -> float:
     queue = list(batches)
     start = time.perf_counter()
 
@@ -98,11 +104,11 @@ async def _run(senders: int, batches: list, append) -> float:  # type: ignore[no
     return sum(len(b) for b in batches) / (time.perf_counter() - start)
 
 
-async def file_rate(directory: Path, batches: list, senders: int) -> float:  # type: ignore[type-arg]
+async def file_rate(directory: Path, batches: list[Batch], senders: int) -> float:
     journal = Journal(directory)
     await asyncio.to_thread(journal.recover)
 
-    async def append(batch: list[tuple[str, bytes]]) -> None:
+    async def append(batch: Batch) -> None:
         await journal.append([(audit_id, "", event) for audit_id, event in batch])
 
     try:
@@ -111,10 +117,10 @@ async def file_rate(directory: Path, batches: list, senders: int) -> float:  # t
         await journal.close()
 
 
-async def redis_rate(connection: Connection, batches: list, senders: int) -> float:  # type: ignore[type-arg]
+async def redis_rate(connection: Connection, batches: list[Batch], senders: int) -> float:
     journal = StreamJournal(connection)
 
-    async def append(batch: list[tuple[str, bytes]]) -> None:
+    async def append(batch: Batch) -> None:
         await journal.append(
             [Incoming(audit_id=a, cluster="", event=e, lanes=(LANE,)) for a, e in batch]
         )

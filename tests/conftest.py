@@ -23,6 +23,7 @@ from typing import Any
 
 import pytest
 import yaml
+from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 from blockbuster import blockbuster_ctx
 
@@ -412,7 +413,7 @@ class _Borrowed:
     async def close(self) -> None: ...
 
 
-def http_client(harness: Harness, **app_options: Any) -> TestClient:
+def http_client(harness: Harness, **app_options: Any) -> TestClient[web.Request, web.Application]:
     """An HTTP client for the receiver app over the harness's pipeline (real sockets)."""
     return TestClient(TestServer(make_app(_Borrowed(harness), **app_options)))
 
