@@ -310,7 +310,8 @@ def test_a_lock_naming_our_own_commit_is_removed_at_once(
     """A kill -9 while our push's ref update held the remote's lock leaves ``main.lock``
     holding the commit it was writing, one of the mirror's own: the restarted writer removes
     it at once (a stop right after the restart pushes everything) instead of waiting for it
-    to age. A fresh lock naming any other commit is someone's update under way: we wait."""
+    to age. A fresh lock naming any other commit is someone's update under way: we wait,
+    also when it names a commit the remote already had (someone resetting the branch)."""
     remote = bare_repo(tmp_path / "remote.git")
     mirror = Mirror(tmp_path / "mirror.git", LocalTransport(remote), "main", COMMITTER)
     mirror.open()
@@ -318,12 +319,15 @@ def test_a_lock_naming_our_own_commit_is_removed_at_once(
     lock = remote / "refs" / "heads" / "main.lock"
     _create(mirror, "a")
     assert mirror.push() == 1
+    pushed = mirror.tip
     _create(mirror, "b")
     mirror.save()
-    assert mirror.tip is not None
-    lock.write_text("5" * 40 + "\n")  # no commit of ours
-    with pytest.raises(RemoteUnavailable):
-        mirror.push()
+    assert mirror.tip is not None and pushed is not None
+    for someone_elses in ("5" * 40, pushed):  # no commit of ours; one the remote has
+        lock.write_text(someone_elses + "\n")
+        with pytest.raises(RemoteUnavailable):
+            mirror.push()
+        assert lock.read_text() == someone_elses + "\n"
     lock.write_text(mirror.tip + "\n")  # what our killed update had written
     mirror = Mirror(tmp_path / "mirror.git", LocalTransport(remote), "main", COMMITTER)
     mirror.open()

@@ -557,9 +557,16 @@ class Mirror:
         release_free_memory()
 
     def _made_here(self, oid: bytes) -> bool:
-        """Whether the commit ``oid`` is in this mirror (made or fetched here); on the Git
+        """Whether the commit ``oid`` was made in this mirror and not yet seen in the remote:
+        in the mirror, and not the remote branch's tip as last fetched or pushed, nor one of
+        its ancestors (someone resetting the branch to an older commit of its history holds
+        a lock naming a commit we have too, and that lock is not ours to break). On the Git
         thread only."""
-        return _oid(oid) in self.repo
+        commit = _oid(oid)
+        if commit not in self.repo:
+            return False
+        seen = self._target(self._tracking_ref)
+        return seen is None or (seen != oid and not self.repo.descendant_of(_oid(seen), commit))
 
     def _push_once(self) -> None:
         assert self._head is not None
