@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import http.client
 import itertools
+import os
 import socket
 import ssl
 import subprocess
@@ -32,7 +33,7 @@ from audit_reverser.gitstore.types import FileChange, Identity
 from audit_reverser.ingest.server import make_app
 from audit_reverser.pipeline.resolve import ObjectSource
 from audit_reverser.runtime import Runtime, Settings
-from tests.gitservers import HTTP_BACKEND, SSHD, GitHttpServer, SshServer, require
+from tests.gitservers import HTTP_BACKEND, SSHD, GitHttpServer, SshServer
 from tests.redisserver import REDIS_SERVER, RedisServer
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -338,6 +339,17 @@ def start_serve(cwd: Path, *args: str, port: int | None = None, ca: Path | None 
                 raise AssertionError(log.read_text()) from None
             assert time.monotonic() < deadline, "serve did not become ready"
             time.sleep(0.05)
+
+
+def require(program: Path | str, package: str) -> None:
+    """Skip on a developer machine without ``program``; in CI (``CI`` set) fail instead, so
+    that a missing package can never turn these tests into silent skips."""
+    if Path(program).exists():
+        return
+    message = f"{program} is missing: apt-get install {package}"
+    if os.environ.get("CI"):
+        pytest.fail(message)
+    pytest.skip(message)
 
 
 class Harness:

@@ -22,23 +22,11 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
 SSHD = shutil.which("sshd") or "/usr/sbin/sshd"
 HTTP_BACKEND = Path("/usr/lib/git-core/git-http-backend")
-
-
-def require(program: Path | str, package: str) -> None:
-    """Skip on a developer machine without ``program``; in CI (``CI`` set) fail instead, so
-    that a missing package can never turn these tests into silent skips."""
-    if Path(program).exists():
-        return
-    message = f"{program} is missing: apt-get install {package}"
-    if os.environ.get("CI"):
-        pytest.fail(message)
-    pytest.skip(message)
 
 
 def free_port() -> int:

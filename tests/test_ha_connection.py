@@ -21,7 +21,8 @@ from audit_reverser.ha.connection import (
     read_password,
 )
 from audit_reverser.ha.stream import Incoming, StreamJournal
-from tests.gitservers import free_port, require
+from tests.conftest import require
+from tests.gitservers import free_port
 from tests.redisserver import REDIS_SERVER, RedisServer
 
 

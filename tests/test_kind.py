@@ -25,8 +25,7 @@ import yaml
 from cryptography import x509
 
 from audit_reverser.config.loader import build_config
-from tests.conftest import REPO_ROOT
-from tests.gitservers import require
+from tests.conftest import REPO_ROOT, require
 from tests.test_deploy import _kustomization_objects, documents
 
 KIND = REPO_ROOT / "kind"

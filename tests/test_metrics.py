@@ -22,10 +22,10 @@ from tests.conftest import (
     event,
     event_list,
     request,
+    require,
     start_serve,
     write_config,
 )
-from tests.gitservers import require
 
 MONITORING = REPO_ROOT / "deploy" / "monitoring"
 PROMTOOL = "/usr/bin/promtool"

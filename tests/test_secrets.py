@@ -27,9 +27,9 @@ from tests.conftest import (
     git_files,
     git_show,
     git_subjects,
+    require,
     start_harness,
 )
-from tests.gitservers import require
 
 SOPS = shutil.which("sops") or str(Path(sys.executable).parent / "sops")
 AGE = shutil.which("age") or "/usr/bin/age"
