@@ -16,8 +16,10 @@ behind it (in memory, read from the journal with it): one read of the object fro
 answers them all.
 
 A journal record is marked done once every commit its event made is in the local repository
-(or its event made none). A commit that failed for a temporary reason holds the record: it
-is processed again on the next start.
+(or its event made none). An event whose processing fails for a temporary reason (the
+Kubernetes API away, a fleet cluster's rules not read yet) is held and tried again in this
+run, and its record waits meanwhile. A commit that failed for a temporary reason holds the
+record: it is processed again on the next start.
 """
 
 from __future__ import annotations
@@ -53,6 +55,12 @@ DEFAULT_WINDOW_BYTES = 8 * 1024 * 1024
 # and twice the JSON took the 80,000-write burst of bench/backlog_memory.py from 125 to 169
 # MiB). Beyond that, the backlog is decoded from the journal as it is read.
 PARSED_WINDOWS = 8
+# A held event is tried again after this long, doubled (up to the maximum) while none of the
+# held events goes through. At most HELD_LIMIT wait in memory; the rest wait in the journal
+# for the next start.
+HELD_RETRY_MIN_S = 1.0
+HELD_RETRY_MAX_S = 60.0
+HELD_LIMIT = 1_024
 
 _ObjectKey = tuple[str, str, str, str, str]  # cluster, group, resource, namespace, name
 
@@ -121,6 +129,13 @@ class Intake:
         self._fresh_bytes = 0
         self._fresh_limit = PARSED_WINDOWS * window
         self._fresh_bytes_limit = window_bytes
+        # Held events (see HELD_RETRY_MIN_S), with their seq, size and routes; the task that
+        # tries them again takes turns with the worker, one event at a time.
+        self._held: deque[tuple[AuditEvent, int | None, int, Routed | None]] = deque()
+        self._held_retry_s = HELD_RETRY_MIN_S
+        self._retrying: asyncio.Task[None] | None = None
+        self._last_held_error: TemporaryError | None = None
+        self._processing = asyncio.Lock()
 
     def triage(self, items: Iterable[object], *, cluster: str = "", source: str = "") -> Triage:
         result = Triage()
@@ -256,10 +271,17 @@ class Intake:
 
     async def stop(self) -> None:
         """Stop the worker now; what it has not processed stays in the journal."""
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        for task in (self._task, self._retrying):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        if self._held:
+            log.warning(
+                "%d held events %s",
+                len(self._held),
+                "stay in the journal for the next start" if self.journal else "are not written",
+            )
 
     # -- the worker --------------------------------------------------------------------------
 
@@ -332,20 +354,80 @@ class Intake:
         self._room.set()
 
     async def _handle(
-        self, event: AuditEvent, seq: int | None, size: int, routed: Routed | None
+        self,
+        event: AuditEvent,
+        seq: int | None,
+        size: int,
+        routed: Routed | None,
+        *,
+        retried: bool = False,
     ) -> None:
-        later = self._later(event)
-        try:
-            futures = await self.processor.process(event, later, routed)
-        except TemporaryError as exc:
-            log.error("event %s held for the next start: %s", event.audit_id, exc)
-            self._release(size)
+        async with self._processing:
+            later = self._later(event)
+            try:
+                futures = await self.processor.process(event, later, routed)
+            except TemporaryError as exc:
+                self._release(size)
+                self._hold(event, seq, size, routed, exc, retried=retried)
+                return
+            except Exception:  # one event must never stop the stream; logged and counted
+                log.exception("event %s could not be processed", event.audit_id)
+                self.stats.skip(Skip.REJECTED)
+                futures = []
+            self._track(event, seq, size, futures)
+
+    def _hold(
+        self,
+        event: AuditEvent,
+        seq: int | None,
+        size: int,
+        routed: Routed | None,
+        error: TemporaryError,
+        *,
+        retried: bool,
+    ) -> None:
+        """Keep ``event`` to try it again in this run (its journal record waits)."""
+        if len(self._held) >= HELD_LIMIT:
+            log.error("event %s held for the next start: %s", event.audit_id, error)
             return
-        except Exception:  # one event must never stop the stream; it is logged and counted
-            log.exception("event %s could not be processed", event.audit_id)
-            self.stats.skip(Skip.REJECTED)
-            futures = []
-        self._track(event, seq, size, futures)
+        if not retried:  # a retry round says how many are still held, once
+            log.warning(
+                "event %s held: %s; tried again in %.0fs",
+                event.audit_id,
+                error,
+                self._held_retry_s,
+            )
+        self._held.append((event, seq, size, routed))
+        self._last_held_error = error
+        if self._retrying is None:
+            self._retrying = asyncio.create_task(self._retry_held(), name="held events")
+
+    async def _retry_held(self) -> None:
+        """Try the held events again, oldest first, until none is held any more."""
+        try:
+            while self._held:
+                await asyncio.sleep(self._held_retry_s)
+                held, self._held = self._held, deque()
+                for event, seq, size, routed in held:
+                    await self._wait_for_room()
+                    self._take(size)
+                    await self._handle(event, seq, size, routed, retried=True)
+                if not self._held:
+                    log.info("%d held events went through", len(held))
+                    break
+                if len(self._held) < len(held):  # some went through: the cause may be gone
+                    self._held_retry_s = HELD_RETRY_MIN_S
+                else:
+                    self._held_retry_s = min(self._held_retry_s * 2, HELD_RETRY_MAX_S)
+                log.warning(
+                    "%d held events: %s; tried again in %.0fs",
+                    len(self._held),
+                    self._last_held_error,
+                    self._held_retry_s,
+                )
+        finally:
+            self._retrying = None
+            self._held_retry_s = HELD_RETRY_MIN_S
 
     def _track(
         self,
