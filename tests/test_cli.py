@@ -196,6 +196,32 @@ def test_replay_skips_the_control_plane_unless_told_otherwise(tmp_path: Path) ->
     assert git_files(remote) == ["live/v1/configmaps/default/demo.yaml"]
 
 
+def test_debug_logs_say_why_each_event_made_no_commit(tmp_path: Path) -> None:
+    """--log-level debug: one line per skipped event, with its auditID and the reason, also
+    for the events skipped on arrival (only counted otherwise)."""
+    remote = bare_repo(tmp_path / "remote.git")
+    config = write_config(tmp_path / "c.yaml", remote)
+    log = tmp_path / "audit.log"
+    log.write_bytes(
+        _log_line(event("get", body=configmap(), audit_id="read-1"))
+        + _log_line(event("create", body=configmap(), code=409, audit_id="conflict-1"))
+        + _log_line(event("create", body=configmap(), audit_id="kept-1"))
+    )
+    state = ["--config", str(config), "--state-dir", str(tmp_path / "state")]
+    result = run("--log-level", "debug", "replay", *state, str(log), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert (
+        "event 'read-1' skipped: read-verb (get '/api/v1/namespaces/default/configmaps/demo')"
+        in (result.stderr)
+    )
+    assert re.search(
+        r"event 'conflict-1' skipped: [a-z-]+ \(create '/api/v1/namespaces/default/configmaps'\)",
+        result.stderr,
+    )
+    assert "'kept-1' skipped" not in result.stderr
+    assert git_subjects(remote) == ["[CREATE] v1/configmaps/default/demo"]
+
+
 def test_json_logs_name_the_event_and_the_target(tmp_path: Path) -> None:
     remote = bare_repo(tmp_path / "remote.git")
     config = write_config(tmp_path / "c.yaml", remote)

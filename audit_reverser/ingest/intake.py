@@ -34,7 +34,7 @@ from typing import Any
 
 import orjson
 
-from audit_reverser.errors import EventError, TemporaryError
+from audit_reverser.errors import EventError, TemporaryError, shown
 from audit_reverser.events import JSON_OBJECT, AuditEvent, parse_event
 from audit_reverser.gitstore.types import CommitOutcome
 from audit_reverser.journal import EventJournal, Record
@@ -70,6 +70,14 @@ def _object_of(event: AuditEvent) -> _ObjectKey | None:
     if ref is None or not ref.name:
         return None
     return (event.cluster, ref.api_group, ref.resource, ref.namespace, ref.name)
+
+
+def _say_skip(raw: object, reason: Skip) -> None:
+    if isinstance(raw, JSON_OBJECT):
+        audit_id, verb, uri = raw.get("auditID"), raw.get("verb"), raw.get("requestURI")
+        log.debug("event %s skipped: %s (%s %s)", shown(audit_id), reason.value, verb, shown(uri))
+    else:
+        log.debug("an item that is not an event skipped: %s", reason.value)
 
 
 class Overloaded(TemporaryError):
@@ -141,6 +149,7 @@ class Intake:
         result = Triage()
         skipped: Counter[Skip] = Counter()  # counted once per batch, not per event
         received = 0
+        say_skips = log.isEnabledFor(logging.DEBUG)  # --log-level debug: a line per skip
         for raw in items:
             received += 1
             reason = classify_raw(raw) if isinstance(raw, JSON_OBJECT) else Skip.MALFORMED
@@ -169,6 +178,8 @@ class Intake:
                         continue
                     reason = routed
             skipped[reason] += 1
+            if say_skips:
+                _say_skip(raw, reason)
         self.stats.received += received
         for reason, count in skipped.items():
             self.stats.skip(reason, count)
