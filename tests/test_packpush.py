@@ -7,10 +7,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import shutil
+import socket
+import threading
 from pathlib import Path
 
 import pytest
 
+from audit_reverser.errors import RemoteUnavailable
+from audit_reverser.gitstore import packpush
+from audit_reverser.gitstore.transport import NetworkTransport
 from tests.conftest import Harness, bare_repo, configmap, event, git, start_harness
 from tests.gitservers import GitHttpServer, KeyPair, SshServer
 
@@ -274,3 +279,38 @@ async def test_commits_go_on_while_the_server_takes_its_time_with_a_push(
     names = [subject.split("/")[-1] for subject in await harness.subjects()]
     assert names == ["first", "a", "b", "c", "d"]
     assert await asyncio.to_thread(git, remote, "fsck", "--strict", "--no-dangling") == ""
+
+
+def test_an_https_server_that_never_takes_the_connection_fails_the_push_at_the_connect_timeout(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A server whose listen queue is full never completes the TCP handshake: the push
+    gives up after CONNECT_TIMEOUT_S (15 s; here shortened), not after SERVER_TIMEOUT_S
+    (120 s, for the answers; here an hour, which the test would not outlive)."""
+    monkeypatch.setattr(packpush, "CONNECT_TIMEOUT_S", 0.5)
+    monkeypatch.setattr(packpush, "SERVER_TIMEOUT_S", 3600)
+    with socket.create_server(("127.0.0.1", 0), backlog=0) as server:
+        port = server.getsockname()[1]
+        waiting = []
+        for _ in range(4):  # fill the accept queue: later handshakes go unanswered
+            client = socket.socket()
+            client.setblocking(False)
+            client.connect_ex(("127.0.0.1", port))
+            waiting.append(client)
+        transport = NetworkTransport(f"http://127.0.0.1:{port}/remote.git", None)
+        failures: list[BaseException] = []
+
+        def push() -> None:
+            try:
+                packpush._push_http(transport, "refs/heads/main", None, b"\1" * 20, Path("x"))
+            except BaseException as exc:  # noqa: BLE001 - handed to the test's thread
+                failures.append(exc)
+
+        pushing = threading.Thread(target=push, daemon=True)
+        pushing.start()
+        pushing.join(timeout=60)  # a push that waits for the hour fails here, not hangs CI
+        for client in waiting:
+            client.close()
+    assert not pushing.is_alive(), "the push waited past the connect timeout"
+    assert len(failures) == 1 and isinstance(failures[0], RemoteUnavailable), failures
+    assert "timed out" in str(failures[0])

@@ -32,7 +32,7 @@ import shutil
 import ssl
 import subprocess
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO
 from urllib.parse import unquote, urlsplit
@@ -373,11 +373,30 @@ def _connect(
     scheme: str, host: str, port: int | None, authority: str | None
 ) -> http.client.HTTPConnection:
     if scheme == "http":
-        return http.client.HTTPConnection(host, port, timeout=SERVER_TIMEOUT_S)
+        return _HTTPConnection(host, port)
     context = ssl.create_default_context()  # the system's authorities, as libgit2 trusts
     if authority:
         context.load_verify_locations(cadata=authority)
-    return http.client.HTTPSConnection(host, port, timeout=SERVER_TIMEOUT_S, context=context)
+    return _HTTPSConnection(host, port, context=context)
+
+
+def _within_timeouts(connection: http.client.HTTPConnection, connect: Callable[[], None]) -> None:
+    """Connect (and shake hands) within CONNECT_TIMEOUT_S, as libgit2 and ssh do; then give
+    each answer SERVER_TIMEOUT_S (the server indexes the pack before it answers)."""
+    connection.timeout = CONNECT_TIMEOUT_S
+    connect()
+    assert connection.sock is not None
+    connection.sock.settimeout(SERVER_TIMEOUT_S)
+
+
+class _HTTPConnection(http.client.HTTPConnection):
+    def connect(self) -> None:  # also when http.client connects again
+        _within_timeouts(self, super().connect)
+
+
+class _HTTPSConnection(http.client.HTTPSConnection):
+    def connect(self) -> None:
+        _within_timeouts(self, super().connect)
 
 
 def _send(
