@@ -4,9 +4,8 @@ journal record is done then."""
 
 from __future__ import annotations
 
-import asyncio
 import logging
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +14,7 @@ import pytest
 from audit_reverser.cluster.api import ApiUnavailable
 from audit_reverser.events import ObjectRef
 from audit_reverser.ingest import intake as intake_module
-from tests.conftest import configmap, event, start_harness
+from tests.conftest import configmap, event, eventually, start_harness
 
 
 class _AwayThenBack:
@@ -34,12 +33,6 @@ class _AwayThenBack:
 
     async def names(self, ref: ObjectRef) -> set[str]:
         return set(self.objects)
-
-
-async def _wait_for(predicate: Callable[[], Awaitable[bool]]) -> None:
-    async with asyncio.timeout(10):  # bounded: a bug cannot hang CI
-        while not await predicate():  # noqa: ASYNC110 - the state lives in another thread
-            await asyncio.sleep(0.02)
 
 
 @pytest.mark.parametrize("journal", [True, False], ids=["serve", "replay"])
@@ -64,7 +57,7 @@ async def test_an_event_held_while_the_api_is_away_is_committed_once_it_answers(
                 await harness.sync()
                 return "live/v1/configmaps/default/demo.yaml" in await harness.files()
 
-            await _wait_for(committed)
+            await eventually(committed)
         assert await harness.files() == [
             "live/v1/configmaps/default/demo.yaml",
             "live/v1/configmaps/default/other.yaml",
@@ -79,7 +72,7 @@ async def test_an_event_held_while_the_api_is_away_is_committed_once_it_answers(
         assert "1 held events went through" in caplog.text
         if journal:  # its record is done: nothing waits for the next start
             assert harness.runtime.intake.journal is not None
-            await _wait_for(lambda: _true(harness.runtime.intake.journal.backlog == 0))
+            await eventually(lambda: harness.runtime.intake.journal.backlog == 0)
     finally:
         await harness.runtime.close()
 
@@ -93,7 +86,7 @@ async def test_events_still_held_at_the_stop_wait_in_the_journal(
     away = _AwayThenBack(away=10**9, objects={})
     harness = await start_harness(tmp_path, settings={"journal": True}, source=away)
     await harness.send(event("create", level="Metadata", body=None, user="jane@example.com"))
-    await _wait_for(lambda: _true(away.reads >= 3))  # held, and tried again
+    await eventually(lambda: away.reads >= 3)  # held, and tried again
     with caplog.at_level(logging.WARNING):
         await harness.runtime.close()
     assert "1 held events stay in the journal for the next start" in caplog.text
@@ -107,7 +100,3 @@ async def test_events_still_held_at_the_stop_wait_in_the_journal(
         assert await harness.log("%an") == ["jane@example.com"]
     finally:
         await harness.runtime.close()
-
-
-async def _true(value: bool) -> bool:
-    return value

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -17,6 +17,7 @@ from tests.conftest import (
     bare_repo,
     configmap,
     event,
+    eventually,
     file_change,
     git_subjects,
     http_client,
@@ -33,13 +34,6 @@ async def eager(tmp_path: Path) -> AsyncIterator[Harness]:
     await started.runtime.close()
 
 
-async def _wait_for(predicate: Callable[[], Awaitable[bool]]) -> None:
-    """Poll what a user would poll (the remote's state); bounded so a bug cannot hang CI."""
-    async with asyncio.timeout(10):
-        while not await predicate():  # noqa: ASYNC110 - the state lives in another thread
-            await asyncio.sleep(0.02)
-
-
 async def test_max_commits_and_interval_trigger_pushes(eager: Harness) -> None:
     [writer] = eager.runtime.writers.values()
     await eager.send(*(event("create", name=f"cm{i}", body=configmap(f"cm{i}")) for i in range(3)))
@@ -47,10 +41,10 @@ async def test_max_commits_and_interval_trigger_pushes(eager: Harness) -> None:
     async def pushed(n: int) -> bool:
         return writer.stats.pushed_commits == n
 
-    await _wait_for(lambda: pushed(3))  # maxCommits reached: pushed at once
+    await eventually(lambda: pushed(3))  # maxCommits reached: pushed at once
     assert writer.stats.pushes == 1
     await eager.send(event("create", name="cm3", body=configmap("cm3")))
-    await _wait_for(lambda: pushed(4))  # one waiting commit: pushed once the interval passed
+    await eventually(lambda: pushed(4))  # one waiting commit: pushed once the interval passed
     assert writer.stats.pushes == 2
     assert len(await eager.subjects()) == 4
 
@@ -119,7 +113,7 @@ async def test_a_trickle_of_changes_is_saved_together_and_answered_once_saved(
         done = []
         for n in range(3):  # each committed before the next comes: a batch each
             done.append(await writer.submit(file_change(n)))
-            await _wait_for(lambda n=n: _true(writer.mirror.unsaved == n + 1))
+            await eventually(lambda n=n: writer.mirror.unsaved == n + 1)
         assert not any(future.done() for future in done)
         assert await asyncio.to_thread(_branch_on_disk, writer) == ""
 
@@ -143,7 +137,7 @@ async def test_a_change_no_one_waits_for_any_more_does_not_stop_the_writer(
         [writer] = harness.runtime.writers.values()
         first = await writer.submit(file_change(0))
         second = await writer.submit(file_change(1))
-        await _wait_for(lambda: _true(writer.mirror.unsaved == 2))
+        await eventually(lambda: writer.mirror.unsaved == 2)
         first.cancel()
         async with asyncio.timeout(10):  # a writer stopped by it would never answer
             assert await writer.flush() == 2
@@ -194,7 +188,7 @@ async def test_a_stop_tries_the_push_again_until_the_remote_takes_it(
         *(event("create", name=f"cm{i}", body=configmap(f"cm{i}")) for i in range(3))
     )
     closing = asyncio.create_task(harness.runtime.close())
-    await _wait_for(lambda: _true(writer.stats.push_failures >= 1))
+    await eventually(lambda: writer.stats.push_failures >= 1)
     if refusal == "away":
         await asyncio.to_thread(away.rename, harness.remote)
     else:
@@ -222,7 +216,3 @@ async def test_a_stop_leaves_what_it_cannot_push_in_the_mirror(tmp_path: Path, r
         await harness.runtime.close()
     assert writer.stats.commits == 3 and writer.mirror.unpushed == 3
     assert writer.stats.push_failures >= 2 if retry else writer.stats.push_failures == 1
-
-
-async def _true(value: bool) -> bool:
-    return value
