@@ -13,7 +13,7 @@ batch, each a new ConfigMap) back to back, as the apiserver does. Then:
    is pushed, with the peak RSS at each point; every event is then checked to be in the
    remote exactly once.
 
-The deployment's memory limit (deploy/deployment.yaml) is printed beside the figures.
+The deployment's memory limit (deploy/base/deployment.yaml) is printed beside the figures.
 
     python bench/backlog_memory.py [--writes 80000] [--no-drain]
 
@@ -38,7 +38,7 @@ import orjson
 from traced_serve import start_serve  # bench/, the script's own folder
 
 BATCH = 400
-LIMIT_MIB = 512  # deploy/deployment.yaml: resources.limits.memory
+LIMIT_MIB = 512  # deploy/base/deployment.yaml: resources.limits.memory
 
 
 def _write(n: int) -> dict[str, Any]:

@@ -43,7 +43,7 @@ kubectl config use-context "kind-$cluster"
 kind load docker-image "$image" --name "$cluster"
 
 step "4. audit-reverser: CRDs, RBAC, Deployment, Service (deploy/ through kind/kustomization.yaml)"
-kubectl apply -f deploy/namespace.yaml
+kubectl apply -f deploy/base/namespace.yaml
 kubectl -n audit-reverser create secret generic audit-reverser-tls \
     --from-file=tls.crt="$work/certs/server.crt" --from-file=tls.key="$work/certs/server.key" \
     --from-file=ca.crt="$work/certs/ca.crt" --dry-run=client -o yaml | kubectl apply -f -

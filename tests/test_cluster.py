@@ -108,7 +108,7 @@ def _assert_the_install_allows_every_request(emulator: kmock.KubernetesEmulator)
             attributes := request_attributes(request.method.value, request.url.path, request.params)
         )
     }
-    assert not denied, f"deploy/rbac.yaml does not allow: {sorted(denied)}"
+    assert not denied, f"deploy/base/rbac.yaml does not allow: {sorted(denied)}"
 
 
 @pytest.fixture

@@ -13,7 +13,7 @@ from audit_reverser.config.loader import build_config
 from tests.conftest import REPO_ROOT, SEED
 from tests.rbac import Authorizer, request_attributes
 
-CRDS = REPO_ROOT / "deploy" / "crds"
+CRDS = REPO_ROOT / "deploy" / "base" / "crds"
 
 
 # Our one extension of the seed's schema: rule-level exclusions (optional fields, so every
@@ -70,6 +70,7 @@ def test_the_seed_samples_load_as_cluster_objects() -> None:
 # --- the install manifests (deploy/) ------------------------------------------------------
 
 DEPLOY = REPO_ROOT / "deploy"
+BASE = DEPLOY / "base"  # the resources; deploy/ and deploy/ha/ build on them
 NAMESPACE = "audit-reverser"
 CLUSTER_SCOPED = {
     "Namespace",
@@ -87,7 +88,7 @@ def documents(path: Path) -> list[dict[str, Any]]:
 def rbac_documents() -> list[dict[str, Any]]:
     """The roles and bindings a user applies: the install's, and the example RoleBinding for
     generated keys in namespace default."""
-    return documents(DEPLOY / "rbac.yaml") + documents(DEPLOY / "examples/keys-rolebinding.yaml")
+    return documents(BASE / "rbac.yaml") + documents(DEPLOY / "examples/keys-rolebinding.yaml")
 
 
 def _kustomization_objects(folder: Path) -> list[dict[str, Any]]:
@@ -95,7 +96,9 @@ def _kustomization_objects(folder: Path) -> list[dict[str, Any]]:
     objects = []
     for resource in kustomization["resources"]:
         path = (folder / resource).resolve()
-        assert path.is_relative_to(folder.resolve()), f"{resource}: kustomize refuses files outside"
+        assert path.is_relative_to(folder.resolve()) or (
+            path.is_dir() and not folder.resolve().is_relative_to(path)  # a base, not a parent
+        ), f"{resource}: kustomize refuses files outside its folder, and a base around it"
         objects += documents(path) if path.is_file() else _kustomization_objects(path)
     return objects
 
@@ -106,10 +109,11 @@ def _one(objects: list[dict[str, Any]], kind: str) -> dict[str, Any]:
 
 
 def test_kustomize_installs_every_manifest_in_the_folder_and_each_is_well_formed() -> None:
-    kustomization = yaml.safe_load((DEPLOY / "kustomization.yaml").read_text())
+    assert yaml.safe_load((DEPLOY / "kustomization.yaml").read_text())["resources"] == ["base"]
+    kustomization = yaml.safe_load((BASE / "kustomization.yaml").read_text())
     listed = {str(Path(r)) for r in kustomization["resources"]}
-    present = {str(p.relative_to(DEPLOY)) for p in DEPLOY.glob("*.yaml")} - {"kustomization.yaml"}
-    present |= {str(p.relative_to(DEPLOY)) for p in (DEPLOY / "crds").glob("*.yaml")}
+    present = {str(p.relative_to(BASE)) for p in BASE.glob("*.yaml")} - {"kustomization.yaml"}
+    present |= {str(p.relative_to(BASE)) for p in (BASE / "crds").glob("*.yaml")}
     assert listed == present
     objects = _kustomization_objects(DEPLOY)
     kinds = sorted(o["kind"] for o in objects)
@@ -168,7 +172,7 @@ def test_the_deployment_runs_serve_hardened_with_its_volumes_probes_and_limits()
     # SIGTERM commits and pushes within --shutdown-timeout: the grace period is longer.
     assert pod["terminationGracePeriodSeconds"] > args.shutdown_timeout
     # The image is the one kustomize sets.
-    kustomization = yaml.safe_load((DEPLOY / "kustomization.yaml").read_text())
+    kustomization = yaml.safe_load((BASE / "kustomization.yaml").read_text())
     assert container["image"] == kustomization["images"][0]["name"]
 
 
@@ -263,7 +267,7 @@ def test_the_service_monitor_scrapes_the_service_over_its_tls() -> None:
     objects = _kustomization_objects(DEPLOY)
     service = _one(objects, "Service")
     # kustomize's `labels` put app.kubernetes.io/name on every object it installs.
-    kustomization = yaml.safe_load((DEPLOY / "kustomization.yaml").read_text())
+    kustomization = yaml.safe_load((BASE / "kustomization.yaml").read_text())
     labels = {**service["metadata"].get("labels", {}), **kustomization["labels"][0]["pairs"]}
     assert monitor["spec"]["selector"]["matchLabels"].items() <= labels.items()
     assert monitor["metadata"]["namespace"] == service["metadata"]["namespace"]
@@ -351,8 +355,9 @@ def test_the_image_is_multi_stage_non_root_and_runs_serve() -> None:
 def test_every_manifest_and_policy_file_is_one_the_tests_check() -> None:
     """A new file in deploy/, kind/ or policy/ needs a test of its own: add it here with one."""
     checked = {
-        *(f"deploy/{p.name}" for p in DEPLOY.glob("*.yaml")),  # through kustomization.yaml
-        *(f"deploy/crds/{p.name}" for p in (DEPLOY / "crds").glob("*.yaml")),
+        "deploy/kustomization.yaml",  # the base, as one install
+        *(f"deploy/base/{p.name}" for p in BASE.glob("*.yaml")),  # through its kustomization
+        *(f"deploy/base/crds/{p.name}" for p in (BASE / "crds").glob("*.yaml")),
         "deploy/examples/keys-rolebinding.yaml",  # RBAC tests, every cluster test
         "deploy/examples/git-credentials.yaml",  # loads with the quickstart
         "deploy/examples/quickstart.yaml",

@@ -61,6 +61,8 @@ def _resources(folder: Path) -> list[dict[str, Any]]:
     for resource in kustomization.get("resources", []):
         path = (folder / resource).resolve()
         if path.is_dir():  # a base: itself a kustomization, built first
+            # kustomize: "cycle detected: candidate root ... contains visited root ..."
+            assert not folder.resolve().is_relative_to(path), f"{resource}: contains {folder}"
             objects += _build(path)
         else:
             assert path.is_relative_to(folder.resolve()), f"{resource}: outside {folder}"
@@ -114,6 +116,9 @@ def test_three_replicas_roll_spread_and_keep_two_up(built: list[dict[str, Any]])
     for constraint in pod["topologySpreadConstraints"]:
         assert constraint["labelSelector"]["matchLabels"].items() <= labels.items()
         keys.add(constraint["topologyKey"])
+        if constraint["whenUnsatisfiable"] == "DoNotSchedule":
+            # Tainted nodes counted with 0 replicas would block the rolling update's surge.
+            assert constraint["nodeTaintsPolicy"] == "Honor"
     assert "kubernetes.io/hostname" in keys
     budget = _one(built, "PodDisruptionBudget", "audit-reverser")
     assert budget["spec"]["minAvailable"] == 2 and "maxUnavailable" not in budget["spec"]

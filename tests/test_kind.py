@@ -276,7 +276,7 @@ def test_up_sh_makes_what_the_cluster_mounts_and_shows_the_commit(tmp_path: Path
     names = server.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     assert ipaddress.ip_address("10.96.100.100") in names.get_values_for_type(x509.IPAddress)
     # The Deployment's serve flags accept exactly this client.
-    deployment = yaml.safe_load((REPO_ROOT / "deploy" / "deployment.yaml").read_text())
+    deployment = yaml.safe_load((REPO_ROOT / "deploy" / "base" / "deployment.yaml").read_text())
     assert (
         "--client-name=kube-apiserver"
         in deployment["spec"]["template"]["spec"]["containers"][0]["args"]

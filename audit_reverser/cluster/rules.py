@@ -126,7 +126,8 @@ class Collection:
             return None
         if answer is None:
             raise ApiUnavailable(
-                f"the API serves no {self.path}: apply the CRDs (kubectl apply -f deploy/crds/)"
+                f"the API serves no {self.path}: apply the CRDs "
+                "(kubectl apply -f deploy/base/crds/)"
             )
         if self.unavailable is not None:
             log.info("%s: listed again after: %s", self.kind, self.unavailable)

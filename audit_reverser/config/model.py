@@ -120,7 +120,7 @@ class WatchRule:
     key: Key
     target_name: str
     rules: tuple[ResourceRule, ...]
-    # Not commits for this rule (globs); an extension of the seed's schema, see deploy/crds.
+    # Not commits for this rule (globs); an extension of the seed's schema, see deploy/base/crds.
     exclude_users: tuple[str, ...] = ()
     exclude_field_managers: tuple[str, ...] = ()
 
