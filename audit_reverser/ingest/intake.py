@@ -419,14 +419,21 @@ class Intake:
             while self._held:
                 await asyncio.sleep(self._held_retry_s)
                 held, self._held = self._held, deque()
-                for event, seq, size, routed in held:
-                    await self._wait_for_room()
-                    self._take(size)
-                    await self._handle(event, seq, size, routed, retried=True)
+                tried = len(held)
+                try:
+                    while held:
+                        event, seq, size, routed = held[0]
+                        await self._wait_for_room()
+                        self._take(size)
+                        await self._handle(event, seq, size, routed, retried=True)
+                        held.popleft()
+                except asyncio.CancelledError:  # the stop: what is left is still held
+                    self._held.extendleft(reversed(held))
+                    raise
                 if not self._held:
-                    log.info("%d held events went through", len(held))
+                    log.info("%d held events went through", tried)
                     break
-                if len(self._held) < len(held):  # some went through: the cause may be gone
+                if len(self._held) < tried:  # some went through: the cause may be gone
                     self._held_retry_s = HELD_RETRY_MIN_S
                 else:
                     self._held_retry_s = min(self._held_retry_s * 2, HELD_RETRY_MAX_S)
