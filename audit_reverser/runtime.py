@@ -492,6 +492,13 @@ class Runtime:
         except StaleWriter as exc:  # lost before it started: exits like any other loss
             log.error("%s", exc)
             journal.lost.set()
+        except Exception:  # e.g. Redis refusing us, a broken mirror: held, it would block all
+            log.critical(
+                "journal: taking over as the writer failed; this replica gives the lease up "
+                "and starts again as a standby",
+                exc_info=True,
+            )
+            journal.lost.set()
 
     async def _keep_warm(self) -> None:
         """A standby fetches each remote now and then: a takeover then fetches only what is

@@ -331,7 +331,11 @@ class RedisJournal:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
-        with contextlib.suppress(AuditReverserError):
+        try:
             await self.acknowledge_pushed()
             await self.lease.release()
+        except AuditReverserError as exc:  # the lease then runs out by itself
+            log.warning(
+                "journal: at the stop, %s; a standby takes over once the lease runs out", exc
+            )
         await self.connection.close()

@@ -20,7 +20,7 @@ import logging
 import time
 from collections.abc import Callable
 
-from audit_reverser.errors import TemporaryError
+from audit_reverser.errors import AuditReverserError
 from audit_reverser.ha.connection import Connection
 from audit_reverser.ha.stream import DEFAULT_PREFIX, Fence, StaleWriter
 
@@ -176,7 +176,7 @@ class Lease:
         while True:
             try:
                 now = await self.acquire()
-            except TemporaryError as exc:
+            except AuditReverserError as exc:  # also a refusal (a password changed): tried again
                 log.error("lease %s: %s", self.lane, exc)
                 now = self.held
             if on_change is not None:
