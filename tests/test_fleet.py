@@ -87,6 +87,33 @@ def test_two_clusters_on_the_embedded_default_keep_both_objects(tmp_path: Path) 
     ]
 
 
+def test_a_namespace_deleted_in_one_cluster_leaves_the_other_clusters_files(
+    tmp_path: Path,
+) -> None:
+    """The unnamed cluster's Namespace shop is deleted: its objects in shop go, and the
+    folders of the named clusters beside them (prod/..., staging/...) stay, though a
+    cluster's folder sits where a group's would."""
+    served = start_serve(tmp_path)
+    shop = {"resource": "namespaces", "namespace": "shop", "name": "shop"}
+    namespace = {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "shop"}}
+    try:
+        for path in ("/audit-webhook/prod", "/audit-webhook/staging", "/audit-webhook"):
+            body = configmap("cfg", "shop")
+            assert (
+                _post(served.port, path, event("create", namespace="shop", name="cfg", body=body))
+                == 200
+            )
+        assert _post(served.port, "/audit-webhook", event("create", **shop, body=namespace)) == 200
+        gone = {"kind": "Status", "apiVersion": "v1", "status": "Success", "metadata": {}}
+        assert _post(served.port, "/audit-webhook", event("delete", **shop, body=gone)) == 200
+    finally:
+        served.stop()
+    assert git_files(tmp_path / "audit-repo.git") == [
+        "live-cluster/prod/v1/configmaps/shop/cfg.yaml",
+        "live-cluster/staging/v1/configmaps/shop/cfg.yaml",
+    ]
+
+
 def test_replay_of_a_named_cluster_writes_its_folder_and_refuses_bad_names(
     tmp_path: Path,
 ) -> None:

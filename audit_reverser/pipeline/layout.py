@@ -114,6 +114,12 @@ _ANY_VERSION = "v[0-9]*"
 
 
 CRDS = ("apiextensions.k8s.io", "customresourcedefinitions")
+# A group folder: a name with a dot (every CRD's and aggregated API's group has one) or one of
+# Kubernetes' own groups without. A fleet cluster's folder beside them (clusters sharing a
+# target with the unnamed one, each in a folder of its name) is neither: a Namespace deleted
+# in one cluster never takes another cluster's files.
+_DOTLESS_GROUPS = ("apps", "autoscaling", "batch", "extensions", "policy")
+_GROUP_FOLDERS = ("*.*", *_DOTLESS_GROUPS)
 
 
 def contents_patterns(
@@ -131,5 +137,8 @@ def contents_patterns(
             return ()
         return (f"{prefix}{group}/*/{plural}",)
     if (api_group, resource) == ("", "namespaces") and _DNS_LABEL.match(name):
-        return (f"{prefix}{_ANY_VERSION}/*/{name}", f"{prefix}*/{_ANY_VERSION}/*/{name}")
+        return (
+            f"{prefix}{_ANY_VERSION}/*/{name}",
+            *(f"{prefix}{group}/{_ANY_VERSION}/*/{name}" for group in _GROUP_FOLDERS),
+        )
     return ()
