@@ -26,6 +26,7 @@ from tests.conftest import (
     git_files,
     http_client,
     request,
+    start_harness,
     start_serve,
     write_config,
 )
@@ -99,6 +100,33 @@ async def test_forged_and_broken_events_are_counted_and_the_good_one_is_kept(
     await harness.sync()
     assert await harness.files() == ["live/v1/configmaps/default/good.yaml"]
     assert harness.runtime.stats.skipped["malformed"] == 6  # the deep one, once it was built
+
+
+@pytest.mark.parametrize("depth", [300, 1000])
+async def test_an_object_nested_past_what_orjson_writes_does_not_lose_its_batch(
+    tmp_path: Path, depth: int
+) -> None:
+    """orjson reads 1,024 levels of nesting but writes 255: an event nested deeper, on its
+    way into the journal, failed the whole batch with a 500 (every other user's events in it
+    with it). Now the batch is taken: 300 levels are written as any object, 1,000 are
+    refused on their own (too deep to write back out)."""
+    harness = await start_harness(tmp_path, settings={"journal": True})
+    try:
+        deep = event("create", name="deep", body={**configmap("deep"), "data": "@DEEP@"})
+        body = orjson.dumps(event_list(deep, event("create", body=configmap("good"))))
+        body = body.replace(b'"@DEEP@"', b'{"k":' * depth + b"{}" + b"}" * depth)
+        async with http_client(harness) as client:
+            response = await client.post("/audit-webhook", data=body, headers=WEBHOOK_HEADERS)
+            assert response.status == 200, await response.text()
+        await harness.sync()
+        files = ["live/v1/configmaps/default/good.yaml"]
+        if depth == 300:
+            assert await harness.files() == ["live/v1/configmaps/default/deep.yaml", *files]
+        else:
+            assert await harness.files() == files
+            assert harness.runtime.stats.skipped == {"malformed": 1}
+    finally:
+        await harness.runtime.close()
 
 
 # -- property tests against a real process ------------------------------------------------------

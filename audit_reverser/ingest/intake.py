@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 from collections import Counter, OrderedDict, deque
 from collections.abc import Iterable, Mapping
@@ -70,6 +71,20 @@ def _object_of(event: AuditEvent) -> _ObjectKey | None:
     if ref is None or not ref.name:
         return None
     return (event.cluster, ref.api_group, ref.resource, ref.namespace, ref.name)
+
+
+def _journal_json(raw: Mapping[str, Any]) -> bytes | None:
+    """An accepted event's JSON for the journal; None when it cannot be written. orjson
+    writes 255 levels of nesting and reads 1,024: deeper objects go through the standard
+    library, within the interpreter's recursion limit."""
+    try:
+        return orjson.dumps(raw)
+    except TypeError:
+        pass
+    try:
+        return json.dumps(raw, ensure_ascii=False, separators=(",", ":")).encode()
+    except (RecursionError, TypeError, ValueError):
+        return None
 
 
 def _say_skip(raw: object, reason: Skip) -> None:
@@ -210,9 +225,12 @@ class Intake:
                 f"{self.journal.backlog} accepted events are waiting for Git (limit "
                 f"{self.max_backlog})"
             )
+        written = self._journal_jsons(triage)
+        if not written:
+            return
         entries = [
-            (event.audit_id, cluster, orjson.dumps(raw))
-            for event, raw in zip(triage.kept, triage.raw, strict=True)
+            (event.audit_id, cluster, data)
+            for event, data in zip(triage.kept, written, strict=True)
         ]
         seqs = await self.journal.append(entries)
         for seq, event, routed, (_, _, data) in zip(
@@ -226,6 +244,23 @@ class Intake:
                 break
             self._fresh[seq] = (event, routed, size)
             self._fresh_bytes += size
+
+    def _journal_jsons(self, triage: Triage) -> list[bytes]:
+        """The kept events' JSON for the journal. An event whose JSON cannot be written is
+        taken out of ``triage`` (skipped as malformed, with a warning): the rest of its batch
+        is accepted."""
+        written = [_journal_json(raw) for raw in triage.raw]
+        keep = [index for index, data in enumerate(written) if data is not None]
+        if len(keep) < len(written):
+            for event, data in zip(triage.kept, written, strict=True):
+                if data is None:
+                    log.warning("event %s skipped: its object is nested too deeply", event.audit_id)
+                    self.stats.skip(Skip.MALFORMED)
+                    triage.skipped[Skip.MALFORMED.value] += 1
+            triage.kept = [triage.kept[i] for i in keep]
+            triage.raw = [triage.raw[i] for i in keep]
+            triage.routed = [triage.routed[i] for i in keep]
+        return [data for data in written if data is not None]
 
     def _index(self, event: AuditEvent) -> None:
         key = _object_of(event)
