@@ -37,7 +37,7 @@ from audit_reverser.cluster.rules import ClusterRules, ObjectId
 from audit_reverser.cluster.snapshot import SnapshotResult, SnapshotScheduler
 from audit_reverser.cluster.status import FOLDER_IN_USE, State, StatusReporter
 from audit_reverser.config.model import Config, GitTarget, Key
-from audit_reverser.gitstore.transport import remote_key
+from audit_reverser.gitstore.transport import remote_key, scrub
 
 log = logging.getLogger(__name__)
 
@@ -219,7 +219,7 @@ class FleetRules:
                 continue
             clashes[key] = (
                 f"GitTarget {_unstamp(key)}: folder {target.path or '/'!r} of branch "
-                f"{target.branch} of {providers[target.provider_key].url} is written by "
+                f"{target.branch} of {scrub(providers[target.provider_key].url)} is written by "
                 f"GitTarget {_unstamp(holder.key)} of cluster {holder.key.cluster} (folder "
                 f"{holder.path or '/'!r}); give one of them another spec.path: "
                 f"{FOLDER_IN_USE}"
