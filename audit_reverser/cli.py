@@ -261,7 +261,7 @@ def _parser() -> argparse.ArgumentParser:
     security.add_argument(
         "--insecure",
         action="store_true",
-        help="allow listening on a non-loopback address with neither TLS nor a token",
+        help="allow listening on a non-loopback address with neither a client CA nor a token",
     )
 
     check = commands.add_parser(
@@ -497,7 +497,9 @@ def _senders(args: argparse.Namespace) -> tuple[auth.SenderPolicy, ssl.SSLContex
     )
     host = args.listen[0]
     if not _is_loopback(host):
-        if context is None and not senders.authenticates:
+        # TLS alone proves who we are, not who sends: without a client CA or a token, anyone
+        # who can connect could write (and delete) files in Git.
+        if not senders.authenticates:
             if not args.insecure:
                 raise PermanentError(
                     f"refusing to accept unauthenticated audit events on {host}: use "

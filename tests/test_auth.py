@@ -143,6 +143,10 @@ def test_unsafe_or_incomplete_flags_are_refused_with_one_line(
     _, args = setup
     open_port = f"0.0.0.0:{free_port()}"
     assert "--insecure" in _serve_fails(tmp_path, *args, "--listen", open_port)
+    # TLS proves who we are, not who sends: without --client-ca or a token, still refused.
+    server_cert = Authority(tmp_path, "ca").issue("audit-reverser", server=True)
+    tls = ["--tls-cert", str(server_cert.cert), "--tls-key", str(server_cert.key)]
+    assert "--insecure" in _serve_fails(tmp_path, *args, "--listen", open_port, *tls)
     assert "go together" in _serve_fails(tmp_path, *args, "--tls-cert", "x.crt")
     missing = _serve_fails(tmp_path, *args, "--tls-cert", "x.crt", "--tls-key", "x.key")
     assert "x.crt" in missing
