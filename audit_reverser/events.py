@@ -131,11 +131,19 @@ class AuditEvent:
 
 
 def is_dry_run(request_uri: str) -> bool:
-    """True when the request asked the apiserver not to persist anything."""
-    if "dryRun" not in request_uri:  # cheap test first: almost no request is a dry run
+    """True when the request's query asked the apiserver not to persist anything."""
+    # Cheap test first: almost no request is a dry run. A percent-encoded key ("dry%52un")
+    # is one too: the apiserver decodes it.
+    if "dryRun" not in request_uri and "%" not in request_uri:
         return False
     _, _, query = request_uri.partition("?")
     return any(v for v in parse_qs(query).get("dryRun", ()))
+
+
+def asks_dry_run(request_object: object) -> bool:
+    """True when a delete's body (DeleteOptions, where kubectl puts ``--dry-run=server``)
+    asked the apiserver not to persist anything."""
+    return isinstance(request_object, JSON_OBJECT) and bool(request_object.get("dryRun"))
 
 
 def parse_time(value: object) -> datetime | None:

@@ -86,6 +86,7 @@ async def test_only_completed_successful_persisted_writes_are_kept(harness: Harn
         event("watch", name=None),
         event("create", body=body, query="dryRun=All"),
         event("patch", body=body, query="fieldManager=kubectl&dryRun=All"),
+        event("create", body=body, query="dry%52un=All"),  # the apiserver decodes the key
         event("update", body=body, subresource="status"),
     )
     await harness.sync()
@@ -94,7 +95,7 @@ async def test_only_completed_successful_persisted_writes_are_kept(harness: Harn
     assert skipped[Skip.NOT_COMPLETE] == 2
     assert skipped[Skip.FAILED] == 2
     assert skipped[Skip.READ] == 3
-    assert skipped[Skip.DRY_RUN] == 2
+    assert skipped[Skip.DRY_RUN] == 3
     assert skipped[Skip.STATUS] == 1
 
 
@@ -357,3 +358,16 @@ async def test_cluster_scoped_objects_and_namespaces_have_no_namespace_folder(
     ]
     role_file = "live/rbac.authorization.k8s.io/v1/clusterroles/system:controller:demo.yaml"
     assert yaml.safe_load(await harness.show(role_file))["rules"] == role["rules"]
+
+
+async def test_a_server_side_dry_run_delete_leaves_the_file(harness: Harness) -> None:
+    """kubectl delete --dry-run=server puts dryRun in the DeleteOptions body, not the URL:
+    the object stays in the cluster, and its file in Git."""
+    await harness.send(event("create", body=configmap()))
+    await harness.sync()
+    gone = {"kind": "Status", "apiVersion": "v1", "status": "Success", "metadata": {}}
+    options = {"kind": "DeleteOptions", "apiVersion": "v1", "dryRun": ["All"]}
+    await harness.send(event("delete", body=gone, request=options))
+    await harness.sync()
+    assert await harness.files() == [DEMO]
+    assert harness.runtime.stats.skipped[Skip.DRY_RUN] == 1

@@ -10,7 +10,7 @@ from collections.abc import Mapping
 from enum import StrEnum
 from typing import Any
 
-from audit_reverser.events import JSON_OBJECT, is_dry_run
+from audit_reverser.events import JSON_OBJECT, asks_dry_run, is_dry_run
 
 WRITE_VERBS = frozenset({"create", "update", "patch", "delete", "deletecollection"})
 
@@ -80,6 +80,8 @@ def classify_raw(event: Mapping[str, Any]) -> Skip | None:
         return Skip.FAILED
     uri = event.get("requestURI")
     if isinstance(uri, str) and is_dry_run(uri):
+        return Skip.DRY_RUN
+    if verb in ("delete", "deletecollection") and asks_dry_run(event.get("requestObject")):
         return Skip.DRY_RUN
     ref = event.get("objectRef")
     if not isinstance(ref, JSON_OBJECT) or not ref.get("resource"):
