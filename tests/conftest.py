@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import http.client
+import inspect
 import itertools
 import os
 import socket
@@ -358,7 +359,7 @@ async def eventually(condition: Callable[[], bool | Awaitable[bool]]) -> None:
     async with asyncio.timeout(10):
         while True:
             held = condition()
-            if not isinstance(held, bool):
+            if inspect.isawaitable(held):
                 held = await held
             if held:
                 return

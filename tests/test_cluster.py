@@ -41,6 +41,7 @@ from tests.conftest import (
     configmap,
     event,
     event_list,
+    eventually,
     git,
     git_files,
     git_show,
@@ -349,12 +350,12 @@ async def test_our_own_status_reports_rebuild_no_rules(cluster: Cluster) -> None
         assert changes == [1]  # the first list
         ready = {"conditions": [{"type": "Ready", "status": "True", "reason": "Ready"}]}
         assert await cluster.client.patch_status(path, ready)
-        await _until(lambda: "status" in collection.items["team", "live"])
+        await eventually(lambda: "status" in collection.items["team", "live"])
         assert changes == [1]
         await Kubectl(cluster.client.server).apply(
             "gittargets", _cr("GitTarget", "live", {**target, "path": "moved"})
         )
-        await _until(lambda: collection.items["team", "live"]["spec"]["path"] == "moved")
+        await eventually(lambda: collection.items["team", "live"]["spec"]["path"] == "moved")
         assert changes == [1, 1]
     finally:
         task.cancel()
@@ -452,12 +453,6 @@ class Kubectl:
         return f"{self.server}/apis/{body['apiVersion']}{scope}/{plural}"
 
 
-async def _until(predicate: Any) -> None:
-    async with asyncio.timeout(10):
-        while not predicate():  # noqa: ASYNC110 - the state lives in other tasks
-            await asyncio.sleep(0.02)
-
-
 async def test_rules_come_from_the_cluster_and_follow_its_changes(
     tmp_path: Path, cluster: Cluster
 ) -> None:
@@ -501,7 +496,7 @@ async def test_rules_come_from_the_cluster_and_follow_its_changes(
         await kubectl.apply("gittargets", _cr("GitTarget", "backup", backup, "default"))
         backup_rule = {"targetRef": {"name": "backup"}, "rules": [{"resources": ["configmaps"]}]}
         await kubectl.apply("watchrules", _cr("WatchRule", "backup", backup_rule, "default"))
-        await _until(
+        await eventually(
             lambda: len(runtime.config.targets) == 2 and len(runtime.config.watch_rules) == 1
         )
 
@@ -562,7 +557,7 @@ async def test_an_expired_watch_lists_again() -> None:
     changes: list[int] = []
     task = asyncio.create_task(collection.run(lambda: changes.append(1)))
     try:
-        await _until(lambda: ("team", "later") in collection.items)
+        await eventually(lambda: ("team", "later") in collection.items)
     finally:
         task.cancel()
     assert collection.relists == 1 and api.lists == 2
@@ -597,7 +592,7 @@ async def test_serve_takes_its_rules_from_the_cluster_when_no_config_is_given(
         shown = cluster.api.objects[f"{CB}/gittargets", "default", "live"].get("status") or {}
         return "snapshot" in shown and bool(shown.get("conditions"))
 
-    await _until(reported)
+    await eventually(reported)
     log = await asyncio.to_thread(served.stop)
     assert "rules from the cluster: 1 GitTargets, 1 WatchRules" in log
     assert await asyncio.to_thread(git_files, remote) == ["cluster/v1/configmaps/default/demo.yaml"]
@@ -960,11 +955,11 @@ async def test_a_flux_git_repository_in_the_cluster_is_watched_like_our_own_kind
         )
         # A new URL takes effect without restart.
         await kubectl.apply("gitrepositories", git_repository(f"file://{second}"))
-        await _until(lambda: runtime.config.providers[FLUX_KEY].url == f"file://{second}")
+        await eventually(lambda: runtime.config.providers[FLUX_KEY].url == f"file://{second}")
         await send("b")
         # Gone: the target is not ready, and says which GitRepository it misses.
         await kubectl.delete("gitrepositories", git_repository(""))
-        await _until(lambda: list(runtime.config.targets) == [Key(namespace="team", name="k")])
+        await eventually(lambda: list(runtime.config.targets) == [Key(namespace="team", name="k")])
         await reporter.report()
     finally:
         await runtime.close()
@@ -1027,7 +1022,7 @@ async def test_flux_installed_after_the_start_is_found(
         assert not config.targets
         _declare_flux(cluster)  # Flux is installed, then the GitRepository applied
         cluster.add(f"{FLUX}/gitrepositories", "team", "origin", git_repository(f"file://{remote}"))
-        await _until(lambda: bool(runtime.config.targets))
+        await eventually(lambda: bool(runtime.config.targets))
     finally:
         await runtime.close()
         await rules.close()

@@ -26,6 +26,7 @@ from tests.conftest import (
     bare_repo,
     configmap,
     event,
+    eventually,
     git,
     git_files,
     git_show,
@@ -90,9 +91,7 @@ def _only_fast_forwards(remote: Path) -> bool:
 
 async def _committed(harness: Harness, count: int) -> None:
     [writer] = harness.runtime.writers.values()
-    async with asyncio.timeout(10):
-        while writer.stats.commits < count:  # noqa: ASYNC110 - the writer is another task
-            await asyncio.sleep(0.01)
+    await eventually(lambda: writer.stats.commits >= count)
 
 
 async def test_our_unpushed_commits_are_replayed_when_the_remote_moved(tmp_path: Path) -> None:

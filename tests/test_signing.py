@@ -36,6 +36,7 @@ from tests.conftest import (
     configmap,
     event,
     event_list,
+    eventually,
     git,
     git_files,
     request,
@@ -237,9 +238,7 @@ async def test_commits_replayed_onto_a_moved_remote_are_signed_again(tmp_path: P
         await harness.send(event("update", name="a", body=configmap("a", data={"v": "2"})))
         [writer] = harness.runtime.writers.values()
         await harness.runtime.intake.drain()
-        async with asyncio.timeout(10):
-            while writer.stats.commits < 2:  # noqa: ASYNC110 - the writer is another task
-                await asyncio.sleep(0.01)
+        await eventually(lambda: writer.stats.commits >= 2)
         before = writer.mirror.tip
         await asyncio.to_thread(
             _other_tool_commit, harness.remote, tmp_path / "bob", {"x.txt": "x\n"}, "Bob's"
