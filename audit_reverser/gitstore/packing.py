@@ -130,13 +130,12 @@ class NewObjects:
         ``base`` (an entry before it, as git's OFS_DELTA needs)."""
         start = _PACK_HEADER + len(self._entries)
         if base is None:
-            record = _entry_header(kind, len(stored)) + _compress(stored, _LEVELS[kind])
+            head: bytes | bytearray = _entry_header(kind, len(stored))
         else:
-            record = (
-                _entry_header(_OFS_DELTA, len(stored))
-                + _offset_encoding(start - self._offsets[base])
-                + _compress(stored, _LEVELS[kind])
+            head = _entry_header(_OFS_DELTA, len(stored)) + _offset_encoding(
+                start - self._offsets[base]
             )
+        record = head + _compress(stored, _LEVELS[kind])
         self._offsets[oid] = start
         self._crcs[oid] = zlib.crc32(record)
         self._entries += record

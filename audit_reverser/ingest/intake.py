@@ -249,18 +249,24 @@ class Intake:
         """The kept events' JSON for the journal. An event whose JSON cannot be written is
         taken out of ``triage`` (skipped as malformed, with a warning): the rest of its batch
         is accepted."""
-        written = [_journal_json(raw) for raw in triage.raw]
-        keep = [index for index, data in enumerate(written) if data is not None]
-        if len(keep) < len(written):
-            for event, data in zip(triage.kept, written, strict=True):
-                if data is None:
-                    log.warning("event %s skipped: its object is nested too deeply", event.audit_id)
-                    self.stats.skip(Skip.MALFORMED)
-                    triage.skipped[Skip.MALFORMED.value] += 1
+        written: list[bytes] = []
+        keep: list[int] = []
+        for index, raw in enumerate(triage.raw):
+            data = _journal_json(raw)
+            if data is not None:
+                written.append(data)
+                keep.append(index)
+                continue
+            log.warning(
+                "event %s skipped: its object is nested too deeply", triage.kept[index].audit_id
+            )
+            self.stats.skip(Skip.MALFORMED)
+            triage.skipped[Skip.MALFORMED.value] += 1
+        if len(keep) < len(triage.raw):
             triage.kept = [triage.kept[i] for i in keep]
             triage.raw = [triage.raw[i] for i in keep]
             triage.routed = [triage.routed[i] for i in keep]
-        return [data for data in written if data is not None]
+        return written
 
     def _index(self, event: AuditEvent) -> None:
         key = _object_of(event)
