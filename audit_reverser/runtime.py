@@ -102,7 +102,7 @@ class Settings:
 
 
 CHECKPOINT_INTERVAL_S = 0.2
-# A new writer whose remote does not answer tries to catch up with it again after this long.
+# A writer taking over tries again after this long while Redis does not answer.
 TAKE_OVER_RETRY_S = 2.0
 # Commits a new writer reads from the remote's history beyond one per waiting event.
 TAKE_OVER_HISTORY = 256
@@ -204,6 +204,8 @@ class Runtime:
         self._lock: int | None = None
         self._checkpoints: asyncio.Task[None] | None = None
         self._leading: asyncio.Task[None] | None = None
+        # HA: the writers caught up with their remote since this replica leads (or doing so).
+        self._caught_up: set[str] = set()
 
     def _push_progress(self) -> dict[str, tuple[int, int]]:
         return {w.key: (w.stats.pushed_commits, w.mirror.unpushed) for w in self.writers.values()}
@@ -345,8 +347,8 @@ class Runtime:
                 self.journal.set_tips({writer.key: writer.tip})
             if self.redis_journal is None:
                 writer.start()
-            elif self.redis_journal.leading.is_set():
-                await self._catch_up(writer, self.redis_journal)
+        if self.redis_journal is not None and self.redis_journal.leading.is_set():
+            await self._catch_up(new, self.redis_journal)
         await asyncio.to_thread(
             install_trust,
             self.settings.state_dir / "trust",
@@ -478,8 +480,8 @@ class Runtime:
             await warming
         try:
             await self._restore_deletions()
-            for writer in list(self.writers.values()):
-                await self._catch_up(writer, journal)
+            # Writers that reconfigure() has not opened yet: it catches them up once opened.
+            await self._catch_up([w for w in self.writers.values() if w.opened], journal)
             while True:
                 try:
                     await journal.lead()
@@ -511,9 +513,17 @@ class Runtime:
                     log.warning("%s: %s", writer.name, exc)
             await asyncio.sleep(WARM_INTERVAL_S)
 
-    async def _catch_up(self, writer: BranchWriter, journal: RedisJournal) -> None:
+    async def _catch_up(self, writers: Iterable[BranchWriter], journal: RedisJournal) -> None:
+        """Catch each writer up with its remote, side by side, unless it is (being) caught
+        up already: :meth:`_lead` and :meth:`reconfigure` may both come to a new writer."""
+        fresh = [w for w in writers if w.key not in self._caught_up]
+        self._caught_up.update(w.key for w in fresh)
+        await asyncio.gather(*(self._take_over(w, journal) for w in fresh))
+
+    async def _take_over(self, writer: BranchWriter, journal: RedisJournal) -> None:
         """Fence the writer by the lease, drop what its mirror did not push and learn the
-        remote's history (retried while the remote does not answer), then start it."""
+        remote's history (retried while Redis does not answer; a remote that does not
+        answer is the writer's to wait for), then start it."""
         writer.fence = journal.fence
         writer.mirror.fence = journal.lease.assert_held
         while True:

@@ -242,6 +242,73 @@ class _DiskFullOnce:
         return self.write_pack(pack_dir)
 
 
+def _change(n: int, content: str, *, audit_ids: tuple[str, ...] = ()) -> FileChange:
+    trailers = "".join(f"Audit-ID: {audit_id}\n" for audit_id in audit_ids)
+    return FileChange(
+        path=f"live/c{n}.yaml",
+        content=content.encode(),
+        message=f"[CREATE] c{n}\n\n{trailers}" if trailers else f"Resync c{n}\n",
+        author=COMMITTER,
+        time=datetime(2026, 3, 1, tzinfo=UTC),
+    )
+
+
+@pytest.mark.parametrize("restarted", [False, True], ids=["push", "next-start"])
+def test_a_replay_leaves_out_the_changes_another_writer_pushed_for_the_same_requests(
+    tmp_path: Path, restarted: bool
+) -> None:
+    """HA: a writer past its lease pushes what its successor committed again. The successor's
+    replay leaves those commits out (each request's change once in the history), and replays
+    the rest: a request the other writer did not record, and changes that name none."""
+    remote = bare_repo(tmp_path / "remote.git")
+    _protect(remote)
+    _other_tool_commit(remote, tmp_path / "bob", {"docs/README.md": "v1\n"}, "Bob 1")
+    old, new = (
+        Mirror(tmp_path / f"{name}.git", LocalTransport(remote), "main", COMMITTER)
+        for name in ("old", "new")
+    )
+    for mirror in (old, new):
+        mirror.open()
+        mirror.sync()
+    # The same events: a Secret encrypted again is other bytes; c2's commit also records id-3.
+    for mirror, secret in ((old, "sops: 1\n"), (new, "sops: 2\n")):
+        mirror.commit(_change(1, secret, audit_ids=("id-1",)))
+        mirror.commit(_change(5, "resync\n"))  # names no request: replayed
+    old.commit(_change(2, "v2\n", audit_ids=("id-2",)))
+    new.commit(_change(2, "v3\n", audit_ids=("id-2", "id-3")))  # also id-3: not all there
+    new.commit(_change(4, "x\n", audit_ids=("id-4",)))
+    assert old.push() == 3
+    if restarted:  # our commits were saved before a restart; the start's sync replays them
+        new.save()
+        new = Mirror(tmp_path / "new.git", LocalTransport(remote), "main", COMMITTER)
+        new.open()
+        new.sync()
+        assert new.unpushed == 3
+        assert new.push() == 3
+    else:
+        assert new.push() == 4  # 3 replayed, 1 left out
+    log = git(
+        remote,
+        "log",
+        "--reverse",
+        "--format=%s|%(trailers:key=Audit-ID,valueonly,separator=%x2C)",
+        "main",
+    )
+    assert log.splitlines() == [
+        "Bob 1|",
+        "[CREATE] c1|id-1",
+        "Resync c5|",
+        "[CREATE] c2|id-2",
+        "Resync c5|",
+        "[CREATE] c2|id-2,id-3",
+        "[CREATE] c4|id-4",
+    ]
+    assert git_show(remote, "live/c1.yaml") == "sops: 1\n"  # the change pushed first
+    assert git_show(remote, "live/c2.yaml") == "v3\n"
+    assert _only_fast_forwards(remote)
+    assert subprocess.run(["git", "-C", str(remote), "fsck", "--strict"]).returncode == 0
+
+
 def test_a_replay_that_cannot_be_saved_keeps_our_commits(tmp_path: Path) -> None:
     remote = bare_repo(tmp_path / "remote.git")
     _other_tool_commit(remote, tmp_path / "bob", {"docs/README.md": "v1\n"}, "Bob 1")

@@ -331,6 +331,56 @@ def test_a_second_replica_is_a_standby_that_answers_and_writes_nothing(
     assert max(_audit_ids(remote).values()) == 1
 
 
+def test_a_remote_that_does_not_answer_holds_up_only_its_own_target(
+    tmp_path: Path, redis_server: RedisServer
+) -> None:
+    """Two targets, one on a remote that refuses connections: the writer takes over and
+    writes the other target's remote; the first target's commits wait in its mirror and
+    their entries in Redis (acknowledged only once pushed)."""
+    remote = bare_repo(tmp_path / "remote.git")
+    away = f"http://127.0.0.1:{free_port()}/away.git"  # nobody listens there
+    documents = f"""\
+---
+apiVersion: configbutler.ai/v1alpha1
+kind: GitProvider
+metadata: {{name: away, namespace: team}}
+spec:
+  url: {away}
+  allowedBranches: ["main"]
+  push: {{interval: "100ms", maxCommits: 1}}
+---
+apiVersion: configbutler.ai/v1alpha1
+kind: GitTarget
+metadata: {{name: away, namespace: team}}
+spec: {{providerRef: {{name: away}}, branch: main, path: away}}
+---
+apiVersion: configbutler.ai/v1alpha1
+kind: ClusterWatchRule
+metadata: {{name: away}}
+spec:
+  targetRef: {{name: away, namespace: team}}
+  rules: [{{scope: Namespaced, resources: ["configmaps"]}}]
+"""
+    args = _serve_args(tmp_path, remote, redis_server, interval="100ms", documents=documents)
+    server = start_serve(tmp_path, *args, "--shutdown-timeout", "3")
+    for n in range(3):
+        assert _post(server.port, n)[0] == 200
+    expected = {f"id-{n}-{j}" for n in range(3) for j in range(KEPT_PER_BATCH)}
+    _wait_until(
+        lambda: git(remote, "rev-list", "--all") and set(_audit_ids(remote)) == expected,
+        "the reachable remote's pushes",
+    )
+    _wait_until(lambda: _commits(server.port) == 2 * len(expected), "the other target's commits")
+    assert max(_audit_ids(remote).values()) == 1
+    assert git_files(remote) == sorted(
+        f"live/v1/configmaps/default/b{n}-{j}.yaml" for n in range(3) for j in range(KEPT_PER_BATCH)
+    )
+    # Nothing is acknowledged before both remotes have it: the entries wait in Redis.
+    assert redis_server.command("XLEN", STREAM) == str(len(expected))
+    log = server.stop()
+    assert "taking over on the remote's tip fetched last" in log, log
+
+
 def test_journal_options_need_journal(tmp_path: Path) -> None:
     stderr = _serve_fails(tmp_path, "--journal-replicas", "1")
     assert "--journal-replicas needs --journal" in stderr

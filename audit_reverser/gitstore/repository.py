@@ -84,6 +84,8 @@ def _zone(offset: timedelta | None) -> bytes:
     return f"{sign}{hours:02d}{minutes:02d}".encode()
 
 
+# The trailer by which a commit message names the API request it records.
+_REQUEST = "Audit-ID: "
 _HEADER_UNSAFE = str.maketrans({"<": None, ">": None, "\n": " ", "\0": None})
 
 
@@ -192,12 +194,19 @@ class Mirror:
         self._fetch()
         self._choose_base()
 
-    def reset_to_remote(self) -> None:
+    @property
+    def is_open(self) -> bool:
+        return self._repo is not None
+
+    def reset_to_remote(self, *, fetch: bool = True) -> None:
         """Fetch, and build on the remote's tip, dropping our unpushed commits. For a writer
         taking over in HA mode: their events wait in the shared journal, and the replica that
-        wrote in the meantime may have pushed them already, so replaying them could commit
-        them twice."""
-        remote = self._fetch()
+        wrote in the meantime may have pushed them already.
+
+        ``fetch=False`` (the remote does not answer): build on the tip fetched last. What is
+        committed then reaches the remote by a replay onto whatever it holds by then, which
+        leaves out the changes it holds already."""
+        remote = self._fetch() if fetch else self._target(self._tracking_ref)
         if remote is not None:
             self.repo.references.create(self._local_ref, _oid(remote), force=True)
         elif self.repo.references.get(self._local_ref) is not None:
@@ -434,15 +443,17 @@ class Mirror:
     # -- push -------------------------------------------------------------------------------
 
     def push(self) -> int:
-        """Push the branch (never forced); returns how many commits it carried.
+        """Push the branch (never forced); returns how many of our commits the remote now
+        holds (those a replay left out included).
 
         When the remote branch moved, our commits are replayed onto its new tip and pushed
         again; a transport failure is raised as :class:`RemoteUnavailable`.
         """
         self.save()
+        there = 0  # commits left out of a replay: the remote holds them already
         for _ in range(MAX_REPLAYS):
             if self._head is None or not self.unpushed:
-                return 0
+                return there
             if self.fence is not None:
                 self.fence()
             try:
@@ -455,11 +466,11 @@ class Mirror:
                         self._outgoing = None
                         continue
                     raise  # the remote did not move: a transport or permission problem
-                self._replay_onto(remote)
+                there += self._replay_onto(remote)
                 continue
             pushed = self.unpushed
             self._pushed(self._head, pushed, None)
-            return pushed
+            return pushed + there
         raise RemoteUnavailable(
             f"branch {self.branch} of {self.transport.display} moved {MAX_REPLAYS} times while "
             "we pushed; trying again later"
@@ -640,20 +651,31 @@ class Mirror:
     def _contains(self, commit: bytes, ancestor: bytes) -> bool:
         return commit == ancestor or self.repo.descendant_of(_oid(commit), _oid(ancestor))
 
-    def _replay_onto(self, remote: bytes) -> None:
-        """Rewrite our commits that the remote lacks on top of ``remote`` and save them.
+    def _replay_onto(self, remote: bytes) -> int:
+        """Rewrite our commits that the remote lacks on top of ``remote`` and save them;
+        returns how many were left out as already there.
 
-        If that fails (a full disk), the branch stays on our original commits."""
+        A commit of ours is left out when the remote's new commits record each request it
+        records (its Audit-IDs) for each file it changed: in HA, a writer that lost its
+        lease while pushing may have pushed the same events that its successor committed
+        again. Commits that name no request (snapshots, resyncs) are always replayed.
+        If saving fails (a full disk), the branch stays on our original commits."""
         assert self._head is not None
         original, unpushed = self._head, self.unpushed
         walker = self.repo.walk(_oid(self._head), SortMode.TOPOLOGICAL | SortMode.REVERSE)
         walker.hide(_oid(remote))
-        ours = list(walker)
+        ours = [(commit, _changes(commit)) for commit in walker]
+        there = self._recorded_since(remote, original, ours)
         self._moved_to(remote)
+        self._saved = original  # as on disk: saved below, even when every commit is left out
         self.unpushed = 0
+        left_out = 0
         try:
-            for commit in ours:
-                for path, blob in _changes(commit):
+            for commit, changes in ours:
+                if _recorded(commit.message, changes, there):
+                    left_out += 1
+                    continue
+                for path, blob in changes:
                     self._tree.set(path, blob)
                 tree = self._tree.write()
                 kind, data = self.repo.odb.read(commit.id)
@@ -668,13 +690,35 @@ class Mirror:
             raise
         self.replays += 1
         log.warning(
-            "%s: branch %s of %s moved; replayed our %d unpushed commits on top of %s",
+            "%s: branch %s of %s moved; replayed our %d unpushed commits on top of %s%s",
             self.path,
             self.branch,
             self.transport.display,
-            len(ours),
+            len(ours) - left_out,
             remote.hex()[:12],
+            f" ({left_out} left out: the remote holds their changes already)" if left_out else "",
         )
+        return left_out
+
+    def _recorded_since(
+        self,
+        remote: bytes,
+        base: bytes,
+        ours: list[tuple[pygit2.Commit, list[tuple[str, bytes | None]]]],
+    ) -> set[tuple[str, str]]:
+        """The (request, file) pairs that the commits on ``remote`` and not on ``base``
+        record, among the requests ``ours`` name: only those commits are diffed."""
+        asked = {request for commit, _ in ours for request in _requests(commit.message)}
+        if not asked:
+            return set()
+        walker = self.repo.walk(_oid(remote), SortMode.TOPOLOGICAL)
+        walker.hide(_oid(base))
+        pairs: set[tuple[str, str]] = set()
+        for commit in walker:
+            requests = _requests(commit.message) & asked
+            if requests:
+                pairs.update((r, path) for r in requests for path, _ in _changes(commit))
+        return pairs
 
     def _merge_outgoing(self) -> None:
         """Replace the packs written since the last push with one pack of them all.
@@ -761,6 +805,22 @@ def _changes(commit: pygit2.Commit) -> list[tuple[str, bytes | None]]:
         else:
             changes.append((delta.new_file.path, delta.new_file.id.raw))
     return changes
+
+
+def _requests(message: str) -> set[str]:
+    """The requests a commit records: its ``Audit-ID`` trailers (the commit contract of
+    :mod:`audit_reverser.pipeline.commits`; an Audit-ID names one API request)."""
+    return {line[len(_REQUEST) :] for line in message.splitlines() if line.startswith(_REQUEST)}
+
+
+def _recorded(
+    message: str, changes: list[tuple[str, bytes | None]], there: set[tuple[str, str]]
+) -> bool:
+    """Whether ``there`` holds each (request, file) pair of a commit: its change was made."""
+    requests = _requests(message)
+    return bool(requests and changes) and all(
+        (request, path) in there for request in requests for path, _ in changes
+    )
 
 
 def _rebased(data: bytes, tree: bytes, parent: bytes | None) -> bytes:

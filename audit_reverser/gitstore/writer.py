@@ -270,8 +270,21 @@ class BranchWriter:
         may have pushed them), builds on the remote's tip and remembers the newest
         ``history`` commits, so that an event found there is answered with its commit
         instead of being committed twice. Returns their ``(path, message)``s. Before
-        :meth:`start`."""
-        await self.warm()
+        :meth:`start`.
+
+        A remote that does not answer does not hold the takeover up (nor the other branches'
+        writers): this writer builds on the tip fetched last and commits locally until the
+        remote answers, as any writer does."""
+        try:
+            await self.warm()
+        except RemoteUnavailable as exc:
+            log.error(
+                "%s: %s; taking over on the remote's tip fetched last, committing locally "
+                "until it answers",
+                self.name,
+                exc,
+            )
+            await self._blocking(lambda: self.mirror.reset_to_remote(fetch=False))
         changes = await self._blocking(lambda: self.mirror.latest_changes(history))
         found = self._remember(changes)
         log.info("%s: read the newest %d commits of the remote's history", self.name, len(changes))
@@ -300,6 +313,11 @@ class BranchWriter:
     @property
     def tip(self) -> str | None:
         return self.mirror.tip
+
+    @property
+    def opened(self) -> bool:
+        """Whether :meth:`open` has been called (and worked)."""
+        return self.mirror.is_open
 
     def _crashed(self, task: asyncio.Task[None]) -> None:
         if not task.cancelled() and task.exception() is not None:
