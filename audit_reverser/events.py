@@ -7,6 +7,7 @@ format). :func:`parse_event` checks one decoded item once and turns it into an i
 
 from __future__ import annotations
 
+import hashlib
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -17,9 +18,15 @@ from urllib.parse import parse_qs
 from audit_reverser.errors import EventError, shown
 
 AuditID = NewType("AuditID", str)
-# The apiserver makes UUIDs, or takes a client's Audit-ID header; either way one short
-# printable token. Anything else is refused before it reaches logs or the journal.
+# Which event an event is, to know it when it comes again (a batch the apiserver retried, a
+# journal read again): its Audit-ID and when its request was received.
+EventKey = NewType("EventKey", str)
+# The apiserver makes UUIDs, or takes the client's Audit-ID header: up to 256 letters,
+# digits and hyphens since Kubernetes 1.29 or so, anything before. An Audit-ID that is not
+# one short printable token is written as a digest of it (DIGESTED_PREFIX), so that it can
+# neither reach logs and trailers as it is nor keep the client's change out of Git.
 _AUDIT_ID = re.compile(r"^[\x21-\x7e]{1,128}$")
+DIGESTED_PREFIX = "sha256-"
 
 # A tuple, not a set: membership of any decoded JSON value (a list, a dict) is then a plain
 # comparison instead of a TypeError for an unhashable value.
@@ -123,6 +130,13 @@ class AuditEvent:
     response_object: Mapping[str, Any] | None
     time: datetime | None
     cluster: str = ""
+    # requestReceivedTimestamp as sent: the apiserver's, unlike the Audit-ID, which the
+    # client may choose (and choose again, to pass a change off as one already handled).
+    received: str = ""
+
+    @property
+    def key(self) -> EventKey:
+        return EventKey(f"{self.audit_id} {self.received}")
 
     @property
     def effective_user(self) -> User:
@@ -240,8 +254,11 @@ def parse_event(raw: object, *, cluster: str = "") -> AuditEvent:
     if not isinstance(raw, JSON_OBJECT):
         raise EventError(f"event must be a JSON object, got {type(raw).__name__}")
     audit_id = raw.get("auditID")
-    if not isinstance(audit_id, str) or not _AUDIT_ID.match(audit_id):
-        raise EventError(f"event has no valid auditID: {shown(audit_id)}")
+    if not isinstance(audit_id, str) or not audit_id:
+        raise EventError(f"event has no auditID: {shown(audit_id)}")
+    if not _AUDIT_ID.match(audit_id):
+        digest = hashlib.sha256(audit_id.encode("utf-8", "surrogatepass")).hexdigest()
+        audit_id = DIGESTED_PREFIX + digest
     where = f"event {audit_id}"
     api_version = raw.get("apiVersion")
     if api_version is not None and api_version not in AUDIT_API_VERSIONS:
@@ -267,6 +284,7 @@ def parse_event(raw: object, *, cluster: str = "") -> AuditEvent:
         or parse_time(raw.get("requestReceivedTimestamp"))
         or parse_time(raw.get("timestamp"))
     )
+    received = raw.get("requestReceivedTimestamp")
     return AuditEvent(
         audit_id=AuditID(audit_id),
         verb=verb,
@@ -284,4 +302,7 @@ def parse_event(raw: object, *, cluster: str = "") -> AuditEvent:
         response_object=response_object if isinstance(response_object, JSON_OBJECT) else None,
         time=time,
         cluster=cluster,
+        received=received
+        if isinstance(received := raw.get("requestReceivedTimestamp"), str)
+        else "",
     )

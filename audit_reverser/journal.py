@@ -78,6 +78,8 @@ class JournalUnavailable(TemporaryError):
 @dataclass(frozen=True, slots=True)
 class Record:
     seq: int
+    # The event's key (events.EventKey: its Audit-ID and when it was received), by which
+    # an event sent again is known.
     audit_id: str
     cluster: str
     event: bytes

@@ -31,7 +31,7 @@ from audit_reverser.config.model import Config, GitTarget, Key, PushPolicy
 from audit_reverser.encryption.keys import TargetKeys, fingerprint_key
 from audit_reverser.encryption.keys import resolve as resolve_keys
 from audit_reverser.errors import AuditReverserError, ConfigError, TemporaryError
-from audit_reverser.events import AuditID
+from audit_reverser.events import EventKey
 from audit_reverser.gitstore.health import probe
 from audit_reverser.gitstore.repository import Mirror
 from audit_reverser.gitstore.transport import install_trust, mirror_folder
@@ -542,7 +542,7 @@ class Runtime:
 
     async def _recover(self, journal: Journal) -> None:
         recovery = await asyncio.to_thread(journal.recover)
-        self.processor.remember(AuditID(i) for i in recovery.handled)
+        self.processor.remember(EventKey(key) for key in recovery.handled)
         known = recovery.tips
         if recovery.pending:
             for writer in self.writers.values():

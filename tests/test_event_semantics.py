@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import hashlib
 
 import pytest
 import yaml
@@ -204,14 +205,48 @@ async def test_deletecollection_removes_each_deleted_item(harness: Harness) -> N
     ]
 
 
-async def test_the_same_audit_id_twice_makes_one_commit(harness: Harness) -> None:
+async def test_the_same_event_twice_makes_one_commit(harness: Harness) -> None:
+    """A batch the apiserver sent again: the same event, one commit."""
     first = event("create", body=configmap(data={"v": "1"}), audit_id="same-id")
-    again = event("update", body=configmap(data={"v": "2"}, rv="101"), audit_id="same-id")
     await harness.send(first, first)
-    await harness.send(again)
+    await harness.send(first)
     await harness.sync()
     assert await harness.subjects() == ["[CREATE] v1/configmaps/default/demo"]
     assert harness.runtime.stats.skipped[Skip.DUPLICATE] == 2
+
+
+async def test_a_reused_audit_id_does_not_hide_a_change(harness: Harness) -> None:
+    """A client may choose its request's Audit-ID (the header), also one already used: the
+    apiserver's receive time tells the requests apart, and the second change is committed."""
+    first = event("create", body=configmap(data={"v": "1"}), audit_id="same-id")
+    again = event(
+        "update",
+        body=configmap(data={"v": "2"}, rv="101"),
+        audit_id="same-id",
+        user="mallory",
+        time="2026-01-02T03:09:00.000001Z",
+    )
+    await harness.send(first)
+    await harness.send(again)
+    await harness.sync()
+    assert await harness.subjects() == [
+        "[CREATE] v1/configmaps/default/demo",
+        "[UPDATE] v1/configmaps/default/demo",
+    ]
+    assert (await harness.log("%an"))[-1] == "mallory"
+
+
+@pytest.mark.parametrize("audit_id", ["with space", "x" * 200, "tab\there", "ünïcode"])
+async def test_an_odd_audit_id_is_committed_under_its_digest(
+    harness: Harness, audit_id: str
+) -> None:
+    """Older apiservers take any Audit-ID header, newer ones up to 256 characters: the change
+    is committed, its trailer naming the Audit-ID by its SHA-256."""
+    await harness.send(event("create", body=configmap(), audit_id=audit_id))
+    await harness.sync()
+    assert await harness.subjects() == ["[CREATE] v1/configmaps/default/demo"]
+    [trailer] = await harness.log("%(trailers:key=Audit-ID,valueonly)")
+    assert trailer.strip() == "sha256-" + hashlib.sha256(audit_id.encode()).hexdigest()
 
 
 async def test_an_older_event_never_regresses_the_file(harness: Harness) -> None:

@@ -381,6 +381,38 @@ spec:
     assert "taking over on the remote's tip fetched last" in log, log
 
 
+def test_a_reused_audit_id_is_stored_and_written_as_another_event(
+    tmp_path: Path, redis_server: RedisServer
+) -> None:
+    """The shared journal knows an event sent again by its Audit-ID and receive time: a
+    client's request that reuses an Audit-ID is stored, and written, as the change it is."""
+    remote = bare_repo(tmp_path / "remote.git")
+    server = start_serve(tmp_path, *_serve_args(tmp_path, remote, redis_server, interval="100ms"))
+    first = event("create", name="a", body=configmap("a"), audit_id="chosen")
+    again = event(
+        "update",
+        name="a",
+        body=configmap("a", rv="101", data={"v": "2"}),
+        audit_id="chosen",
+        time="2026-01-02T03:09:00.000001Z",
+    )
+    for items in ([first], [first], [again]):  # the second: the apiserver retried a batch
+        body = orjson.dumps(event_list(*items))
+        url = f"http://127.0.0.1:{server.port}/audit-webhook"
+        request = urllib.request.Request(url, body, {"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=60) as response:
+            assert response.status == 200
+    _wait_until(
+        lambda: git(remote, "rev-list", "--all") and _audit_ids(remote) == {"chosen": 2}, "pushes"
+    )
+    log = server.stop()
+    assert server.process.returncode == 0, log
+    assert git(remote, "log", "--reverse", "--format=%s", "main").splitlines() == [
+        "[CREATE] v1/configmaps/default/a",
+        "[UPDATE] v1/configmaps/default/a",
+    ]
+
+
 def test_journal_options_need_journal(tmp_path: Path) -> None:
     stderr = _serve_fails(tmp_path, "--journal-replicas", "1")
     assert "--journal-replicas needs --journal" in stderr

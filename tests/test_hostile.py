@@ -75,8 +75,8 @@ async def test_forged_and_broken_events_are_counted_and_the_good_one_is_kept(
     forged.append(event("create", namespace="../kube-system", body=configmap()))
     deep = event("create", body={**configmap("deep"), "data": _nested(900)}, name="deep")
     broken = [
-        {**event("create", body=configmap()), "auditID": "x" * 10_000},
-        {**event("create", body=configmap()), "auditID": "with space"},
+        {**event("create", body=configmap()), "auditID": ""},
+        {**event("create", body=configmap()), "auditID": ["x"]},
         {**event("create", body=configmap()), "verb": ["create"]},
         {**event("create", body=configmap()), "objectRef": "configmaps"},
         {**event("create", body=configmap()), "user": {"username": 7}},

@@ -128,7 +128,7 @@ class Fence:
 class Incoming:
     """One accepted event and the lanes (writer branches) its routes lead to."""
 
-    audit_id: str
+    audit_id: str  # the event's key (events.EventKey), by which an event sent again is known
     cluster: str
     event: bytes
     lanes: Sequence[str]

@@ -229,8 +229,7 @@ class Intake:
         if not written:
             return
         entries = [
-            (event.audit_id, cluster, data)
-            for event, data in zip(triage.kept, written, strict=True)
+            (event.key, cluster, data) for event, data in zip(triage.kept, written, strict=True)
         ]
         seqs = await self.journal.append(entries)
         for seq, event, routed, (_, _, data) in zip(
@@ -285,11 +284,11 @@ class Intake:
                 break
         if not waiting:
             del self._waiting[key]
-        seen = {event.audit_id}  # the same auditID queued twice is one event
+        seen = {event.key}  # the same event queued twice is one event
         later = []
         for other in waiting:
-            if other.audit_id not in seen:
-                seen.add(other.audit_id)
+            if other.key not in seen:
+                seen.add(other.key)
                 later.append(other)
         return later
 

@@ -29,7 +29,7 @@ from audit_reverser.encryption import sops
 from audit_reverser.encryption.keys import TargetKeys
 from audit_reverser.encryption.keys import fingerprint as fingerprint_of
 from audit_reverser.errors import TemporaryError
-from audit_reverser.events import AuditEvent, AuditID, ObjectRef
+from audit_reverser.events import AuditEvent, EventKey, ObjectRef
 from audit_reverser.gitstore.types import CommitOutcome, FileChange, TreeChange
 from audit_reverser.pipeline import canonical
 from audit_reverser.pipeline.commits import Action, author_for, commit_message, trailer
@@ -165,13 +165,13 @@ class Processor:
         self._exclusions = exclusions
         self._refused_secrets: set[Key] = set()
         self._rules: dict[tuple[str, ...], bytes] = {}  # .sops.yaml per set of recipients
-        self._handled: OrderedDict[AuditID, None] = OrderedDict()
+        self._handled: OrderedDict[EventKey, None] = OrderedDict()
         self._versions: OrderedDict[tuple[int, str], int] = OrderedDict()
         self._forgotten = -1  # the newest version dropped from _versions
         self._deletions = Deletions()
         # Events whose change a commit made for an earlier event holds (one read answered
         # both): their own turn returns that commit, so their journal records wait for it.
-        self._folded: OrderedDict[AuditID, list[asyncio.Future[CommitOutcome]]] = OrderedDict()
+        self._folded: OrderedDict[EventKey, list[asyncio.Future[CommitOutcome]]] = OrderedDict()
 
     def reconfigure(
         self, config: Config, sinks: Mapping[Key, CommitSink], keys: Mapping[Key, TargetKeys]
@@ -186,10 +186,10 @@ class Processor:
         self._keys = keys
         self._refused_secrets.clear()
 
-    def remember(self, audit_ids: Iterable[AuditID]) -> None:
-        """AuditIDs an earlier run handled: the same event sent again makes no commit."""
-        for audit_id in audit_ids:
-            self._remember(audit_id)
+    def remember(self, keys: Iterable[EventKey]) -> None:
+        """Events an earlier run handled: the same event sent again makes no commit."""
+        for key in keys:
+            self._remember(key)
 
     def recall_versions(self, sink: CommitSink, commits: Iterable[tuple[str, str]]) -> None:
         """Newest resourceVersions of files committed by ``(path, message)`` before a crash,
@@ -409,8 +409,8 @@ class Processor:
         if isinstance(found, Skip):
             return self._skip(event, found)
         routes, noise = found
-        if event.audit_id in self._handled:
-            folded = self._folded.pop(event.audit_id, None)
+        if event.key in self._handled:
+            folded = self._folded.pop(event.key, None)
             if folded is not None:
                 self.stats.skip(Skip.COALESCED)
                 return folded
@@ -433,7 +433,7 @@ class Processor:
                 return self._skip(event, noise)
 
         for each in events:
-            self._remember(each.audit_id)
+            self._remember(each.key)
         # The state read is the latest writer's: the commit is theirs (by time, then order).
         ordered = sorted(events, key=lambda e: e.time or UNKNOWN_TIME)
         author, earlier = ordered[-1], ordered[:-1]
@@ -466,7 +466,7 @@ class Processor:
         else:
             self.stats.skip(last_reason)
         for each in events[1:]:
-            self._folded[each.audit_id] = futures
+            self._folded[each.key] = futures
             if len(self._folded) > DEDUP_WINDOW:
                 self._folded.popitem(last=False)
         return futures
@@ -479,7 +479,7 @@ class Processor:
         for other in later[:FOLD_LIMIT]:
             if other.verb in DELETE_VERBS:
                 break
-            if other.audit_id in self._handled:
+            if other.key in self._handled:
                 continue
             try:
                 resolve_offline(other)
@@ -680,7 +680,7 @@ class Processor:
         except UnknownResource as exc:
             log.warning("event %s: %s", event.audit_id, exc)
             return self._skip(event, Skip.UNKNOWN_RESOURCE)
-        self._remember(event.audit_id)
+        self._remember(event.key)
         futures = []
         for route in routes:
             target = route.target
@@ -794,7 +794,7 @@ class Processor:
         self.stats.skip(reason)
         return []
 
-    def _remember(self, audit_id: AuditID) -> None:
-        self._handled[audit_id] = None
+    def _remember(self, key: EventKey) -> None:
+        self._handled[key] = None
         if len(self._handled) > DEDUP_WINDOW:
             self._handled.popitem(last=False)
