@@ -253,6 +253,13 @@ def _parser() -> argparse.ArgumentParser:
         "repeatable",
     )
     security.add_argument(
+        "--cluster-names-in-certificates",
+        action="store_true",
+        help="with --client-ca (a fleet): take events posted to /audit-webhook/NAME only from "
+        "a client certificate whose CN or subjectAltName is NAME, and none posted without a "
+        "name; so that one cluster's credentials cannot write another cluster's files",
+    )
+    security.add_argument(
         "--auth-token-file",
         type=Path,
         metavar="FILE",
@@ -489,11 +496,16 @@ def _senders(args: argparse.Namespace) -> tuple[auth.SenderPolicy, ssl.SSLContex
         raise PermanentError("--client-ca needs --tls-cert and --tls-key")
     if args.client_name and args.client_ca is None:
         raise PermanentError("--client-name needs --client-ca")
+    if args.cluster_names_in_certificates and args.client_ca is None:
+        raise PermanentError("--cluster-names-in-certificates needs --client-ca")
     context = None
     if args.tls_cert is not None:
         context = auth.server_context(args.tls_cert, args.tls_key, args.client_ca)
     senders = auth.policy(
-        token_file=args.auth_token_file, client_ca=args.client_ca, client_names=args.client_name
+        token_file=args.auth_token_file,
+        client_ca=args.client_ca,
+        client_names=args.client_name,
+        cluster_names=args.cluster_names_in_certificates,
     )
     host = args.listen[0]
     if not _is_loopback(host):

@@ -41,7 +41,7 @@ def _post(
     headers: dict[str, str] | None = None,
     path: str = "/audit-webhook",
 ) -> tuple[int, dict[str, object]]:
-    method, body = ("POST", BATCH) if path == "/audit-webhook" else ("GET", None)
+    method, body = ("POST", BATCH) if path.startswith("/audit-webhook") else ("GET", None)
     status, data = request(port, method, path, body, headers=headers, context=context)
     return status, orjson.loads(data) if data.startswith(b"{") else {}
 
@@ -101,6 +101,39 @@ def test_mutual_tls_admits_only_the_named_client_of_the_right_ca(
     assert git_subjects(remote) == ["[CREATE] v1/configmaps/default/demo"]
 
 
+def test_each_cluster_name_only_from_a_certificate_that_carries_it(
+    tmp_path: Path, setup: tuple[Path, list[str]]
+) -> None:
+    """A fleet: staging's apiserver credentials cannot post as prod (nor unnamed, which
+    would be the receiver's own cluster)."""
+    remote, args = setup
+    ca = Authority(tmp_path, "fleet-ca")
+    server_cert = ca.issue("audit-reverser", server=True)
+    prod, staging = ca.issue("prod"), ca.issue("staging")
+    server = start_serve(
+        tmp_path,
+        *args,
+        "--tls-cert",
+        str(server_cert.cert),
+        "--tls-key",
+        str(server_cert.key),
+        "--client-ca",
+        str(ca.cert),
+        "--cluster-names-in-certificates",
+        ca=ca.cert,
+    )
+    try:
+        assert _post(server.port, context=_client(ca, prod), path="/audit-webhook/prod")[0] == 200
+        status, body = _post(server.port, context=_client(ca, staging), path="/audit-webhook/prod")
+        assert status == 403 and "does not name cluster 'prod'" in str(body["message"])
+        status, body = _post(server.port, context=_client(ca, prod))
+        assert status == 403 and "post under a cluster name" in str(body["message"])
+    finally:
+        log = server.stop()
+    assert server.process.returncode == 0, log
+    assert git_subjects(remote) == ["[CREATE] prod/v1/configmaps/default/demo"]
+
+
 def test_bearer_token_is_checked_and_never_logged(
     tmp_path: Path, setup: tuple[Path, list[str]]
 ) -> None:
@@ -151,6 +184,8 @@ def test_unsafe_or_incomplete_flags_are_refused_with_one_line(
     missing = _serve_fails(tmp_path, *args, "--tls-cert", "x.crt", "--tls-key", "x.key")
     assert "x.crt" in missing
     assert "needs --client-ca" in _serve_fails(tmp_path, *args, "--client-name", "a")
+    refused = _serve_fails(tmp_path, *args, "--cluster-names-in-certificates")
+    assert "--cluster-names-in-certificates needs --client-ca" in refused
     empty = tmp_path / "empty-token"
     empty.write_text("\n")
     assert "one token" in _serve_fails(tmp_path, *args, "--auth-token-file", str(empty))

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from audit_reverser.errors import PermanentError
+from audit_reverser.errors import PermanentError, shown
 
 
 class SenderRefused(Exception):
@@ -33,13 +33,19 @@ class SenderPolicy:
     client_certificate: bool = False
     # Allowed client certificate names (CN or DNS/URI/IP SAN); empty: any the CA signed.
     client_names: frozenset[str] = frozenset()
+    # A fleet's clusters post under their names: each name only with a client certificate
+    # that carries it, so that one cluster's credentials cannot write another's files.
+    cluster_names: bool = False
 
     @property
     def authenticates(self) -> bool:
         return self.token_digest is not None or self.client_certificate
 
-    def check(self, authorization: str | None, peercert: Mapping[str, Any] | None) -> None:
-        """Raise :class:`SenderRefused` unless the request carries what the policy asks."""
+    def check(
+        self, authorization: str | None, peercert: Mapping[str, Any] | None, cluster: str = ""
+    ) -> None:
+        """Raise :class:`SenderRefused` unless the request, posted under ``cluster`` (""
+        for none), carries what the policy asks."""
         if self.client_certificate:
             if not peercert:
                 raise SenderRefused(401, "a client certificate is required")
@@ -47,6 +53,14 @@ class SenderPolicy:
             if self.client_names and not names & self.client_names:
                 raise SenderRefused(
                     403, f"client certificate {sorted(names)} is not in the allowed names"
+                )
+            if self.cluster_names and cluster not in names:
+                raise SenderRefused(
+                    403,
+                    f"client certificate {sorted(names)} does not name cluster {shown(cluster)}"
+                    if cluster
+                    else "post under a cluster name (/audit-webhook/<cluster>) that the "
+                    "client certificate carries",
                 )
         if self.token_digest is not None:
             scheme, _, token = (authorization or "").partition(" ")
@@ -138,12 +152,17 @@ class CertificateReloader:
 
 
 def policy(
-    *, token_file: Path | None, client_ca: Path | None, client_names: Iterable[str]
+    *,
+    token_file: Path | None,
+    client_ca: Path | None,
+    client_names: Iterable[str],
+    cluster_names: bool = False,
 ) -> SenderPolicy:
     return SenderPolicy(
         token_digest=load_token(token_file) if token_file is not None else None,
         client_certificate=client_ca is not None,
         client_names=frozenset(client_names),
+        cluster_names=cluster_names,
     )
 
 

@@ -105,15 +105,16 @@ async def audit_webhook(request: web.Request) -> web.Response:
 
 
 async def _take_batch(request: web.Request) -> web.Response:
+    cluster = request.match_info.get("cluster", "")
     try:
         request.app[SENDERS].check(
             request.headers.get("Authorization"),
             request.transport.get_extra_info("peercert") if request.transport else None,
+            cluster,
         )
     except SenderRefused as exc:
         log.warning("refused audit events from %s: %s", request.remote, exc)
         raise refusal(exc.status, str(exc)) from None
-    cluster = request.match_info.get("cluster", "")
     if cluster and not CLUSTER_NAME.match(cluster):
         raise refusal(400, f"invalid cluster name {shown(cluster)}")
     if request.content_type != "application/json":
