@@ -15,6 +15,7 @@ from audit_reverser.cluster.api import ApiUnavailable
 from audit_reverser.events import ObjectRef
 from audit_reverser.ingest import intake as intake_module
 from tests.conftest import configmap, event, eventually, start_harness
+from tests.test_conflicts import _DiskFullOnce
 
 
 class _AwayThenBack:
@@ -98,5 +99,39 @@ async def test_events_still_held_at_the_stop_wait_in_the_journal(
         await harness.sync()
         assert await harness.files() == ["live/v1/configmaps/default/demo.yaml"]
         assert await harness.log("%an") == ["jane@example.com"]
+    finally:
+        await harness.runtime.close()
+
+
+async def test_events_whose_commit_failed_are_committed_later_in_the_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The mirror's disk is full for a moment: the commits made are dropped, and their
+    events are processed again in this run instead of waiting for the next start."""
+    monkeypatch.setattr(intake_module, "HELD_RETRY_MIN_S", 0.05)
+    harness = await start_harness(tmp_path, settings={"journal": True})
+    [writer] = harness.runtime.writers.values()
+    full = _DiskFullOnce(writer.mirror._objects)
+    writer.mirror._objects.write_pack = full  # type: ignore[method-assign]
+    try:
+        with caplog.at_level(logging.INFO):
+            await harness.send(
+                event("create", name="a", body=configmap("a"), user="jane@example.com"),
+                event("create", name="b", body=configmap("b")),
+            )
+
+            async def committed() -> bool:
+                await harness.sync()
+                return len(await harness.files()) == 2
+
+            await eventually(committed)
+        assert full.failed
+        assert await harness.log("%an %s") == [
+            "jane@example.com [CREATE] v1/configmaps/default/a",
+            "alice@example.com [CREATE] v1/configmaps/default/b",
+        ]
+        assert "No space left on device; tried again in" in caplog.text
+        assert harness.runtime.intake.journal is not None
+        await eventually(lambda: harness.runtime.intake.journal.backlog == 0)
     finally:
         await harness.runtime.close()

@@ -156,6 +156,7 @@ class Intake:
         # tries them again takes turns with the worker, one event at a time.
         self._held: deque[tuple[AuditEvent, int | None, int, Routed | None]] = deque()
         self._held_retry_s = HELD_RETRY_MIN_S
+        self._stopping = False
         self._retrying: asyncio.Task[None] | None = None
         self._last_held_error: TemporaryError | None = None
         self._processing = asyncio.Lock()
@@ -322,6 +323,7 @@ class Intake:
 
     async def stop(self) -> None:
         """Stop the worker now; what it has not processed stays in the journal."""
+        self._stopping = True  # a commit failing from now on is not tried again
         for task in (self._task, self._retrying):
             if task is not None:
                 task.cancel()
@@ -506,6 +508,7 @@ class Intake:
             self._release(size)
             tips: dict[str, str | None] = {}
             held = False
+            failed: TemporaryError | None = None
             for future in futures:
                 if future.cancelled():
                     held = True
@@ -516,10 +519,16 @@ class Intake:
                     if outcome.commit_id is not None:
                         tips[outcome.writer] = outcome.commit_id
                 elif isinstance(error, TemporaryError):
-                    held = True
+                    held, failed = True, error
             if journal is None or seq is None:
                 return
-            if held:
+            if failed is not None and not self._stopping:
+                # A commit failed for a while (the mirror's disk full): the event is
+                # processed again later in this run, like one whose processing failed. A
+                # target it did reach finds nothing new then, or a newer version written.
+                self.processor.forget(event.key)
+                self._hold(event, seq, size, None, failed, retried=False)
+            elif held:
                 log.error("event %s held in the journal for the next start", event.audit_id)
             else:
                 journal.done(seq, tips)

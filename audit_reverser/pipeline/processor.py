@@ -191,6 +191,11 @@ class Processor:
         for key in keys:
             self._remember(key)
 
+    def forget(self, key: EventKey) -> None:
+        """An event whose commit failed: it is processed again, not skipped as handled."""
+        self._handled.pop(key, None)
+        self._folded.pop(key, None)
+
     def recall_versions(self, sink: CommitSink, commits: Iterable[tuple[str, str]]) -> None:
         """Newest resourceVersions of files committed by ``(path, message)`` before a crash,
         so that events processed again never regress a file a later event already wrote."""
