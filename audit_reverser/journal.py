@@ -40,7 +40,7 @@ import struct
 import time
 import zlib
 from collections import deque
-from collections.abc import Awaitable, Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Collection, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -118,8 +118,15 @@ class EventJournal(Protocol):
         bytes than ``max_bytes`` unless one record alone is larger); waits for some."""
         ...
 
-    def done(self, seq: int, tips: dict[str, str | None] | None = None) -> None:
-        """``seq``'s changes are committed locally; ``tips`` are the writer positions."""
+    def done(
+        self,
+        seq: int,
+        tips: dict[str, str | None] | None = None,
+        reached: Collection[str] | None = None,
+    ) -> None:
+        """``seq``'s changes are committed locally; ``tips`` are the writer positions;
+        ``reached``: the writers its changes went to, committed or found unchanged (None:
+        not known, so any writer)."""
         ...
 
 
@@ -514,7 +521,12 @@ class Journal:
 
     # -- progress ----------------------------------------------------------------------------
 
-    def done(self, seq: int, tips: dict[str, str | None] | None = None) -> None:
+    def done(
+        self,
+        seq: int,
+        tips: dict[str, str | None] | None = None,
+        reached: Collection[str] | None = None,
+    ) -> None:
         """Record ``seq`` as committed locally; ``tips`` are the writer positions it reached."""
         if seq <= self._done_seq:
             return

@@ -33,6 +33,7 @@ from tests.conftest import (
     free_port,
     git,
     git_files,
+    request,
     start_serve,
     write_config,
 )
@@ -331,12 +332,18 @@ def test_a_second_replica_is_a_standby_that_answers_and_writes_nothing(
     assert max(_audit_ids(remote).values()) == 1
 
 
+def _service(name: str) -> dict[str, Any]:
+    metadata = {"name": name, "namespace": "default", "uid": f"uid-{name}", "resourceVersion": "7"}
+    body = {"kind": "Service", "apiVersion": "v1", "metadata": metadata}
+    return event("create", resource="services", name=name, body=body, audit_id=f"id-{name}")
+
+
 def test_a_remote_that_does_not_answer_holds_up_only_its_own_target(
     tmp_path: Path, redis_server: RedisServer
 ) -> None:
-    """Two targets, one on a remote that refuses connections: the writer takes over and
-    writes the other target's remote; the first target's commits wait in its mirror and
-    their entries in Redis (acknowledged only once pushed)."""
+    """Two targets, one on a remote that refuses connections and taking Services only: the
+    writer takes over and writes the other target's remote. Only the entries of events that
+    went to the first target wait in Redis (acknowledged once pushed); the others leave."""
     remote = bare_repo(tmp_path / "remote.git")
     away = f"http://127.0.0.1:{free_port()}/away.git"  # nobody listens there
     documents = f"""\
@@ -359,24 +366,25 @@ kind: ClusterWatchRule
 metadata: {{name: away}}
 spec:
   targetRef: {{name: away, namespace: team}}
-  rules: [{{scope: Namespaced, resources: ["configmaps"]}}]
+  rules: [{{scope: Namespaced, resources: ["services"]}}]
 """
     args = _serve_args(tmp_path, remote, redis_server, interval="100ms", documents=documents)
     server = start_serve(tmp_path, *args, "--shutdown-timeout", "3")
+    services = [_service(name) for name in ("web", "db")]
+    body = orjson.dumps(event_list(*services))
+    assert request(server.port, "POST", "/audit-webhook", body)[0] == 200
     for n in range(3):
         assert _post(server.port, n)[0] == 200
     expected = {f"id-{n}-{j}" for n in range(3) for j in range(KEPT_PER_BATCH)}
+    expected |= {"id-web", "id-db"}
     _wait_until(
         lambda: git(remote, "rev-list", "--all") and set(_audit_ids(remote)) == expected,
         "the reachable remote's pushes",
     )
-    _wait_until(lambda: _commits(server.port) == 2 * len(expected), "the other target's commits")
     assert max(_audit_ids(remote).values()) == 1
-    assert git_files(remote) == sorted(
-        f"live/v1/configmaps/default/b{n}-{j}.yaml" for n in range(3) for j in range(KEPT_PER_BATCH)
-    )
-    # Nothing is acknowledged before both remotes have it: the entries wait in Redis.
-    assert redis_server.command("XLEN", STREAM) == str(len(expected))
+    _wait_until(lambda: _commits(server.port) == len(expected) + 2, "the other target's commits")
+    # The Services' entries wait for the other remote; the ConfigMaps' are acknowledged.
+    _wait_until(lambda: redis_server.command("XLEN", STREAM) == "2", "the acknowledgements")
     log = server.stop()
     assert "taking over on the remote's tip fetched last" in log, log
 

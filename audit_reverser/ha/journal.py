@@ -13,8 +13,9 @@ the lease sets :attr:`RedisJournal.lost` and writes nothing more (the process th
 start again as a standby with nothing of its turn left in memory).
 
 An entry is acknowledged (XACK + XDEL) only once its commits are *pushed*: ``done``
-(committed in the local mirror) queues it with a mark per writer that had unpushed commits
-then (commits pushed so far + those waiting, from ``progress()``), and it is acknowledged
+(committed in the local mirror) queues it with a mark per writer its event's changes went
+to that had unpushed commits then (commits pushed so far + those waiting, from
+``progress()``), and it is acknowledged
 once each of those writers has pushed that many: a push carries every commit made before it.
 So the mirror in ``--state-dir`` is a cache: a new holder drops what its mirror did not push,
 reads the unacknowledged entries again and commits what the remote lacks.
@@ -31,7 +32,7 @@ import asyncio
 import contextlib
 import logging
 from collections import deque
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
 
 from audit_reverser.errors import AuditReverserError, TemporaryError
 from audit_reverser.ha.connection import Connection
@@ -253,12 +254,23 @@ class RedisJournal:
         self._last_seq = max(self._last_seq, self._through)
         return Batch(records=records, through=self._through)
 
-    def done(self, seq: int, tips: dict[str, str | None] | None = None) -> None:
+    def done(
+        self,
+        seq: int,
+        tips: dict[str, str | None] | None = None,
+        reached: Collection[str] | None = None,
+    ) -> None:
         entry_id = self._ids.pop(seq, None)
         if entry_id is not None:
-            # Every writer, not only this event's (``tips``): an event that changed nothing
-            # may stand on another event's unpushed commit.
-            marks = {w: pushed + waiting for w, (pushed, waiting) in self._progress().items()}
+            # The writers the event's changes went to, those it found unchanged included
+            # (not only ``tips``): that change may stand on an earlier event's unpushed
+            # commit. Not the other writers: one whose remote is away would hold every
+            # entry in the stream until --max-backlog refused all events.
+            marks = {
+                w: pushed + waiting
+                for w, (pushed, waiting) in self._progress().items()
+                if reached is None or w in reached
+            }
             self._done.append((entry_id, {w: m for w, m in marks.items() if m > 0}))
 
     @staticmethod

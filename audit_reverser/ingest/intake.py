@@ -507,6 +507,7 @@ class Intake:
                 return
             self._release(size)
             tips: dict[str, str | None] = {}
+            reached: set[str] = set()
             held = False
             failed: TemporaryError | None = None
             for future in futures:
@@ -516,6 +517,7 @@ class Intake:
                 error = future.exception()  # also marks a failure as seen
                 if error is None:
                     outcome = future.result()
+                    reached.add(outcome.writer)
                     if outcome.commit_id is not None:
                         tips[outcome.writer] = outcome.commit_id
                 elif isinstance(error, TemporaryError):
@@ -531,7 +533,7 @@ class Intake:
             elif held:
                 log.error("event %s held in the journal for the next start", event.audit_id)
             else:
-                journal.done(seq, tips)
+                journal.done(seq, tips, reached)
 
         if not futures:
             remaining = 1
