@@ -189,3 +189,31 @@ async def test_a_fenced_read_or_acknowledgement_under_a_lost_lease_takes_nothing
         await lane.acknowledge_fenced(fence, [entries[0].entry_id])
     assert await lane.pending() == 1  # audit-1 and audit-2 were not taken
     assert await lane.length() == 3  # and audit-0 not acknowledged
+
+
+async def test_a_takeover_under_a_lost_lease_claims_nothing(
+    journal: StreamJournal, redis_server: RedisServer
+) -> None:
+    """A writer paused past its lease resumes with its takeover: it must not make the new
+    holder's pending entries its own (nobody would read them before the next takeover)."""
+    old = Lease(journal.connection, "repo@main", "a", lease_s=5)
+    assert await old.acquire()
+    stale = journal.lane("repo@main", "a")
+    await stale.ensure()
+    await journal.append([_event(n) for n in range(3)])
+    fence = old.fence
+    await asyncio.to_thread(redis_server.command, "DEL", old.key)  # expired, and taken:
+    new = Lease(journal.connection, "repo@main", "b", lease_s=5)
+    assert await new.acquire()
+    holder = journal.lane("repo@main", "b")
+    assert [e.audit_id for e in await holder.read_fenced(new.fence, count=10)] == [
+        "audit-0",
+        "audit-1",
+        "audit-2",
+    ]
+    with pytest.raises(StaleWriter):
+        await stale.take_over_fenced(fence)
+    pending = await asyncio.to_thread(redis_server.command, "XPENDING", holder.key, "writers")
+    # XPENDING's summary ends with the consumers and their counts: all three still b's.
+    assert [line.split()[-1] for line in pending.splitlines()[-2:]] == ['"b"', '"3"']
+    assert await holder.take_over_fenced(new.fence) == 3

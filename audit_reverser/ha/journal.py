@@ -161,7 +161,7 @@ class RedisJournal:
         """Once :attr:`leading` is set and the writers caught up with the remote: make every
         entry earlier holders read and did not acknowledge ours, and start reading."""
         await self.fence()
-        taken = await self.lane.take_over()
+        taken = await self.lane.take_over_fenced(self.lease.fence)
         # What earlier holders left is this writer's to finish, at a stop too: the intake
         # drains through last_seq, which so far counts only what this replica appended.
         newest = await self.lane.newest()

@@ -5,7 +5,8 @@ On each takeover the driver makes the pending entries of earlier writers its own
 the sink to catch up with the remote (fetch); entries whose Audit-ID the remote already
 holds are acknowledged without being written again. The sink checks the lease (the
 ``fence`` it is given) before it commits and before it pushes; a :class:`LeaseLost` there
-ends this replica's turn and leaves the entries pending for the next writer.
+ends this replica's turn and leaves the entries pending for the next writer. Its claims,
+reads and acknowledgements are fenced in Redis too (:class:`StaleWriter`).
 """
 
 from __future__ import annotations
@@ -17,8 +18,8 @@ from collections.abc import Awaitable, Callable, Collection, Sequence
 from typing import Protocol
 
 from audit_reverser.errors import TemporaryError
-from audit_reverser.ha.lease import Lease, LeaseLost
-from audit_reverser.ha.stream import Entry, Lane
+from audit_reverser.ha.lease import Lease
+from audit_reverser.ha.stream import Entry, Lane, StaleWriter
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +70,7 @@ class LaneDriver:
                 await self._held.wait()
                 try:
                     await self._turn()
-                except LeaseLost as exc:
+                except StaleWriter as exc:  # LeaseLost, or a fenced step refused
                     log.warning("lane %s: %s", self.lane.name, exc)
                     self._held.clear()
                 except TemporaryError as exc:
@@ -85,7 +86,7 @@ class LaneDriver:
     async def _turn(self) -> None:
         """One stretch as the lane's writer: take over, catch up, then write what comes."""
         await self.lease.check()
-        claimed = await self.lane.take_over()
+        claimed = await self.lane.take_over_fenced(self.lease.fence)
         present = set(await self.sink.catch_up())
         self.takeovers += 1
         log.info(
@@ -97,10 +98,11 @@ class LaneDriver:
         )
         while True:
             await self.lease.check()
-            entries = await self.lane.read(BATCH, block_s=self.lease.lease_s / 3)
+            fence = self.lease.fence
+            entries = await self.lane.read_fenced(fence, BATCH, block_s=self.lease.lease_s / 3)
             if not entries:
                 continue
             fresh = [e for e in entries if e.audit_id not in present]
             if fresh:
                 await self.sink.write(fresh, self.lease.check)
-            await self.lane.acknowledge([e.entry_id for e in entries])
+            await self.lane.acknowledge_fenced(fence, [e.entry_id for e in entries])

@@ -100,6 +100,14 @@ end
 return out
 """
 
+# ARGV: value, group, consumer, cursor, count. Answers {1, next cursor, entries claimed}
+# ("0-0": all claimed), {0} when the lease is another's.
+_FENCED_CLAIM = """
+if redis.call('GET', KEYS[2]) ~= ARGV[1] then return {0} end
+local found = redis.call('XAUTOCLAIM', KEYS[1], ARGV[2], ARGV[3], 0, ARGV[4], 'COUNT', ARGV[5])
+return {1, found[1], #found[2]}
+"""
+
 _ACK_CHUNK = 1000
 
 _BACKLOG = """
@@ -160,6 +168,7 @@ class StreamJournal:
         self._acknowledge = connection.client.register_script(_ACKNOWLEDGE)
         self._fenced_acknowledge = connection.client.register_script(_FENCED_ACKNOWLEDGE)
         self._fenced_read = connection.client.register_script(_FENCED_READ)
+        self._fenced_claim = connection.client.register_script(_FENCED_CLAIM)
 
     def stream_key(self, lane: str) -> str:
         return f"{self.prefix}:stream:{lane}"
@@ -233,6 +242,27 @@ class Lane:
                 )
                 start, entries = _text(answer[0]), answer[1]
                 claimed += len(entries)
+                if start == "0-0":
+                    break
+        self._cursor = "0"
+        return claimed
+
+    async def take_over_fenced(self, fence: Fence) -> int:
+        """:meth:`take_over`, for the lease holder only: raises :class:`StaleWriter` when
+        ``fence`` is not what Redis holds (a writer paused past its lease would otherwise
+        claim the new holder's pending entries, which nobody would read before the next
+        takeover)."""
+        claimed, start = 0, "0-0"
+        with self.connection.errors(f"taking over lane {self.name}"):
+            await _ensure_group(self.connection.client, self.key, f"{self.journal.prefix}:lanes")
+            while True:
+                answer = await self.journal._fenced_claim(
+                    keys=[self.key, fence.key],
+                    args=[fence.value, GROUP, self.consumer, start, 500],
+                )
+                if int(answer[0]) == 0:
+                    raise StaleWriter(f"lane {self.name}: the lease is another's; not taken over")
+                start, claimed = _text(answer[1]), claimed + int(answer[2])
                 if start == "0-0":
                     break
         self._cursor = "0"
