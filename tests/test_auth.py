@@ -19,6 +19,7 @@ import yaml
 from audit_reverser.errors import PermanentError
 from audit_reverser.ingest import auth
 from tests.conftest import (
+    Served,
     bare_repo,
     configmap,
     event,
@@ -60,26 +61,20 @@ def setup(tmp_path: Path) -> tuple[Path, list[str]]:
     return remote, ["--config", str(config), "--state-dir", str(tmp_path / "state")]
 
 
+def _serve_mutual_tls(tmp_path: Path, ca: Authority, *args: str) -> Served:
+    """``serve`` with HTTPS by a certificate of ``ca``, asking for a client certificate of it."""
+    server_cert = ca.issue("audit-reverser", server=True)
+    tls = ["--tls-cert", str(server_cert.cert), "--tls-key", str(server_cert.key)]
+    return start_serve(tmp_path, *args, *tls, "--client-ca", str(ca.cert), ca=ca.cert)
+
+
 def test_mutual_tls_admits_only_the_named_client_of_the_right_ca(
     tmp_path: Path, setup: tuple[Path, list[str]]
 ) -> None:
     remote, args = setup
     ca, other_ca = Authority(tmp_path, "cluster-ca"), Authority(tmp_path, "other-ca")
-    server_cert = ca.issue("audit-reverser", server=True)
     apiserver = ca.issue("kube-apiserver")
-    server = start_serve(
-        tmp_path,
-        *args,
-        "--tls-cert",
-        str(server_cert.cert),
-        "--tls-key",
-        str(server_cert.key),
-        "--client-ca",
-        str(ca.cert),
-        "--client-name",
-        "kube-apiserver",
-        ca=ca.cert,
-    )
+    server = _serve_mutual_tls(tmp_path, ca, *args, "--client-name", "kube-apiserver")
     port = server.port
     try:
         assert _post(port, context=_client(ca, apiserver))[0] == 200
@@ -108,20 +103,8 @@ def test_each_cluster_name_only_from_a_certificate_that_carries_it(
     would be the receiver's own cluster)."""
     remote, args = setup
     ca = Authority(tmp_path, "fleet-ca")
-    server_cert = ca.issue("audit-reverser", server=True)
     prod, staging = ca.issue("prod"), ca.issue("staging")
-    server = start_serve(
-        tmp_path,
-        *args,
-        "--tls-cert",
-        str(server_cert.cert),
-        "--tls-key",
-        str(server_cert.key),
-        "--client-ca",
-        str(ca.cert),
-        "--cluster-names-in-certificates",
-        ca=ca.cert,
-    )
+    server = _serve_mutual_tls(tmp_path, ca, *args, "--cluster-names-in-certificates")
     try:
         assert _post(server.port, context=_client(ca, prod), path="/audit-webhook/prod")[0] == 200
         status, body = _post(server.port, context=_client(ca, staging), path="/audit-webhook/prod")
