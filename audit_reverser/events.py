@@ -302,7 +302,5 @@ def parse_event(raw: object, *, cluster: str = "") -> AuditEvent:
         response_object=response_object if isinstance(response_object, JSON_OBJECT) else None,
         time=time,
         cluster=cluster,
-        received=received
-        if isinstance(received := raw.get("requestReceivedTimestamp"), str)
-        else "",
+        received=received if isinstance(received, str) else "",
     )
